@@ -1,0 +1,178 @@
+//! Storage and queue engines behind two interfaces, [`Store`] and [`JobQueue`].
+//!
+//! The embedded default is SQLite for both ([`sqlite::SqliteStore`], [`sqlite::SqliteQueue`]):
+//! nothing to install, durable across restarts, shared by the cells of one machine through WAL.
+//! The cluster engines (PostgreSQL, RabbitMQ) implement the same traits and pass the same
+//! conformance suite.
+//!
+//! Architecture Invariant: engines hold data and enforce the frontier's arithmetic (dedup, depth,
+//! budgets, state transitions) atomically; they do not fetch, parse or decide policy. URL
+//! normalization and trap guards happen before a URL reaches an engine.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use protocol::{CrawlJob, Stats};
+
+pub mod sqlite;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("queue error: {0}")]
+    Queue(String),
+    #[error("invalid engine configuration: {0}")]
+    Config(String),
+}
+
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Limits of one crawl request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrawlSpec {
+    pub max_depth: Option<u32>,
+    pub max_pages: Option<u64>,
+}
+
+/// A normalized URL offered to the frontier.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub url: String,
+    pub host: String,
+}
+
+/// What the frontier did with an offered URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// Already known; the state it is in.
+    Known(&'static str),
+    /// Not admitted: the reason (depth, page budget, host budget).
+    Refused(String),
+}
+
+/// One crawl result, ready for the store: links already normalized and trap-checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IngestItem {
+    /// The job URL.
+    pub url: String,
+    pub outcome: IngestOutcome,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum IngestOutcome {
+    Page {
+        final_url: String,
+        final_host: String,
+        title: String,
+        text: String,
+        indexable: bool,
+        links: Vec<Candidate>,
+    },
+    Failed {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct IngestReport {
+    /// Results that changed the store (a repeat of a stored result counts 0).
+    pub stored: usize,
+    pub pages_indexed: usize,
+    pub links_admitted: usize,
+    /// Results for URLs the frontier does not know (ignored, counted).
+    pub unknown: usize,
+}
+
+/// A frontier entry ready to be published as a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unpublished {
+    pub url: String,
+    pub depth: u32,
+}
+
+/// A search request with its terms already extracted from the user's query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchQuery {
+    /// Lowercased words; every one must match (AND).
+    pub terms: Vec<String>,
+    pub limit: u32,
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SearchResults {
+    pub total: u64,
+    pub hits: Vec<protocol::SearchHit>,
+}
+
+/// Pages, frontier and full-text index. Every method is atomic; ingest is idempotent.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Record a crawl request; returns its id.
+    async fn create_crawl(&self, spec: CrawlSpec) -> Result<i64>;
+    /// Offer seeds (depth 0) to the frontier under `crawl_id`.
+    async fn admit_seeds(
+        &self,
+        crawl_id: i64,
+        seeds: &[Candidate],
+        host_budget: u64,
+    ) -> Result<Vec<Admission>>;
+    /// Store crawl results: pages, frontier transitions, and new links (depth = parent's + 1,
+    /// inside the crawl's depth and page limits and the per-host budget). Results for URLs
+    /// already crawled or failed change nothing.
+    async fn ingest(&self, items: &[IngestItem], host_budget: u64) -> Result<IngestReport>;
+    /// Frontier entries accepted but not yet handed to the queue, oldest first.
+    async fn unpublished(&self, limit: u32) -> Result<Vec<Unpublished>>;
+    /// Mark entries as handed to the queue (only those still pending).
+    async fn mark_published(&self, urls: &[String]) -> Result<()>;
+    /// Return in-flight entries older than `age` to pending (a safety net for lost jobs).
+    async fn requeue_stale(&self, age: Duration) -> Result<u64>;
+    async fn search(&self, query: &SearchQuery) -> Result<SearchResults>;
+    async fn stats(&self, top_hosts: u32) -> Result<Stats>;
+    /// The state and failure reason of one URL, if known.
+    async fn frontier_state(&self, url: &str) -> Result<Option<(String, Option<String>)>>;
+    /// Every indexed page URL (for tests and the oracle comparison).
+    async fn indexed_urls(&self) -> Result<Vec<String>>;
+}
+
+/// An opaque handle for acknowledging one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeliveryTag(pub u64);
+
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub tag: DeliveryTag,
+    /// The decoded job, or why its bytes could not be decoded.
+    pub job: std::result::Result<CrawlJob, String>,
+    /// How many times this job has been delivered, this delivery included.
+    pub deliveries: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueDepth {
+    pub ready: u64,
+    pub leased: u64,
+    pub dead: u64,
+}
+
+/// A durable job queue with at-least-once delivery: a leased job that is not acknowledged in time
+/// is delivered again; after `max_deliveries` it goes to the dead-letter queue.
+#[async_trait]
+pub trait JobQueue: Send + Sync + 'static {
+    async fn publish(&self, jobs: &[CrawlJob]) -> Result<()>;
+    /// Take up to `max` ready jobs. Returns quickly (possibly empty) when none are ready.
+    async fn lease(&self, max: usize) -> Result<Vec<Delivery>>;
+    async fn ack(&self, tags: &[DeliveryTag]) -> Result<()>;
+    /// Give a job back to be delivered again, not before `after`.
+    async fn retry(&self, tag: DeliveryTag, after: Duration) -> Result<()>;
+    /// Move a job to the dead-letter queue now (a poison or malformed message).
+    async fn dead_letter(&self, tag: DeliveryTag, reason: &str) -> Result<()>;
+    /// Take up to `max` dead-lettered jobs, with the reason they died.
+    async fn lease_dead(&self, max: usize) -> Result<Vec<(Delivery, String)>>;
+    async fn ack_dead(&self, tags: &[DeliveryTag]) -> Result<()>;
+    async fn depth(&self) -> Result<QueueDepth>;
+}

@@ -1,0 +1,59 @@
+//! The embedded engines: SQLite (through sqlx) for pages, frontier, full-text index (FTS5) and a
+//! durable job queue. Each lives in its own database file so the queue's writers and the store's
+//! writers do not take the same lock. WAL mode lets the cells of one machine share the files.
+
+mod queue;
+mod store;
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::SqliteSynchronous;
+
+pub use queue::SqliteQueue;
+pub use store::SqliteStore;
+
+use crate::{EngineError, Result};
+
+/// Open (creating if needed) a SQLite database for concurrent use by several processes.
+pub(crate) async fn open_pool(url_or_path: &str, max_connections: u32) -> Result<SqlitePool> {
+    let options = if url_or_path.starts_with("sqlite:") {
+        SqliteConnectOptions::from_str(url_or_path)
+            .map_err(|e| EngineError::Config(format!("bad sqlite URL {url_or_path:?}: {e}")))?
+    } else {
+        SqliteConnectOptions::new().filename(Path::new(url_or_path))
+    };
+    if let Some(parent) = Path::new(options.get_filename()).parent() {
+        if !parent.as_os_str().is_empty() {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                EngineError::Config(format!("cannot create directory {}: {e}", parent.display()))
+            })?;
+        }
+    }
+    let options = options
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // NORMAL in WAL mode is durable against process crashes (what kill -9 tests), which is
+        // what the loop's invariant needs; power loss may drop the last transactions.
+        .synchronous(SqliteSynchronous::Normal)
+        .busy_timeout(Duration::from_secs(30))
+        .foreign_keys(false)
+        .pragma("temp_store", "memory")
+        .pragma("cache_size", "-16000");
+    let pool = SqlitePoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options)
+        .await?;
+    Ok(pool)
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}

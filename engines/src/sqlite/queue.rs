@@ -1,0 +1,210 @@
+//! The embedded durable job queue, stored in SQLite.
+//!
+//! A lease moves a job's `visible_ms` into the future and counts the delivery; an ack deletes it;
+//! a lease that runs out makes the job deliverable again (at-least-once). A job delivered
+//! `max_deliveries` times without an ack is moved to the dead-letter table at the next lease.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use protocol::CrawlJob;
+use sqlx::sqlite::SqlitePool;
+use sqlx::Row;
+
+use super::{now_ms, open_pool};
+use crate::{Delivery, DeliveryTag, JobQueue, QueueDepth, Result};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite_queue");
+
+pub struct SqliteQueue {
+    pool: SqlitePool,
+    lease: Duration,
+    max_deliveries: u32,
+}
+
+impl SqliteQueue {
+    /// Open or create the queue at a path or `sqlite:` URL. `lease` is how long a delivered job
+    /// stays invisible before it is delivered again; `max_deliveries` when it is dead-lettered.
+    pub async fn open(url_or_path: &str, lease: Duration, max_deliveries: u32) -> Result<Self> {
+        let pool = open_pool(url_or_path, 4).await?;
+        let mut attempt = 0;
+        loop {
+            match MIGRATOR.run(&pool).await {
+                Ok(()) => break,
+                Err(e) if attempt < 5 => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "queue migration failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Self {
+            pool,
+            lease,
+            max_deliveries: max_deliveries.max(1),
+        })
+    }
+}
+
+fn delivery(id: i64, body: &[u8], deliveries: i64) -> Delivery {
+    Delivery {
+        tag: DeliveryTag(id as u64),
+        job: CrawlJob::decode(body).map_err(|e| e.to_string()),
+        deliveries: deliveries as u32,
+    }
+}
+
+#[async_trait]
+impl JobQueue for SqliteQueue {
+    async fn publish(&self, jobs: &[CrawlJob]) -> Result<()> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for job in jobs {
+            sqlx::query("INSERT INTO jobs (body, visible_ms) VALUES (?, ?)")
+                .bind(job.encode())
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn lease(&self, max: usize) -> Result<Vec<Delivery>> {
+        let now = now_ms();
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        // Jobs whose last allowed delivery expired unacknowledged are poison: dead-letter them.
+        let limit = i64::from(self.max_deliveries);
+        sqlx::query(
+            "INSERT INTO dead (id, body, deliveries, reason) \
+             SELECT id, body, deliveries, 'delivered ' || deliveries || ' times without an acknowledgement' \
+             FROM jobs WHERE visible_ms <= ? AND deliveries >= ?",
+        )
+        .bind(now)
+        .bind(limit)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM jobs WHERE visible_ms <= ? AND deliveries >= ?")
+            .bind(now)
+            .bind(limit)
+            .execute(&mut *tx)
+            .await?;
+        let rows = sqlx::query(
+            "UPDATE jobs SET deliveries = deliveries + 1, visible_ms = ?, leased = 1 \
+             WHERE id IN (SELECT id FROM jobs WHERE visible_ms <= ? ORDER BY visible_ms, id LIMIT ?) \
+             RETURNING id, body, deliveries",
+        )
+        .bind(now + self.lease.as_millis() as i64)
+        .bind(now)
+        .bind(max as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut out: Vec<Delivery> = rows
+            .iter()
+            .map(|r| delivery(r.get(0), &r.get::<Vec<u8>, _>(1), r.get(2)))
+            .collect();
+        out.sort_by_key(|d| d.tag.0);
+        Ok(out)
+    }
+
+    async fn ack(&self, tags: &[DeliveryTag]) -> Result<()> {
+        if tags.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for tag in tags {
+            sqlx::query("DELETE FROM jobs WHERE id = ?")
+                .bind(tag.0 as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn retry(&self, tag: DeliveryTag, after: Duration) -> Result<()> {
+        sqlx::query("UPDATE jobs SET visible_ms = ?, leased = 0 WHERE id = ?")
+            .bind(now_ms() + after.as_millis() as i64)
+            .bind(tag.0 as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn dead_letter(&self, tag: DeliveryTag, reason: &str) -> Result<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query(
+            "INSERT OR IGNORE INTO dead (id, body, deliveries, reason) \
+             SELECT id, body, deliveries, ? FROM jobs WHERE id = ?",
+        )
+        .bind(reason)
+        .bind(tag.0 as i64)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM jobs WHERE id = ?")
+            .bind(tag.0 as i64)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn lease_dead(&self, max: usize) -> Result<Vec<(Delivery, String)>> {
+        let now = now_ms();
+        let rows = sqlx::query(
+            "UPDATE dead SET taken_ms = ? \
+             WHERE id IN (SELECT id FROM dead WHERE taken_ms <= ? ORDER BY id LIMIT ?) \
+             RETURNING id, body, deliveries, reason",
+        )
+        .bind(now + self.lease.as_millis() as i64)
+        .bind(now)
+        .bind(max as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                (
+                    delivery(r.get(0), &r.get::<Vec<u8>, _>(1), r.get(2)),
+                    r.get::<String, _>(3),
+                )
+            })
+            .collect())
+    }
+
+    async fn ack_dead(&self, tags: &[DeliveryTag]) -> Result<()> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        for tag in tags {
+            sqlx::query("DELETE FROM dead WHERE id = ?")
+                .bind(tag.0 as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn depth(&self) -> Result<QueueDepth> {
+        let now = now_ms();
+        let row = sqlx::query(
+            "SELECT coalesce(sum(visible_ms <= ?), 0), coalesce(sum(visible_ms > ?), 0) FROM jobs",
+        )
+        .bind(now)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        let dead: i64 = sqlx::query_scalar("SELECT count(*) FROM dead")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(QueueDepth {
+            ready: row.get::<i64, _>(0) as u64,
+            leased: row.get::<i64, _>(1) as u64,
+            dead: dead as u64,
+        })
+    }
+}

@@ -1,0 +1,99 @@
+//! The conformance suite on the embedded engines.
+
+mod conformance;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use engines::sqlite::{SqliteQueue, SqliteStore};
+
+async fn store() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(dir.path().join("store.db").to_str().expect("utf-8 path"))
+        .await
+        .expect("open store");
+    (dir, store)
+}
+
+async fn queue() -> (tempfile::TempDir, SqliteQueue) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let queue = SqliteQueue::open(
+        dir.path().join("queue.db").to_str().expect("utf-8 path"),
+        Duration::from_millis(200),
+        3,
+    )
+    .await
+    .expect("open queue");
+    (dir, queue)
+}
+
+#[tokio::test]
+async fn frontier_invariant() {
+    let (_d, s) = store().await;
+    conformance::frontier_invariant(&s).await;
+}
+
+#[tokio::test]
+async fn idempotent_ingest() {
+    let (_d, s) = store().await;
+    conformance::idempotent_ingest(&s).await;
+}
+
+#[tokio::test]
+async fn limits() {
+    let (_d, s) = store().await;
+    conformance::limits(&s).await;
+}
+
+#[tokio::test]
+async fn search_ranking_and_snippets() {
+    let (_d, s) = store().await;
+    conformance::search_ranking_and_snippets(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers() {
+    let (_d, s) = store().await;
+    conformance::concurrent_writers(Arc::new(s)).await;
+}
+
+#[tokio::test]
+async fn queue_basics() {
+    let (_d, q) = queue().await;
+    conformance::queue_basics(&q).await;
+}
+
+#[tokio::test]
+async fn lease_expiry_redelivers() {
+    let (_d, q) = queue().await;
+    conformance::lease_expiry_redelivers(&q).await;
+}
+
+#[tokio::test]
+async fn dead_letters_after_limit() {
+    let (_d, q) = queue().await;
+    conformance::dead_letters_after_limit(&q).await;
+}
+
+#[tokio::test]
+async fn retry_redelivers() {
+    let (_d, q) = queue().await;
+    conformance::retry_redelivers(&q).await;
+}
+
+/// The queue survives its process: a reopened file still holds its jobs.
+#[tokio::test]
+async fn queue_is_durable_across_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("q.db");
+    let path = path.to_str().expect("utf-8");
+    {
+        let q = SqliteQueue::open(path, Duration::from_secs(60), 3).await.expect("open");
+        engines::JobQueue::publish(&q, &[protocol::CrawlJob::new("http://x.test/", 0, "r")])
+            .await
+            .expect("publish");
+    }
+    let q = SqliteQueue::open(path, Duration::from_secs(60), 3).await.expect("reopen");
+    let got = engines::JobQueue::lease(&q, 10).await.expect("lease");
+    assert_eq!(got.len(), 1);
+}

@@ -1,0 +1,230 @@
+//! Wire types shared by cells: everything one cell sends another, or persists for another to read.
+//!
+//! Architecture Invariant: this crate holds only serializable types and their validation. No I/O,
+//! no policy. Every type here is part of an IPC boundary, so every message carries a version
+//! (`v`), and a receiver must tolerate unknown fields (serde's default) and report, never panic
+//! on, anything it cannot read.
+
+pub mod urls;
+
+use serde::{Deserialize, Serialize};
+
+/// The version of the messages in this crate. A receiver accepts `v <= WIRE_VERSION`.
+pub const WIRE_VERSION: u32 = 1;
+
+/// A crawl job as it travels on the queue: API -> queue -> crawler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrawlJob {
+    pub v: u32,
+    /// Normalized absolute http(s) URL.
+    pub url: String,
+    /// Link distance from the seed (seeds are depth 0).
+    pub depth: u32,
+    /// Base URL of the API cell that published the job (e.g. `http://127.0.0.1:7070`).
+    pub reply_to: String,
+}
+
+impl CrawlJob {
+    pub fn new(url: impl Into<String>, depth: u32, reply_to: impl Into<String>) -> Self {
+        Self {
+            v: WIRE_VERSION,
+            url: url.into(),
+            depth,
+            reply_to: reply_to.into(),
+        }
+    }
+
+    /// Decode a job from queue bytes, naming what was wrong.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let job: CrawlJob = serde_json::from_slice(bytes).map_err(WireError::Malformed)?;
+        if job.v > WIRE_VERSION {
+            return Err(WireError::UnknownVersion(job.v));
+        }
+        if job.url.is_empty() {
+            return Err(WireError::Invalid("crawl job has an empty url".into()));
+        }
+        Ok(job)
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a CrawlJob always serializes")
+    }
+}
+
+/// What a crawler learned about one job's URL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CrawlResult {
+    /// The job's URL, exactly as it was in the job.
+    pub url: String,
+    pub depth: u32,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The URL was fetched and parsed as HTML.
+    Page(FetchedPage),
+    /// The URL will never be crawled: refused (robots.txt, SSRF guard, content type) or failed
+    /// for good. `reason` is for operators and is stored in the frontier.
+    Failed { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FetchedPage {
+    /// Where the fetch ended after redirects (normalized). Equal to the job URL when there were none.
+    pub final_url: String,
+    pub status: u16,
+    pub title: String,
+    /// Visible text, whitespace-collapsed, capped by the crawler.
+    pub text: String,
+    /// False for `noindex` pages and for pages whose canonical URL is another one.
+    pub indexable: bool,
+    /// `<link rel=canonical>` when present, resolved and normalized.
+    pub canonical: Option<String>,
+    /// Absolute http(s) links to follow (nofollow already removed; the canonical URL included).
+    pub links: Vec<String>,
+}
+
+/// Crawler -> API: a batch of results (`POST /internal/ingest`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IngestBatch {
+    pub v: u32,
+    pub results: Vec<CrawlResult>,
+}
+
+/// API -> crawler: the batch was stored; the crawler may now acknowledge the jobs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct IngestReply {
+    pub v: u32,
+    pub stored: usize,
+    pub admitted_links: usize,
+}
+
+/// `POST /crawl` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrawlRequest {
+    pub seeds: Vec<String>,
+    #[serde(default)]
+    pub max_depth: Option<u32>,
+    #[serde(default)]
+    pub max_pages: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CrawlAccepted {
+    pub crawl_id: i64,
+    pub accepted: Vec<String>,
+    pub rejected: Vec<Rejection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rejection {
+    pub url: String,
+    pub reason: String,
+}
+
+/// `GET /search` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchResponse {
+    pub query: String,
+    pub total: u64,
+    pub limit: u32,
+    pub offset: u64,
+    pub took_ms: f64,
+    pub hits: Vec<SearchHit>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SearchHit {
+    pub url: String,
+    pub title: String,
+    /// An excerpt with the matched terms wrapped in `<mark>` and `</mark>`.
+    pub snippet: String,
+    /// Higher is better.
+    pub score: f64,
+}
+
+/// `GET /stats` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Stats {
+    pub pages_indexed: u64,
+    pub frontier: FrontierCounts,
+    pub hosts: Vec<HostStats>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct FrontierCounts {
+    /// Accepted, not yet handed to the queue.
+    pub pending: u64,
+    /// On the queue or being crawled.
+    pub in_flight: u64,
+    pub crawled: u64,
+    pub failed: u64,
+}
+
+impl FrontierCounts {
+    /// True when every accepted URL has ended (crawled or failed).
+    pub fn drained(&self) -> bool {
+        self.pending == 0 && self.in_flight == 0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct HostStats {
+    pub host: String,
+    pub pending: u64,
+    pub in_flight: u64,
+    pub crawled: u64,
+    pub failed: u64,
+}
+
+/// The JSON body of every 4xx/5xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("malformed message: {0}")]
+    Malformed(#[source] serde_json::Error),
+    #[error("message version {0} is newer than this cell understands ({WIRE_VERSION})")]
+    UnknownVersion(u32),
+    #[error("invalid message: {0}")]
+    Invalid(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_round_trips() {
+        let job = CrawlJob::new("http://a.test/", 2, "http://127.0.0.1:1");
+        assert_eq!(CrawlJob::decode(&job.encode()).expect("decodes"), job);
+    }
+
+    #[test]
+    fn malformed_and_future_jobs_are_named_errors() {
+        let err = CrawlJob::decode(b"{not json").expect_err("malformed");
+        assert!(err.to_string().contains("malformed"), "{err}");
+        let err = CrawlJob::decode(br#"{"v":99,"url":"http://a/","depth":0,"reply_to":""}"#)
+            .expect_err("future version");
+        assert!(err.to_string().contains("99"), "{err}");
+    }
+
+    #[test]
+    fn outcome_is_tagged() {
+        let r = CrawlResult {
+            url: "http://a.test/".into(),
+            depth: 0,
+            outcome: Outcome::Failed {
+                reason: "robots.txt disallows".into(),
+            },
+        };
+        let s = serde_json::to_string(&r).expect("serializes");
+        assert!(s.contains(r#""kind":"failed""#), "{s}");
+    }
+}
