@@ -1,1 +1,418 @@
-//! infra
+//! The organism's configuration: the TOML files in `infra/` and their validation.
+//!
+//! Two layers: [`RawConfig`] is what serde reads (every key optional, unknown keys refused),
+//! [`Config::from_raw`] checks fields against each other and reports every problem with its file
+//! and key before failing. Secrets are never read from these files: engine URLs may be given by
+//! the environment (`DATABASE_URL`, `AMQP_URL`), and credentials live there.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The embedded default organism (`infra/organism.toml`).
+pub const DEFAULT_ORGANISM: &str = include_str!("../organism.toml");
+pub const DEFAULT_NAME: &str = "<embedded infra/organism.toml>";
+
+/// The exit code for bad configuration (EX_CONFIG is 78; sysexits' EX_USAGE 64 is what the house
+/// style asks for, and what scripts here test for).
+pub const EXIT_BAD_CONFIG: i32 = 64;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct RawConfig {
+    pub organism: Organism,
+    pub roles: BTreeMap<String, RoleBounds>,
+    pub engines: Engines,
+    pub queue: QueueSettings,
+    pub api: api::ApiConfig,
+    pub crawler: CrawlerSettings,
+    pub demo: Demo,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Organism {
+    pub name: String,
+    pub data_dir: PathBuf,
+}
+
+impl Default for Organism {
+    fn default() -> Self {
+        Self {
+            name: "homeostat".into(),
+            data_dir: PathBuf::from("homeostat-data"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoleBounds {
+    pub min: u32,
+    pub max: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Engines {
+    pub database: String,
+    pub queue: String,
+}
+
+impl Default for Engines {
+    fn default() -> Self {
+        Self {
+            database: "sqlite".into(),
+            queue: "sqlite".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueSettings {
+    pub lease_secs: u64,
+    pub max_deliveries: u32,
+    /// The queue's name on a broker.
+    pub name: String,
+    /// Unacknowledged jobs a broker hands one crawler at once.
+    pub prefetch: u16,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            lease_secs: 60,
+            max_deliveries: 5,
+            name: "homeostat.crawl".into(),
+            prefetch: 128,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct CrawlerSettings {
+    pub fetch: crawler::FetchConfig,
+    pub worker: crawler::WorkerConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Demo {
+    pub seed: u64,
+    pub pages: usize,
+    pub hosts: usize,
+    pub latency_ms: u64,
+    pub per_host_rate: f64,
+    pub per_host_concurrency: u32,
+}
+
+impl Default for Demo {
+    fn default() -> Self {
+        Self {
+            seed: 7,
+            pages: 5000,
+            hosts: 40,
+            latency_ms: 0,
+            per_host_rate: 200.0,
+            per_host_concurrency: 8,
+        }
+    }
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub raw: RawConfig,
+    /// Where it came from, for messages.
+    pub source: String,
+}
+
+/// One thing wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "bad configuration in {}:", self.file)?;
+        for p in &self.problems {
+            write!(f, "\n  {}: {}", p.key, p.reason)?;
+        }
+        Ok(())
+    }
+}
+
+/// What an engine setting resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineUrl {
+    /// A SQLite file path.
+    Sqlite(PathBuf),
+    Postgres(String),
+    Amqp(String),
+}
+
+impl Config {
+    /// The embedded default.
+    pub fn embedded() -> Result<Self, ConfigError> {
+        Self::parse(DEFAULT_ORGANISM, DEFAULT_NAME)
+    }
+
+    /// Read and validate a file (or the embedded default when `path` is None).
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        match path {
+            None => Self::embedded(),
+            Some(path) => {
+                let name = path.display().to_string();
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    file: name.clone(),
+                    problems: vec![Problem {
+                        key: "(file)".into(),
+                        reason: format!("cannot read: {e}"),
+                    }],
+                })?;
+                Self::parse(&text, &name)
+            }
+        }
+    }
+
+    pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
+            file: file.to_string(),
+            problems: vec![Problem {
+                key: e
+                    .span()
+                    .map(|s| format!("(line {})", line_of(text, s.start)))
+                    .unwrap_or_else(|| "(toml)".into()),
+                reason: e.message().to_string(),
+            }],
+        })?;
+        Self::from_raw(raw, file)
+    }
+
+    /// Check everything; report every problem at once.
+    pub fn from_raw(mut raw: RawConfig, file: &str) -> Result<Self, ConfigError> {
+        let mut problems = Vec::new();
+        let mut push = |key: String, reason: String| problems.push(Problem { key, reason });
+        // Roles: the two the loop needs must be there; the defaults fill them.
+        raw.roles
+            .entry("api".into())
+            .or_insert(RoleBounds { min: 1, max: 4 });
+        raw.roles
+            .entry("crawler".into())
+            .or_insert(RoleBounds { min: 2, max: 8 });
+        for (name, b) in &raw.roles {
+            if !ROLES.contains(&name.as_str()) {
+                push(
+                    format!("roles.{name}"),
+                    format!("unknown role; roles are {}", ROLES.join(", ")),
+                );
+            }
+            if b.min > b.max {
+                push(
+                    format!("roles.{name}.min"),
+                    format!("min ({}) is above max ({})", b.min, b.max),
+                );
+            }
+        }
+        for needed in ["api", "crawler"] {
+            if raw.roles.get(needed).is_some_and(|b| b.min == 0) {
+                push(
+                    format!("roles.{needed}.min"),
+                    "must be at least 1: the crawl loop needs this role".into(),
+                );
+            }
+        }
+        if raw.organism.name.trim().is_empty() {
+            push("organism.name".into(), "must not be empty".into());
+        }
+        if raw.organism.data_dir.as_os_str().is_empty() {
+            push("organism.data_dir".into(), "must not be empty".into());
+        }
+        for (key, value) in [
+            ("engines.database", &raw.engines.database),
+            ("engines.queue", &raw.engines.queue),
+        ] {
+            if let Err(reason) = classify(value, key) {
+                push(key.into(), reason);
+            }
+        }
+        if raw.queue.lease_secs == 0 {
+            push("queue.lease_secs".into(), "must be at least 1".into());
+        }
+        if raw.queue.max_deliveries == 0 {
+            push("queue.max_deliveries".into(), "must be at least 1".into());
+        }
+        if raw.queue.prefetch == 0 {
+            push("queue.prefetch".into(), "must be at least 1".into());
+        }
+        for (k, r) in raw.api.problems() {
+            push(format!("api.{k}"), r);
+        }
+        if let Err(list) = raw.crawler.fetch.validate() {
+            for (k, r) in list {
+                push(format!("crawler.fetch.{k}"), r);
+            }
+        }
+        for (k, r) in raw.crawler.worker.problems() {
+            push(format!("crawler.worker.{k}"), r);
+        }
+        if raw.demo.pages == 0 || raw.demo.hosts == 0 {
+            push("demo.pages".into(), "pages and hosts must be at least 1".into());
+        }
+        if !(raw.demo.per_host_rate.is_finite() && raw.demo.per_host_rate > 0.0) {
+            push("demo.per_host_rate".into(), "must be a positive number".into());
+        }
+        if problems.is_empty() {
+            Ok(Self {
+                raw,
+                source: file.to_string(),
+            })
+        } else {
+            Err(ConfigError {
+                file: file.to_string(),
+                problems,
+            })
+        }
+    }
+
+    /// The store engine, with `DATABASE_URL` taking precedence.
+    pub fn database(&self) -> EngineUrl {
+        let value = std::env::var("DATABASE_URL")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| self.raw.engines.database.clone());
+        self.resolve_engine(&value, "store.db")
+    }
+
+    /// The queue engine, with `AMQP_URL` taking precedence.
+    pub fn queue(&self) -> EngineUrl {
+        let value = std::env::var("AMQP_URL")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| self.raw.engines.queue.clone());
+        self.resolve_engine(&value, "queue.db")
+    }
+
+    fn resolve_engine(&self, value: &str, file: &str) -> EngineUrl {
+        if value == "sqlite" {
+            return EngineUrl::Sqlite(self.raw.organism.data_dir.join(file));
+        }
+        if let Some(path) = value.strip_prefix("sqlite://") {
+            return EngineUrl::Sqlite(PathBuf::from(path));
+        }
+        if let Some(path) = value.strip_prefix("sqlite:") {
+            return EngineUrl::Sqlite(PathBuf::from(path));
+        }
+        if value.starts_with("amqp") {
+            return EngineUrl::Amqp(value.to_string());
+        }
+        EngineUrl::Postgres(value.to_string())
+    }
+
+    /// The configuration as TOML, to hand to child cells.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(&self.raw).expect("a validated configuration always serializes")
+    }
+
+    pub fn bounds(&self, role: &str) -> RoleBounds {
+        self.raw
+            .roles
+            .get(role)
+            .copied()
+            .unwrap_or(RoleBounds { min: 0, max: 0 })
+    }
+}
+
+/// The roles a cell can take.
+pub const ROLES: &[&str] = &["api", "crawler", "healthchecker", "frontdoor", "factory"];
+
+fn classify(value: &str, key: &str) -> Result<(), String> {
+    let ok = value == "sqlite"
+        || value.starts_with("sqlite:")
+        || (key == "engines.database"
+            && (value.starts_with("postgres://") || value.starts_with("postgresql://")))
+        || (key == "engines.queue"
+            && (value.starts_with("amqp://") || value.starts_with("amqps://")));
+    if ok {
+        Ok(())
+    } else if key == "engines.database" {
+        Err(format!(
+            "{value:?} is not \"sqlite\", a sqlite: path or a postgres:// URL"
+        ))
+    } else {
+        Err(format!(
+            "{value:?} is not \"sqlite\", a sqlite: path or an amqp:// URL"
+        ))
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        let cfg = Config::embedded().expect("valid");
+        assert_eq!(cfg.bounds("crawler").min, 2);
+        assert!(matches!(cfg.database(), EngineUrl::Sqlite(_)) || std::env::var("DATABASE_URL").is_ok());
+        // It round-trips through the TOML handed to child cells.
+        let again = Config::parse(&cfg.to_toml(), "again").expect("round trip");
+        assert_eq!(again.raw, cfg.raw);
+    }
+
+    #[test]
+    fn every_problem_is_named_with_file_and_key() {
+        let text = r#"
+[roles.api]
+min = 3
+max = 1
+[roles.wizard]
+min = 1
+max = 1
+[engines]
+database = "mysql://nope"
+[queue]
+lease_secs = 0
+[api]
+listen = "everywhere"
+"#;
+        let err = Config::parse(text, "bad.toml").expect_err("invalid");
+        let msg = err.to_string();
+        for needle in [
+            "bad.toml",
+            "roles.api.min",
+            "roles.wizard",
+            "engines.database",
+            "queue.lease_secs",
+            "api.listen",
+        ] {
+            assert!(msg.contains(needle), "{needle} missing from: {msg}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_syntax_errors_name_the_line() {
+        let err = Config::parse("[api]\nlisten = \"127.0.0.1:1\"\nbogus = 1\n", "x.toml")
+            .expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(msg.contains("bogus") && msg.contains("line 3"), "{msg}");
+        let err = Config::parse("[api\n", "y.toml").expect_err("syntax");
+        assert!(err.to_string().contains("y.toml"), "{err}");
+    }
+}

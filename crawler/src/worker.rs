@@ -1,0 +1,406 @@
+//! The crawler cell's loop: lease jobs, crawl them host by host, send results to the API that
+//! published them, and acknowledge each job only after the API stored its result.
+//!
+//! Jobs are spread over hosts so one slow or rate-limited host never holds every fetch slot: a
+//! host gets at most `per_host_concurrency` slots, the rest go to other hosts. A transient
+//! failure goes back to the queue with a delay until its deliveries run out, then it is recorded
+//! as failed. Results wait in a bounded buffer while no API answers; leasing stops meanwhile.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use engines::{Delivery, DeliveryTag, JobQueue};
+use protocol::{CrawlJob, CrawlResult, IngestBatch, IngestReply, Outcome, WIRE_VERSION};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::{CrawlAttempt, Fetcher};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Fetches in flight in one crawler cell.
+    pub concurrency: usize,
+    /// Jobs taken from the queue at a time.
+    pub lease_batch: usize,
+    /// Results sent to the API in one request.
+    pub ingest_batch: usize,
+    /// Longest a result waits for its batch to fill, milliseconds.
+    pub ingest_flush_ms: u64,
+    /// Results held while no API answers before leasing stops.
+    pub max_pending_results: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 64,
+            lease_batch: 64,
+            ingest_batch: 32,
+            ingest_flush_ms: 20,
+            max_pending_results: 1024,
+        }
+    }
+}
+
+impl WorkerConfig {
+    pub fn problems(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for (key, v) in [
+            ("concurrency", self.concurrency),
+            ("lease_batch", self.lease_batch),
+            ("ingest_batch", self.ingest_batch),
+            ("max_pending_results", self.max_pending_results),
+        ] {
+            if v == 0 {
+                out.push((key.to_string(), "must be at least 1".to_string()));
+            }
+        }
+        out
+    }
+}
+
+/// Everything the loop needs besides its configuration.
+pub struct Worker {
+    pub cfg: WorkerConfig,
+    pub fetcher: Arc<Fetcher>,
+    pub queue: Arc<dyn JobQueue>,
+    /// API base URLs to fall back on when a job's `reply_to` does not answer.
+    pub apis: Vec<String>,
+    /// Slots one host may hold at once.
+    pub per_host_concurrency: usize,
+    /// The queue's delivery limit: the last delivery of a transient failure records it as failed.
+    pub max_deliveries: u32,
+}
+
+struct Pending {
+    tag: DeliveryTag,
+    reply_to: String,
+    result: CrawlResult,
+}
+
+struct Job {
+    tag: DeliveryTag,
+    job: CrawlJob,
+    deliveries: u32,
+}
+
+enum Done {
+    Result(Pending),
+    Retry {
+        tag: DeliveryTag,
+        after: Duration,
+    },
+}
+
+impl Worker {
+    /// Run until `shutdown`, then drain: no new leases, finish fetches, send results, ack.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let per_host = self.per_host_concurrency.max(1);
+        let mut waiting: HashMap<String, VecDeque<Job>> = HashMap::new();
+        let mut host_order: VecDeque<String> = VecDeque::new();
+        let mut active: HashMap<String, usize> = HashMap::new();
+        let mut buffered = 0usize;
+        let mut fetches: JoinSet<(String, Done)> = JoinSet::new();
+        let mut results: Vec<Pending> = Vec::new();
+        let mut sends: JoinSet<(Vec<Pending>, anyhow::Result<()>)> = JoinSet::new();
+        let mut idle = Duration::from_millis(5);
+        let mut send_backoff = Duration::from_millis(50);
+        let mut send_blocked_until = tokio::time::Instant::now();
+        let mut first_result_at: Option<tokio::time::Instant> = None;
+        let mut draining = false;
+
+        loop {
+            // 1. Lease when there is room and results are not piling up.
+            let unsent = results.len() + sends.len() * self.cfg.ingest_batch;
+            let room = 2 * self.cfg.concurrency;
+            let mut leased_any = false;
+            if !draining
+                && buffered + fetches.len() < room
+                && unsent < self.cfg.max_pending_results
+            {
+                let want = self.cfg.lease_batch.min(room - buffered - fetches.len());
+                match self.queue.lease(want).await {
+                    Ok(deliveries) => {
+                        leased_any = !deliveries.is_empty();
+                        for d in deliveries {
+                            if let Some((host, job)) = self.accept(d).await {
+                                let q = waiting.entry(host.clone()).or_default();
+                                if q.is_empty() {
+                                    host_order.push_back(host);
+                                }
+                                q.push_back(job);
+                                buffered += 1;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "leasing jobs failed");
+                        metrics::counter!("crawler_lease_errors_total").increment(1);
+                    }
+                }
+            }
+
+            // 2. Start fetches, round-robin over hosts that have a free slot.
+            let mut scanned = 0;
+            while fetches.len() < self.cfg.concurrency && scanned < host_order.len() {
+                let Some(host) = host_order.pop_front() else {
+                    break;
+                };
+                let slots = active.get(&host).copied().unwrap_or(0);
+                let Some(q) = waiting.get_mut(&host) else {
+                    continue;
+                };
+                if slots >= per_host {
+                    host_order.push_back(host);
+                    scanned += 1;
+                    continue;
+                }
+                let Some(job) = q.pop_front() else {
+                    waiting.remove(&host);
+                    continue;
+                };
+                buffered -= 1;
+                if q.is_empty() {
+                    waiting.remove(&host);
+                } else {
+                    host_order.push_back(host.clone());
+                }
+                scanned = 0;
+                *active.entry(host.clone()).or_default() += 1;
+                let fetcher = self.fetcher.clone();
+                let max_deliveries = self.max_deliveries;
+                fetches.spawn(async move {
+                    let done = crawl_one(&fetcher, job, max_deliveries).await;
+                    (host, done)
+                });
+            }
+
+            // 3. Send results when a batch is full or has waited long enough.
+            let flush_due = first_result_at.is_some_and(|t| {
+                t.elapsed() >= Duration::from_millis(self.cfg.ingest_flush_ms)
+            });
+            let can_send = tokio::time::Instant::now() >= send_blocked_until && sends.len() < 4;
+            if can_send
+                && !results.is_empty()
+                && (results.len() >= self.cfg.ingest_batch || flush_due || draining)
+            {
+                let take = results.len().min(self.cfg.ingest_batch);
+                let batch: Vec<Pending> = results.drain(..take).collect();
+                first_result_at = if results.is_empty() {
+                    None
+                } else {
+                    Some(tokio::time::Instant::now())
+                };
+                let client = client.clone();
+                let queue = self.queue.clone();
+                let apis = self.apis.clone();
+                sends.spawn(async move {
+                    let outcome = send_and_ack(&client, &apis, queue.as_ref(), &batch).await;
+                    (batch, outcome)
+                });
+            }
+
+            if draining && fetches.is_empty() && results.is_empty() && sends.is_empty() {
+                return Ok(());
+            }
+
+            // 4. Wait for something to happen.
+            let nothing_to_do = !leased_any && fetches.is_empty() && sends.is_empty();
+            let wait = if nothing_to_do {
+                idle = (idle * 2).min(Duration::from_millis(100));
+                idle
+            } else {
+                idle = Duration::from_millis(5);
+                Duration::from_millis(self.cfg.ingest_flush_ms.max(1))
+            };
+            tokio::select! {
+                Some(joined) = fetches.join_next(), if !fetches.is_empty() => {
+                    match joined {
+                        Ok((host, done)) => {
+                            if let Some(n) = active.get_mut(&host) {
+                                *n = n.saturating_sub(1);
+                                if *n == 0 {
+                                    active.remove(&host);
+                                }
+                            }
+                            match done {
+                                Done::Result(p) => {
+                                    if results.is_empty() {
+                                        first_result_at = Some(tokio::time::Instant::now());
+                                    }
+                                    results.push(p);
+                                }
+                                Done::Retry { tag, after } => {
+                                    if let Err(e) = self.queue.retry(tag, after).await {
+                                        tracing::warn!(error = %e, "returning a job to the queue failed; its lease will expire");
+                                    }
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            // A panic inside a fetch: the job's lease expires and it is redelivered.
+                            tracing::error!(error = %e, "a fetch task failed");
+                            metrics::counter!("crawler_task_failures_total").increment(1);
+                        }
+                    }
+                }
+                Some(joined) = sends.join_next(), if !sends.is_empty() => {
+                    match joined {
+                        Ok((_, Ok(()))) => send_backoff = Duration::from_millis(50),
+                        Ok((batch, Err(e))) => {
+                            tracing::warn!(error = %e, n = batch.len(), ?send_backoff, "no API took the results; holding them");
+                            metrics::counter!("crawler_ingest_errors_total").increment(1);
+                            if results.is_empty() {
+                                first_result_at = Some(tokio::time::Instant::now());
+                            }
+                            results.extend(batch);
+                            send_blocked_until = tokio::time::Instant::now() + send_backoff;
+                            send_backoff = (send_backoff * 2).min(Duration::from_secs(2));
+                        }
+                        Err(e) => tracing::error!(error = %e, "a send task failed"),
+                    }
+                }
+                _ = shutdown.cancelled(), if !draining => {
+                    draining = true;
+                    tracing::info!(buffered, in_flight = fetches.len(), "draining");
+                    // Jobs not started go straight back so another crawler can take them now.
+                    for (_, q) in waiting.drain() {
+                        for job in q {
+                            if let Err(e) = self.queue.retry(job.tag, Duration::ZERO).await {
+                                tracing::warn!(error = %e, "releasing a job failed; its lease will expire");
+                            }
+                        }
+                    }
+                    host_order.clear();
+                    buffered = 0;
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Decode a delivery; a malformed one goes to the dead-letter queue.
+    async fn accept(&self, d: Delivery) -> Option<(String, Job)> {
+        let job = match d.job {
+            Ok(job) => job,
+            Err(reason) => {
+                tracing::warn!(%reason, "dead-lettering a malformed job");
+                metrics::counter!("crawler_malformed_jobs_total").increment(1);
+                if let Err(e) = self.queue.dead_letter(d.tag, &reason).await {
+                    tracing::warn!(error = %e, "dead-lettering failed");
+                }
+                return None;
+            }
+        };
+        let host = url::Url::parse(&job.url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        Some((
+            host,
+            Job {
+                tag: d.tag,
+                job,
+                deliveries: d.deliveries,
+            },
+        ))
+    }
+}
+
+async fn crawl_one(fetcher: &Fetcher, job: Job, max_deliveries: u32) -> Done {
+    let outcome = match fetcher.crawl(&job.job.url).await {
+        CrawlAttempt::Done(outcome) => outcome,
+        CrawlAttempt::Retry { reason, after } => {
+            if job.deliveries >= max_deliveries {
+                Outcome::Failed {
+                    reason: format!("gave up after {} attempts: {reason}", job.deliveries),
+                }
+            } else {
+                metrics::counter!("crawler_retries_total").increment(1);
+                return Done::Retry {
+                    tag: job.tag,
+                    after,
+                };
+            }
+        }
+    };
+    Done::Result(Pending {
+        tag: job.tag,
+        reply_to: job.job.reply_to,
+        result: CrawlResult {
+            url: job.job.url,
+            depth: job.job.depth,
+            outcome,
+        },
+    })
+}
+
+/// Send a batch to the API named in its jobs (falling back to the others), then ack the jobs.
+async fn send_and_ack(
+    client: &reqwest::Client,
+    apis: &[String],
+    queue: &dyn JobQueue,
+    batch: &[Pending],
+) -> anyhow::Result<()> {
+    // Results are grouped by the API that asked for them.
+    let mut by_api: HashMap<&str, Vec<&Pending>> = HashMap::new();
+    for p in batch {
+        by_api.entry(p.reply_to.as_str()).or_default().push(p);
+    }
+    let mut acked = Vec::new();
+    let mut last_err = None;
+    for (reply_to, group) in by_api {
+        let body = IngestBatch {
+            v: WIRE_VERSION,
+            results: group.iter().map(|p| p.result.clone()).collect(),
+        };
+        let mut targets: Vec<&str> = vec![reply_to];
+        targets.extend(apis.iter().map(String::as_str).filter(|a| *a != reply_to));
+        let mut sent = false;
+        for target in targets {
+            match post_ingest(client, target, &body).await {
+                Ok(_) => {
+                    sent = true;
+                    break;
+                }
+                Err(e) => last_err = Some(e.context(format!("sending results to {target}"))),
+            }
+        }
+        if sent {
+            acked.extend(group.iter().map(|p| p.tag));
+            metrics::counter!("crawler_results_sent_total").increment(group.len() as u64);
+        }
+    }
+    if !acked.is_empty() {
+        // An ack that fails leaves the job to be redelivered; ingest is idempotent.
+        if let Err(e) = queue.ack(&acked).await {
+            tracing::warn!(error = %e, "acknowledging jobs failed; they will be redelivered");
+        }
+    }
+    match last_err {
+        Some(e) if acked.len() < batch.len() => Err(e),
+        _ => Ok(()),
+    }
+}
+
+async fn post_ingest(
+    client: &reqwest::Client,
+    api: &str,
+    body: &IngestBatch,
+) -> anyhow::Result<IngestReply> {
+    let url = format!("{}/internal/ingest", api.trim_end_matches('/'));
+    let resp = client.post(&url).json(body).send().await?;
+    let status = resp.status();
+    if !status.is_success() {
+        let text = resp.text().await.unwrap_or_default();
+        anyhow::bail!("{url} answered {status}: {text}");
+    }
+    Ok(resp.json().await?)
+}
