@@ -1,1 +1,90 @@
-fn main() {}
+//! `cell`: the stem-cell binary. Parses arguments, sets up tracing, and becomes what it is told:
+//! a whole organism on this machine (`cell up`), one role (`cell run ROLE`), or a reporter
+//! (`cell status`). The roles themselves live in their library crates.
+
+mod engines_setup;
+mod run;
+mod status;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cell", version, about = "Homeostat: a search crawler that runs itself")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a whole organism on this machine and keep it alive until Ctrl-C.
+    Up(up::UpArgs),
+    /// Become one role in this process.
+    Run(run::RunArgs),
+    /// Show the cells of the organism started by `cell up` and how they are.
+    Status(status::StatusArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HOMEOSTAT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cell: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Up(args) => up::up(args).await,
+            Command::Run(args) => run::run(args).await,
+            Command::Status(args) => status::status(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(cfg) = e.downcast_ref::<infra::ConfigError>() {
+                eprintln!("cell: {cfg}");
+                return ExitCode::from(infra::EXIT_BAD_CONFIG as u8);
+            }
+            eprintln!("cell: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Load the organism's configuration, or the embedded default.
+pub(crate) fn load_config(path: Option<&PathBuf>) -> anyhow::Result<infra::Config> {
+    Ok(infra::Config::load(path.map(PathBuf::as_path))?)
+}
+
+/// Cancel `token` on SIGINT or SIGTERM.
+pub(crate) fn cancel_on_signals(token: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: draining"),
+            _ = term.recv() => tracing::info!("terminated: draining"),
+        }
+        token.cancel();
+    });
+}

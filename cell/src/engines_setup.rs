@@ -1,0 +1,36 @@
+//! Opening the engines a configuration names.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use engines::sqlite::{SqliteQueue, SqliteStore};
+use engines::{JobQueue, Store};
+use infra::{Config, EngineUrl};
+
+pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match cfg.database() {
+        EngineUrl::Sqlite(path) => {
+            let path = path.to_string_lossy().to_string();
+            let store = SqliteStore::open(&path)
+                .await
+                .with_context(|| format!("opening the store at {path}"))?;
+            Ok(Arc::new(store))
+        }
+        other => anyhow::bail!("engines.database {other:?}: this build has no such store engine"),
+    }
+}
+
+pub async fn open_queue(cfg: &Config) -> anyhow::Result<Arc<dyn JobQueue>> {
+    let q = &cfg.raw.queue;
+    match cfg.queue() {
+        EngineUrl::Sqlite(path) => {
+            let path = path.to_string_lossy().to_string();
+            let queue = SqliteQueue::open(&path, Duration::from_secs(q.lease_secs), q.max_deliveries)
+                .await
+                .with_context(|| format!("opening the queue at {path}"))?;
+            Ok(Arc::new(queue))
+        }
+        other => anyhow::bail!("engines.queue {other:?}: this build has no such queue engine"),
+    }
+}

@@ -1,0 +1,271 @@
+//! The local provider: each cell is an OS process running `cell run ROLE ...`.
+//!
+//! A started cell announces itself with one [`vitals::ReadyLine`] on stdout; everything else it
+//! prints is forwarded to this process's stderr, prefixed with the cell's name. A cell's stdin is
+//! a pipe from here: when this process dies, even by SIGKILL, the pipe closes and the cell
+//! drains and exits, so no orphan outlives its organism.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::{mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
+use vitals::ReadyLine;
+
+/// What to run: a role and its extra arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellSpec {
+    pub role: String,
+    pub args: Vec<String>,
+}
+
+/// A running cell.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellInfo {
+    /// `role-N`, stable across restarts of the same slot.
+    pub name: String,
+    pub role: String,
+    pub pid: u32,
+    pub addr: String,
+    /// How many times this slot has been started.
+    pub generation: u32,
+}
+
+impl CellInfo {
+    pub const PREFIX: &'static str = "HOMEOSTAT_CELL ";
+
+    pub fn render(&self) -> String {
+        format!(
+            "{}{}",
+            Self::PREFIX,
+            serde_json::to_string(self).expect("CellInfo always serializes")
+        )
+    }
+
+    pub fn parse(line: &str) -> Option<Self> {
+        serde_json::from_str(line.strip_prefix(Self::PREFIX)?).ok()
+    }
+}
+
+pub struct LocalProvider {
+    /// The `cell` executable.
+    pub exe: PathBuf,
+    /// Arguments every cell gets (e.g. `--infra FILE`).
+    pub common_args: Vec<String>,
+    /// How long a starting cell has to print its ready line.
+    pub ready_timeout: Duration,
+}
+
+/// A started process.
+pub struct Started {
+    pub child: Child,
+    pub ready: ReadyLine,
+    /// Held so the cell's stdin stays open while we live.
+    pub stdin: Option<ChildStdin>,
+}
+
+impl LocalProvider {
+    pub async fn start(&self, name: &str, spec: &CellSpec) -> anyhow::Result<Started> {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("run")
+            .arg(&spec.role)
+            .args(&self.common_args)
+            .args(&spec.args)
+            .arg("--supervised")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {} as {name}", self.exe.display()))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().context("child stdout")?;
+        let stderr = child.stderr.take().context("child stderr")?;
+        forward(name.to_string(), BufReader::new(stderr));
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(self.ready_timeout, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(ready) = ReadyLine::parse(&line) {
+                    return Ok(ready);
+                }
+                eprintln!("[{name}] {line}");
+            }
+            anyhow::bail!("{name} exited before it was ready")
+        })
+        .await
+        .with_context(|| format!("{name} was not ready within {:?}", self.ready_timeout))??;
+        forward(name.to_string(), lines.into_inner());
+        Ok(Started {
+            child,
+            ready,
+            stdin,
+        })
+    }
+}
+
+fn forward<R: tokio::io::AsyncBufRead + Unpin + Send + 'static>(name: String, reader: R) {
+    tokio::spawn(async move {
+        let mut lines = reader.lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("[{name}] {line}");
+        }
+    });
+}
+
+/// An event in the life of a supervised cell.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Started(CellInfo),
+    Exited { name: String, pid: u32, status: String },
+    StartFailed { name: String, error: String },
+}
+
+/// Keeps one process running per slot: restarts a slot's cell when it dies (with back-off when
+/// it keeps dying), and on shutdown asks every cell to drain (SIGTERM), then kills stragglers.
+pub struct Supervisor {
+    provider: Arc<LocalProvider>,
+    running: Arc<Mutex<Vec<Option<u32>>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl Supervisor {
+    pub fn new(provider: LocalProvider) -> (Self, mpsc::UnboundedReceiver<Event>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (
+            Self {
+                provider: Arc::new(provider),
+                running: Arc::new(Mutex::new(Vec::new())),
+                tasks: Vec::new(),
+                events: tx,
+            },
+            rx,
+        )
+    }
+
+    /// Start a slot and wait for its first cell to be ready; keep it alive until `shutdown`.
+    pub async fn add(
+        &mut self,
+        name: String,
+        spec: CellSpec,
+        shutdown: CancellationToken,
+        grace: Duration,
+    ) -> anyhow::Result<CellInfo> {
+        let first = self.provider.start(&name, &spec).await?;
+        let slot = {
+            let mut running = self.running.lock().await;
+            running.push(first.child.id());
+            running.len() - 1
+        };
+        let info = CellInfo {
+            name: name.clone(),
+            role: spec.role.clone(),
+            pid: first.ready.pid,
+            addr: first.ready.addr.clone(),
+            generation: 1,
+        };
+        let _ = self.events.send(Event::Started(info.clone()));
+        let provider = self.provider.clone();
+        let running = self.running.clone();
+        let events = self.events.clone();
+        self.tasks.push(tokio::spawn(keep_alive(
+            provider, name, spec, first, slot, running, events, shutdown, grace,
+        )));
+        Ok(info)
+    }
+
+    /// Wait for every slot to stop (after `shutdown` was cancelled).
+    pub async fn join(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // one task's whole context, passed once
+async fn keep_alive(
+    provider: Arc<LocalProvider>,
+    name: String,
+    spec: CellSpec,
+    mut current: Started,
+    slot: usize,
+    running: Arc<Mutex<Vec<Option<u32>>>>,
+    events: mpsc::UnboundedSender<Event>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
+    let mut generation = 1;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let started_at = tokio::time::Instant::now();
+        let pid = current.child.id().unwrap_or_default();
+        tokio::select! {
+            status = current.child.wait() => {
+                let status = status.map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+                tracing::warn!(%name, pid, %status, "cell exited; replacing it");
+                let _ = events.send(Event::Exited { name: name.clone(), pid, status });
+            }
+            _ = shutdown.cancelled() => {
+                stop(&mut current.child, grace).await;
+                running.lock().await[slot] = None;
+                return;
+            }
+        }
+        // A cell that dies right after starting is restarted with growing back-off.
+        if started_at.elapsed() > Duration::from_secs(10) {
+            backoff = Duration::from_millis(100);
+        }
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match provider.start(&name, &spec).await {
+                Ok(next) => {
+                    generation += 1;
+                    running.lock().await[slot] = next.child.id();
+                    let _ = events.send(Event::Started(CellInfo {
+                        name: name.clone(),
+                        role: spec.role.clone(),
+                        pid: next.ready.pid,
+                        addr: next.ready.addr.clone(),
+                        generation,
+                    }));
+                    current = next;
+                    break;
+                }
+                Err(e) => {
+                    let _ = events.send(Event::StartFailed {
+                        name: name.clone(),
+                        error: format!("{e:#}"),
+                    });
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM, wait up to `grace` for the cell to drain, then SIGKILL.
+async fn stop(child: &mut Child, grace: Duration) {
+    if let Some(pid) = child.id() {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    }
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        tracing::warn!(pid = child.id(), "cell did not drain in time; killing it");
+        let _ = child.start_kill();
+        let _ = child.wait().await;
+    }
+}
