@@ -52,6 +52,9 @@ fn main() -> ExitCode {
             Command::Status(args) => status::status(args).await,
         }
     });
+    // A blocking read of stdin (the supervisor's pipe) never returns by itself: do not wait
+    // for it, or any other straggler, once the role has drained.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(500));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

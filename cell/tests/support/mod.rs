@@ -1,0 +1,274 @@
+//! Starts the real `cell` binary as a whole organism against a synthetic web served by the test.
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use engines::Store;
+use factory::local::CellInfo;
+use loadtest::web::{ServedLog, SyntheticWeb, WebSpec};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+pub struct Web {
+    pub web: Arc<SyntheticWeb>,
+    pub log: ServedLog,
+    pub addr: std::net::SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Drop for Web {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+pub async fn serve_web(spec: WebSpec) -> Web {
+    let web = Arc::new(SyntheticWeb::generate(&spec));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind web");
+    let addr = listener.local_addr().expect("addr");
+    let log = ServedLog::new();
+    let stop = CancellationToken::new();
+    let (w, l, s) = (web.clone(), log.clone(), stop.clone());
+    tokio::spawn(async move {
+        let _ = loadtest::web::serve(w, listener, l, async move { s.cancelled().await }).await;
+    });
+    Web {
+        web,
+        log,
+        addr,
+        stop,
+    }
+}
+
+pub struct Organism {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub api: String,
+    pub cells: Arc<Mutex<Vec<CellInfo>>>,
+    pub client: reqwest::Client,
+}
+
+/// The organism's configuration for a test: everything on loopback, short leases.
+pub fn infra_toml(dir: &std::path::Path, web: &Web, per_host_rate: f64, extra: &str) -> String {
+    format!(
+        r#"
+[organism]
+data_dir = "{data}"
+
+[queue]
+lease_secs = 3
+max_deliveries = 5
+
+[api]
+listen = "127.0.0.1:0"
+
+[crawler.fetch]
+per_host_rate = {per_host_rate:.1}
+per_host_concurrency = 4
+allow_addresses = ["127.0.0.1/32"]
+connect_timeout_ms = 2000
+total_timeout_ms = 5000
+
+[crawler.fetch.resolve]
+"{suffix}" = "{addr}"
+
+{extra}
+"#,
+        data = dir.join("data").display(),
+        suffix = web.web.host_suffix(),
+        addr = web.addr,
+    )
+}
+
+impl Organism {
+    /// `cell up --infra FILE` and wait for its cells.
+    pub async fn up(infra: &str, dir: tempfile::TempDir) -> Organism {
+        let path = dir.path().join("organism.toml");
+        std::fs::write(&path, infra).expect("write infra");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cell"))
+            .arg("up")
+            .arg("--infra")
+            .arg(&path)
+            .arg("--grace-secs")
+            .arg("5")
+            .env("HOMEOSTAT_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start cell up");
+        let stdout = child.stdout.take().expect("stdout");
+        let cells: Arc<Mutex<Vec<CellInfo>>> = Arc::default();
+        let (api_tx, api_rx) = tokio::sync::oneshot::channel();
+        let seen = cells.clone();
+        tokio::spawn(async move {
+            let mut api_tx = Some(api_tx);
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(info) = CellInfo::parse(&line) {
+                    let mut cells = seen.lock().await;
+                    cells.retain(|c| c.name != info.name);
+                    cells.push(info);
+                } else if let Some(rest) = line.strip_prefix("homeostat is up: ") {
+                    if let Some(api) = rest.split("api ").nth(1) {
+                        if let Some(tx) = api_tx.take() {
+                            let _ = tx.send(api.trim().to_string());
+                        }
+                    }
+                }
+            }
+        });
+        let api = tokio::time::timeout(Duration::from_secs(120), api_rx)
+            .await
+            .expect("organism up within 120 s")
+            .expect("cell up printed its api");
+        Organism {
+            child,
+            dir,
+            api,
+            cells,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub async fn crawl(&self, seeds: &[String]) -> serde_json::Value {
+        let resp = self
+            .client
+            .post(format!("{}/crawl", self.api))
+            .json(&serde_json::json!({ "seeds": seeds }))
+            .send()
+            .await
+            .expect("POST /crawl");
+        assert_eq!(resp.status(), 202);
+        resp.json().await.expect("json")
+    }
+
+    pub async fn stats(&self) -> protocol::Stats {
+        self.client
+            .get(format!("{}/stats", self.api))
+            .send()
+            .await
+            .expect("GET /stats")
+            .json()
+            .await
+            .expect("stats json")
+    }
+
+    /// Wait until every accepted URL has ended, calling `during` with each stats snapshot.
+    pub async fn wait_drained(
+        &self,
+        limit: Duration,
+        mut during: impl FnMut(&protocol::Stats),
+    ) -> protocol::Stats {
+        let started = tokio::time::Instant::now();
+        let mut drained_twice = 0;
+        loop {
+            if let Ok(resp) = self.client.get(format!("{}/stats", self.api)).send().await {
+                if let Ok(stats) = resp.json::<protocol::Stats>().await {
+                    during(&stats);
+                    if stats.frontier.drained() && stats.frontier.crawled > 0 {
+                        drained_twice += 1;
+                        if drained_twice >= 2 {
+                            return stats;
+                        }
+                    } else {
+                        drained_twice = 0;
+                    }
+                }
+            }
+            assert!(
+                started.elapsed() < limit,
+                "frontier did not drain within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    pub async fn search(&self, q: &str, limit: u32) -> protocol::SearchResponse {
+        self.client
+            .get(format!("{}/search", self.api))
+            .query(&[("q", q), ("limit", &limit.to_string())])
+            .send()
+            .await
+            .expect("GET /search")
+            .json()
+            .await
+            .expect("search json")
+    }
+
+    pub async fn indexed(&self) -> BTreeSet<String> {
+        let path = self.data_dir().join("store.db");
+        let store = engines::sqlite::SqliteStore::open(path.to_str().expect("utf-8"))
+            .await
+            .expect("open the organism's store");
+        store
+            .indexed_urls()
+            .await
+            .expect("indexed urls")
+            .into_iter()
+            .collect()
+    }
+
+    pub async fn cells_of(&self, role: &str) -> Vec<CellInfo> {
+        self.cells
+            .lock()
+            .await
+            .iter()
+            .filter(|c| c.role == role)
+            .cloned()
+            .collect()
+    }
+
+    /// SIGTERM `cell up` and wait for it to drain and exit.
+    pub async fn stop(mut self) {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("cell up stops within 30 s")
+            .expect("wait");
+        assert!(status.success(), "cell up exited with {status}");
+    }
+}
+
+pub fn sigkill(pid: u32) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9");
+}
+
+/// Compare the indexed set with the oracle's, printing the difference when they differ.
+pub fn assert_exact(web: &SyntheticWeb, indexed: &BTreeSet<String>, expected: &BTreeSet<String>) {
+    if indexed == expected {
+        return;
+    }
+    let missing: Vec<_> = expected.difference(indexed).take(10).collect();
+    let extra: Vec<_> = indexed.difference(expected).take(10).collect();
+    let describe = |u: &&String| format!("{u} ({})", web.describe(u));
+    panic!(
+        "indexed {} pages, oracle expects {}.\nmissing: {:#?}\nextra: {:#?}",
+        indexed.len(),
+        expected.len(),
+        missing.iter().map(describe).collect::<Vec<_>>(),
+        extra.iter().map(describe).collect::<Vec<_>>()
+    );
+}
