@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it, from a fresh clone.
+#
+# 1. Provides PostgreSQL and RabbitMQ (scripts/engines.sh: uses running ones, else installs and
+#    starts throwaway loopback instances when root; fails saying what to run otherwise).
+# 2. cargo fmt --check, cargo clippy -D warnings, cargo test over the whole workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "test.sh: cargo is missing: install Rust (https://rustup.rs) first" >&2
+    exit 1
+fi
+
+scripts/engines.sh start
+trap 'scripts/engines.sh stop || true' EXIT
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
