@@ -54,12 +54,19 @@ mod tests {
             candidate("HTTP://A.test/x/../y#f", &cfg).expect("ok").url,
             "http://a.test/y"
         );
-        assert!(candidate("ftp://a.test/", &cfg).expect_err("scheme").contains("ftp"));
+        assert!(candidate("ftp://a.test/", &cfg)
+            .expect_err("scheme")
+            .contains("ftp"));
         let trap = "http://a.test/cal/cal/cal/cal/x";
         assert!(candidate(trap, &cfg).expect_err("trap").contains("repeats"));
         let long = format!("http://a.test/{}", "x".repeat(3000));
         assert!(candidate(&long, &cfg).expect_err("long").contains("longer"));
-        let deep = format!("http://a.test/{}", (0..40).map(|i| format!("d{i}/")).collect::<String>());
-        assert!(candidate(&deep, &cfg).expect_err("deep").contains("segments"));
+        let deep = format!(
+            "http://a.test/{}",
+            (0..40).map(|i| format!("d{i}/")).collect::<String>()
+        );
+        assert!(candidate(&deep, &cfg)
+            .expect_err("deep")
+            .contains("segments"));
     }
 }

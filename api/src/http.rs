@@ -116,7 +116,9 @@ async fn crawl(
     let Json(req) = body.map_err(json_error)?;
     let cfg = &state.cfg;
     if req.seeds.is_empty() {
-        return Err(ApiError::BadRequest("seeds: at least one seed URL is required".into()));
+        return Err(ApiError::BadRequest(
+            "seeds: at least one seed URL is required".into(),
+        ));
     }
     if req.seeds.len() > cfg.max_seeds {
         return Err(ApiError::BadRequest(format!(
@@ -142,7 +144,10 @@ async fn crawl(
     for seed in &req.seeds {
         match frontier::candidate(seed, cfg) {
             Ok(c) => {
-                if !candidates.iter().any(|k: &engines::Candidate| k.url == c.url) {
+                if !candidates
+                    .iter()
+                    .any(|k: &engines::Candidate| k.url == c.url)
+                {
                     candidates.push(c);
                 }
             }

@@ -95,13 +95,28 @@ mod tests {
         let ok = parse(&p("Hello, World! hello", Some("5"), None), &cfg).expect("ok");
         assert_eq!(ok.terms, vec!["hello", "world"]);
         assert_eq!(ok.limit, 5);
-        assert!(parse(&p("", None, None), &cfg).expect_err("empty").starts_with("q:"));
-        assert!(parse(&p("!!!", None, None), &cfg).expect_err("no words").starts_with("q:"));
-        assert!(parse(&p("a", Some("0"), None), &cfg).expect_err("limit").starts_with("limit:"));
-        assert!(parse(&p("a", Some("x"), None), &cfg).expect_err("limit").starts_with("limit:"));
-        assert!(parse(&p("a", None, Some("-1")), &cfg).expect_err("offset").starts_with("offset:"));
+        assert!(parse(&p("", None, None), &cfg)
+            .expect_err("empty")
+            .starts_with("q:"));
+        assert!(parse(&p("!!!", None, None), &cfg)
+            .expect_err("no words")
+            .starts_with("q:"));
+        assert!(parse(&p("a", Some("0"), None), &cfg)
+            .expect_err("limit")
+            .starts_with("limit:"));
+        assert!(parse(&p("a", Some("x"), None), &cfg)
+            .expect_err("limit")
+            .starts_with("limit:"));
+        assert!(parse(&p("a", None, Some("-1")), &cfg)
+            .expect_err("offset")
+            .starts_with("offset:"));
         let long = "a".repeat(600);
-        assert!(parse(&p(&long, None, None), &cfg).expect_err("long").contains("longer"));
-        assert_eq!(terms("café NEAR(x) \"or\""), vec!["café", "near", "x", "or"]);
+        assert!(parse(&p(&long, None, None), &cfg)
+            .expect_err("long")
+            .contains("longer"));
+        assert_eq!(
+            terms("café NEAR(x) \"or\""),
+            vec!["café", "near", "x", "or"]
+        );
     }
 }

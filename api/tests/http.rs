@@ -60,12 +60,27 @@ async fn bad_input_is_a_named_4xx_never_5xx() {
         (get("/search?q=a&limit=ten"), "limit:"),
         (get("/search?q=a&offset=-3"), "offset:"),
         (post("/crawl", "{not json"), "malformed JSON"),
-        (post("/crawl", r#"{"seeds": "http://a.test/"}"#), "malformed JSON"),
+        (
+            post("/crawl", r#"{"seeds": "http://a.test/"}"#),
+            "malformed JSON",
+        ),
         (post("/crawl", r#"{"seeds": [], "max_depth": 1}"#), "seeds:"),
-        (post("/crawl", r#"{"seeds": ["http://a.test/"], "bogus": 1}"#), "bogus"),
-        (post("/crawl", r#"{"seeds": ["http://a.test/"], "max_pages": 0}"#), "max_pages"),
-        (post("/internal/ingest", r#"{"v": 1, "results": [{"url": 3}]}"#), "malformed JSON"),
-        (post("/internal/ingest", r#"{"v": 99, "results": []}"#), "version"),
+        (
+            post("/crawl", r#"{"seeds": ["http://a.test/"], "bogus": 1}"#),
+            "bogus",
+        ),
+        (
+            post("/crawl", r#"{"seeds": ["http://a.test/"], "max_pages": 0}"#),
+            "max_pages",
+        ),
+        (
+            post("/internal/ingest", r#"{"v": 1, "results": [{"url": 3}]}"#),
+            "malformed JSON",
+        ),
+        (
+            post("/internal/ingest", r#"{"v": 99, "results": []}"#),
+            "version",
+        ),
         (get("/nope"), "no such endpoint"),
     ];
     for (req, needle) in cases {
@@ -73,7 +88,10 @@ async fn bad_input_is_a_named_4xx_never_5xx() {
         let (status, body) = call(&st, req).await;
         assert!(status.is_client_error(), "{uri}: {status}");
         let msg = body["error"].as_str().unwrap_or_default();
-        assert!(msg.contains(needle), "{uri}: {msg:?} should mention {needle:?}");
+        assert!(
+            msg.contains(needle),
+            "{uri}: {msg:?} should mention {needle:?}"
+        );
     }
 }
 
@@ -92,7 +110,9 @@ async fn crawl_accepts_and_rejects_with_reasons() {
     assert_eq!(body["accepted"], serde_json::json!(["http://a.test/"]));
     let rejected = body["rejected"].as_array().expect("rejected");
     assert_eq!(rejected.len(), 3, "{body}");
-    assert!(rejected.iter().all(|r| !r["reason"].as_str().unwrap_or("").is_empty()));
+    assert!(rejected
+        .iter()
+        .all(|r| !r["reason"].as_str().unwrap_or("").is_empty()));
     // The same seed again is already known.
     let (_, body) = call(&st, post("/crawl", r#"{"seeds": ["http://a.test/"]}"#)).await;
     assert!(body["rejected"][0]["reason"]

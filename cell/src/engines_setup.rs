@@ -26,9 +26,10 @@ pub async fn open_queue(cfg: &Config) -> anyhow::Result<Arc<dyn JobQueue>> {
     match cfg.queue() {
         EngineUrl::Sqlite(path) => {
             let path = path.to_string_lossy().to_string();
-            let queue = SqliteQueue::open(&path, Duration::from_secs(q.lease_secs), q.max_deliveries)
-                .await
-                .with_context(|| format!("opening the queue at {path}"))?;
+            let queue =
+                SqliteQueue::open(&path, Duration::from_secs(q.lease_secs), q.max_deliveries)
+                    .await
+                    .with_context(|| format!("opening the queue at {path}"))?;
             Ok(Arc::new(queue))
         }
         other => anyhow::bail!("engines.queue {other:?}: this build has no such queue engine"),

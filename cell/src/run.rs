@@ -108,7 +108,10 @@ async fn run_api(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<()> {
-    let listen = args.listen.clone().unwrap_or_else(|| cfg.raw.api.listen.clone());
+    let listen = args
+        .listen
+        .clone()
+        .unwrap_or_else(|| cfg.raw.api.listen.clone());
     let store = open_store(cfg).await?;
     let queue = open_queue(cfg).await?;
     let listener = TcpListener::bind(&listen)

@@ -32,7 +32,10 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()?;
-    println!("{:<12} {:<8} {:>8} {:<22} {:<6} STATE", "CELL", "ROLE", "PID", "ADDRESS", "GEN");
+    println!(
+        "{:<12} {:<8} {:>8} {:<22} {:<6} STATE",
+        "CELL", "ROLE", "PID", "ADDRESS", "GEN"
+    );
     let mut api = None;
     for c in &cells {
         let state = match client.get(format!("http://{}/readyz", c.addr)).send().await {

@@ -196,7 +196,6 @@ async fn start_demo_web(
         pages: d.pages,
         hosts: d.hosts,
         latency: Duration::from_millis(d.latency_ms),
-        ..loadtest::web::WebSpec::default()
     };
     let web = Arc::new(loadtest::web::SyntheticWeb::generate(&spec));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

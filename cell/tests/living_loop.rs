@@ -18,7 +18,6 @@ fn spec() -> WebSpec {
         pages: 2000,
         hosts: 20,
         latency: Duration::ZERO,
-        ..WebSpec::default()
     }
 }
 
@@ -37,7 +36,11 @@ async fn crawls_exactly_the_oracle_set_politely() {
 
     // Exactly the oracle's set.
     let expected = web.web.expect(&seeds, None);
-    assert!(expected.len() >= 1500, "the oracle expects {}", expected.len());
+    assert!(
+        expected.len() >= 1500,
+        "the oracle expects {}",
+        expected.len()
+    );
     assert_exact(&web.web, &org.indexed().await, &expected);
 
     // Nothing robots.txt disallows was fetched.
@@ -52,7 +55,10 @@ async fn crawls_exactly_the_oracle_set_politely() {
     // may send at most floor(RATE/2) + 1 (its burst), so the host sees at most RATE + 2.
     let mut by_host: BTreeMap<&str, Vec<tokio::time::Instant>> = BTreeMap::new();
     for s in &served {
-        by_host.entry(s.host.as_str()).or_default().push(s.at.into());
+        by_host
+            .entry(s.host.as_str())
+            .or_default()
+            .push(s.at.into());
     }
     let ceiling = RATE as usize + 2;
     for (host, mut times) in by_host {
@@ -74,10 +80,8 @@ async fn crawls_exactly_the_oracle_set_politely() {
     let rare = web.web.rare_words(5);
     assert!(!rare.is_empty());
     for (word, pages) in rare {
-        let expected_pages: std::collections::BTreeSet<String> = pages
-            .into_iter()
-            .filter(|p| expected.contains(p))
-            .collect();
+        let expected_pages: std::collections::BTreeSet<String> =
+            pages.into_iter().filter(|p| expected.contains(p)).collect();
         if expected_pages.is_empty() {
             continue;
         }
@@ -96,11 +100,7 @@ async fn crawls_exactly_the_oracle_set_politely() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crawler_killed_mid_crawl_loses_nothing() {
-    let web = serve_web(WebSpec {
-        seed: 12,
-        ..spec()
-    })
-    .await;
+    let web = serve_web(WebSpec { seed: 12, ..spec() }).await;
     let dir = tempfile::tempdir().expect("tempdir");
     // Slower hosts, so the crawl is surely still running when the crawler dies.
     let org = Organism::up(&infra_toml(dir.path(), &web, 40.0, ""), dir).await;

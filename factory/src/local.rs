@@ -125,8 +125,15 @@ fn forward<R: tokio::io::AsyncBufRead + Unpin + Send + 'static>(name: String, re
 #[derive(Debug, Clone)]
 pub enum Event {
     Started(CellInfo),
-    Exited { name: String, pid: u32, status: String },
-    StartFailed { name: String, error: String },
+    Exited {
+        name: String,
+        pid: u32,
+        status: String,
+    },
+    StartFailed {
+        name: String,
+        error: String,
+    },
 }
 
 /// Keeps one process running per slot: restarts a slot's cell when it dies (with back-off when

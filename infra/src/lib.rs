@@ -269,10 +269,16 @@ impl Config {
             push(format!("crawler.worker.{k}"), r);
         }
         if raw.demo.pages == 0 || raw.demo.hosts == 0 {
-            push("demo.pages".into(), "pages and hosts must be at least 1".into());
+            push(
+                "demo.pages".into(),
+                "pages and hosts must be at least 1".into(),
+            );
         }
         if !(raw.demo.per_host_rate.is_finite() && raw.demo.per_host_rate > 0.0) {
-            push("demo.per_host_rate".into(), "must be a positive number".into());
+            push(
+                "demo.per_host_rate".into(),
+                "must be a positive number".into(),
+            );
         }
         if problems.is_empty() {
             Ok(Self {
@@ -370,7 +376,9 @@ mod tests {
     fn the_embedded_default_is_valid() {
         let cfg = Config::embedded().expect("valid");
         assert_eq!(cfg.bounds("crawler").min, 2);
-        assert!(matches!(cfg.database(), EngineUrl::Sqlite(_)) || std::env::var("DATABASE_URL").is_ok());
+        assert!(
+            matches!(cfg.database(), EngineUrl::Sqlite(_)) || std::env::var("DATABASE_URL").is_ok()
+        );
         // It round-trips through the TOML handed to child cells.
         let again = Config::parse(&cfg.to_toml(), "again").expect("round trip");
         assert_eq!(again.raw, cfg.raw);

@@ -64,10 +64,16 @@ mod tests {
     #[test]
     fn normalizes() {
         let cases = [
-            ("HTTP://Example.TEST:80/a/./b/../c#frag", "http://example.test/a/c"),
+            (
+                "HTTP://Example.TEST:80/a/./b/../c#frag",
+                "http://example.test/a/c",
+            ),
             ("https://example.test:443", "https://example.test/"),
             ("http://example.test/x?", "http://example.test/x"),
-            ("http://example.test/x?b=2&a=1", "http://example.test/x?b=2&a=1"),
+            (
+                "http://example.test/x?b=2&a=1",
+                "http://example.test/x?b=2&a=1",
+            ),
             ("http://example.test:8080/", "http://example.test:8080/"),
         ];
         for (raw, want) in cases {
@@ -77,16 +83,31 @@ mod tests {
 
     #[test]
     fn rejects_with_reason() {
-        assert!(matches!(normalize("ftp://a.test/"), Err(UrlError::Scheme(_))));
+        assert!(matches!(
+            normalize("ftp://a.test/"),
+            Err(UrlError::Scheme(_))
+        ));
         assert!(matches!(normalize("not a url"), Err(UrlError::Parse(_))));
-        assert!(matches!(normalize("http://u:p@a.test/"), Err(UrlError::Credentials)));
-        assert!(matches!(normalize("mailto:x@a.test"), Err(UrlError::Scheme(_))));
+        assert!(matches!(
+            normalize("http://u:p@a.test/"),
+            Err(UrlError::Credentials)
+        ));
+        assert!(matches!(
+            normalize("mailto:x@a.test"),
+            Err(UrlError::Scheme(_))
+        ));
     }
 
     #[test]
     fn joins_relative() {
         let base = normalize("http://a.test/dir/page.html").expect("base");
-        assert_eq!(join(&base, "../x.html#f").expect("join").as_str(), "http://a.test/x.html");
-        assert_eq!(join(&base, "//b.test").expect("join").as_str(), "http://b.test/");
+        assert_eq!(
+            join(&base, "../x.html#f").expect("join").as_str(),
+            "http://a.test/x.html"
+        );
+        assert_eq!(
+            join(&base, "//b.test").expect("join").as_str(),
+            "http://b.test/"
+        );
     }
 }

@@ -71,7 +71,10 @@ async fn healthz(State(s): State<VitalState>) -> impl IntoResponse {
 
 async fn readyz(State(s): State<VitalState>) -> impl IntoResponse {
     if s.ready.get() {
-        (StatusCode::OK, Json(serde_json::json!({ "ready": true, "role": s.role })))
+        (
+            StatusCode::OK,
+            Json(serde_json::json!({ "ready": true, "role": s.role })),
+        )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
