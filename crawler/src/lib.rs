@@ -1,1 +1,26 @@
-//! crawler
+//! The crawler role: fetches pages politely and safely, parses them, and reports
+//! `protocol::Outcome`s.
+//!
+//! Code map:
+//! - [`config`]: [`FetchConfig`], the fetch stack's settings and their validation.
+//! - [`fetch`]: [`Fetcher::crawl`], URL in, [`CrawlAttempt`] out; the redirect loop.
+//! - `robots`: robots.txt verdicts and their per-origin cache (RFC 9309).
+//! - `politeness`: per-host rate limits, in-flight caps, Crawl-delay and Retry-After back-off.
+//! - `ssrf`: the address policy and the guarded DNS resolver.
+//! - `body`: capped body streaming and content decoding (gzip, br, deflate).
+//! - `charset`: bytes to text (BOM, Content-Type, `<meta>`).
+//! - `parse`: HTML to title, text, links and robots directives.
+
+mod body;
+mod charset;
+pub mod config;
+pub mod fetch;
+mod parse;
+mod politeness;
+mod robots;
+mod ssrf;
+pub mod worker;
+
+pub use config::FetchConfig;
+pub use fetch::{CrawlAttempt, Fetcher};
+pub use worker::{Worker, WorkerConfig};

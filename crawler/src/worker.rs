@@ -89,10 +89,7 @@ struct Job {
 
 enum Done {
     Result(Pending),
-    Retry {
-        tag: DeliveryTag,
-        after: Duration,
-    },
+    Retry { tag: DeliveryTag, after: Duration },
 }
 
 impl Worker {
@@ -121,9 +118,7 @@ impl Worker {
             let unsent = results.len() + sends.len() * self.cfg.ingest_batch;
             let room = 2 * self.cfg.concurrency;
             let mut leased_any = false;
-            if !draining
-                && buffered + fetches.len() < room
-                && unsent < self.cfg.max_pending_results
+            if !draining && buffered + fetches.len() < room && unsent < self.cfg.max_pending_results
             {
                 let want = self.cfg.lease_batch.min(room - buffered - fetches.len());
                 match self.queue.lease(want).await {
@@ -183,9 +178,8 @@ impl Worker {
             }
 
             // 3. Send results when a batch is full or has waited long enough.
-            let flush_due = first_result_at.is_some_and(|t| {
-                t.elapsed() >= Duration::from_millis(self.cfg.ingest_flush_ms)
-            });
+            let flush_due = first_result_at
+                .is_some_and(|t| t.elapsed() >= Duration::from_millis(self.cfg.ingest_flush_ms));
             let can_send = tokio::time::Instant::now() >= send_blocked_until && sends.len() < 4;
             if can_send
                 && !results.is_empty()

@@ -1,0 +1,589 @@
+//! From "here is a URL" to "here is a `protocol::Outcome`": robots.txt, politeness, the SSRF
+//! guard, manual redirects, capped and decoded bodies, and the HTML parse.
+//!
+//! Architecture Invariant: no request leaves this module without passing the literal-address
+//! check, the guarded resolver (inside reqwest) and the host's politeness; no page is requested
+//! before its origin's robots.txt allowed it. reqwest never follows redirects or decompresses
+//! on its own: both happen here, under the same checks and caps.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::FutureExt;
+use protocol::{FetchedPage, Outcome};
+use reqwest::header::{
+    HeaderMap, HeaderValue, ACCEPT, ACCEPT_ENCODING, CONTENT_ENCODING, CONTENT_TYPE, LOCATION,
+    RETRY_AFTER,
+};
+use reqwest::StatusCode;
+use tokio::time::Instant;
+use url::Url;
+
+use crate::body::{self, BodyError, Overflow};
+use crate::config::FetchConfig;
+use crate::parse::{self, Directives, PageLimits};
+use crate::politeness::{parse_retry_after, HostPermit, NotNow, Politeness};
+use crate::robots::{
+    RobotsCache, RobotsVerdict, ROBOTS_MAX_BYTES, ROBOTS_MAX_REDIRECTS, ROBOTS_UNAVAILABLE_TTL,
+};
+use crate::ssrf::{check_literal_host, AddressPolicy, GuardedResolver, ResolveError, StaticNames};
+
+/// Suggested wait after a transient failure (timeout, connection error, 5xx).
+pub const TRANSIENT_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// Back-off of a host that answered 429/503 without a usable `Retry-After`.
+pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(60);
+/// The first bytes looked at when a page has no content type.
+const SNIFF_BYTES: usize = 1024;
+
+/// The result of one crawl attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CrawlAttempt {
+    /// Final: a page, or a failure/refusal with its reason (stored in the frontier).
+    Done(Outcome),
+    /// Transient (timeout, connection error, 5xx, 429/503, robots.txt unreachable, host busy):
+    /// try again later, not before `after`.
+    Retry { reason: String, after: Duration },
+}
+
+/// The fetch stack. Cheap to clone; clones share connections, robots.txt cache and per-host
+/// politeness, so one `Fetcher` should serve all of a cell's crawl tasks.
+#[derive(Clone)]
+pub struct Fetcher {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: FetchConfig,
+    client: reqwest::Client,
+    policy: Arc<AddressPolicy>,
+    politeness: Politeness,
+    robots: RobotsCache,
+    limits: PageLimits,
+}
+
+/// Why one request could not produce a response.
+#[derive(Debug)]
+enum HopError {
+    /// The SSRF guard refused the address.
+    Refused(String),
+    NotNow(NotNow),
+    /// Timeout, connection error, DNS failure.
+    Transient(String),
+}
+
+/// Why a fetched body yields no page.
+enum PageError {
+    NotHtml,
+    Body(BodyError),
+}
+
+fn body_label(e: &BodyError) -> &'static str {
+    match e {
+        BodyError::TooLarge { .. } | BodyError::InflatesTooLarge { .. } => "too_large",
+        _ => "bad_body",
+    }
+}
+
+/// How a crawl ended, for the metrics label and the attempt itself.
+struct Ending {
+    attempt: CrawlAttempt,
+    label: &'static str,
+}
+
+fn failed(reason: impl Into<String>, label: &'static str) -> Ending {
+    Ending {
+        attempt: CrawlAttempt::Done(Outcome::Failed {
+            reason: reason.into(),
+        }),
+        label,
+    }
+}
+
+fn retry(reason: impl Into<String>, after: Duration) -> Ending {
+    Ending {
+        attempt: CrawlAttempt::Retry {
+            reason: reason.into(),
+            after,
+        },
+        label: "retry",
+    }
+}
+
+fn not_now(host: &str, n: NotNow) -> Ending {
+    match n {
+        NotNow::BackingOff(after) => {
+            retry(format!("host {host} is backing off (Retry-After)"), after)
+        }
+        NotNow::Busy(after) => retry(
+            format!("host {host} is busy (politeness queue full)"),
+            after,
+        ),
+    }
+}
+
+fn hop_error(host: &str, e: HopError) -> Ending {
+    match e {
+        HopError::Refused(r) => failed(format!("refused: {r}"), "refused"),
+        HopError::NotNow(n) => not_now(host, n),
+        HopError::Transient(r) => retry(r, TRANSIENT_RETRY_AFTER),
+    }
+}
+
+/// An error and its sources, joined with `: ` and without repeats.
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let s = err.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}
+
+fn classify_send_error(e: &reqwest::Error) -> HopError {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(resolve) = err.downcast_ref::<ResolveError>() {
+            return match resolve {
+                ResolveError::Refused(r) => HopError::Refused(r.to_string()),
+                ResolveError::Lookup(msg) => HopError::Transient(msg.clone()),
+            };
+        }
+        cur = err.source();
+    }
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connection error"
+    } else {
+        "request error"
+    };
+    HopError::Transient(format!("{kind}: {}", error_chain(e)))
+}
+
+fn header_str(headers: &HeaderMap, name: reqwest::header::HeaderName) -> Option<&str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+/// The media type of a `Content-Type` value, lowercased, without parameters.
+fn essence(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase()
+}
+
+fn is_html_type(essence: &str) -> bool {
+    matches!(essence, "text/html" | "application/xhtml+xml")
+}
+
+/// For a body without a content type: does it start like HTML?
+fn sniff_html(body: &[u8]) -> bool {
+    let head = body[..body.len().min(SNIFF_BYTES)].to_ascii_lowercase();
+    head.windows(5).any(|w| w == b"<html") || head.windows(14).any(|w| w == b"<!doctype html")
+}
+
+impl Fetcher {
+    pub fn new(cfg: FetchConfig) -> anyhow::Result<Self> {
+        if let Err(errors) = cfg.validate() {
+            let list: Vec<String> = errors.iter().map(|(k, r)| format!("{k}: {r}")).collect();
+            anyhow::bail!("invalid fetch configuration: {}", list.join("; "));
+        }
+        let policy = Arc::new(AddressPolicy::new(cfg.allow_addresses.clone()));
+        let resolver =
+            GuardedResolver::new(Arc::new(StaticNames::new(&cfg.resolve)), policy.clone());
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            ACCEPT,
+            HeaderValue::from_static("text/html,application/xhtml+xml;q=0.9,*/*;q=0.1"),
+        );
+        headers.insert(
+            ACCEPT_ENCODING,
+            HeaderValue::from_static("gzip, br, deflate"),
+        );
+        let client = reqwest::Client::builder()
+            .user_agent(cfg.user_agent.clone())
+            .default_headers(headers)
+            .connect_timeout(Duration::from_millis(cfg.connect_timeout_ms))
+            .timeout(Duration::from_millis(cfg.total_timeout_ms))
+            .redirect(reqwest::redirect::Policy::none())
+            // A proxy would resolve names itself, around the SSRF guard.
+            .no_proxy()
+            // Bodies are decompressed here, under the size cap, never by reqwest.
+            .no_gzip()
+            .no_brotli()
+            .no_deflate()
+            .no_zstd()
+            .dns_resolver(Arc::new(resolver))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(usize::try_from(cfg.per_host_concurrency).unwrap_or(2))
+            .build()
+            .map_err(|e| anyhow::anyhow!("building the HTTP client: {}", error_chain(&e)))?;
+        let limits = PageLimits {
+            max_text_chars: cfg.max_text_chars,
+            max_links: cfg.max_links,
+            robots_token: cfg.effective_robots_token(),
+            parse_budget: parse::PARSE_BUDGET,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                politeness: Politeness::new(
+                    cfg.per_host_rate,
+                    cfg.per_host_burst,
+                    cfg.per_host_concurrency,
+                ),
+                robots: RobotsCache::new(Duration::from_secs(cfg.robots_cache_secs)),
+                client,
+                policy,
+                limits,
+                cfg,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &FetchConfig {
+        &self.inner.cfg
+    }
+
+    /// Robots check, politeness wait, fetch with manual redirects, decode, parse. Never panics
+    /// on any input.
+    pub async fn crawl(&self, url: &str) -> CrawlAttempt {
+        let started = Instant::now();
+        let ending = match AssertUnwindSafe(self.inner.crawl(url)).catch_unwind().await {
+            Ok(ending) => ending,
+            Err(_) => {
+                tracing::error!(url, "the fetch stack panicked; reporting the URL as failed");
+                failed("internal error: the crawler panicked on this URL", "panic")
+            }
+        };
+        metrics::counter!("crawler_fetches_total", "outcome" => ending.label).increment(1);
+        metrics::histogram!("crawler_fetch_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        match &ending.attempt {
+            CrawlAttempt::Done(Outcome::Page(p)) => {
+                tracing::debug!(url, final_url = %p.final_url, links = p.links.len(), "crawled")
+            }
+            CrawlAttempt::Done(Outcome::Failed { reason }) => {
+                tracing::debug!(url, reason, "crawl failed")
+            }
+            CrawlAttempt::Retry { reason, after } => {
+                tracing::debug!(
+                    url,
+                    reason,
+                    after_ms = after.as_millis() as u64,
+                    "crawl to retry"
+                )
+            }
+        }
+        ending.attempt
+    }
+}
+
+impl Inner {
+    async fn crawl(&self, raw: &str) -> Ending {
+        let mut url = match protocol::urls::normalize(raw) {
+            Ok(url) => url,
+            Err(e) => return failed(format!("invalid url: {e}"), "invalid_url"),
+        };
+        let mut redirects = 0u32;
+        loop {
+            let host = protocol::urls::host_of(&url);
+            if let Err(r) = check_literal_host(&self.policy, &url) {
+                return failed(format!("refused: {r}"), "refused");
+            }
+            if let Some(left) = self.politeness.backoff_left(&host) {
+                return not_now(&host, NotNow::BackingOff(left));
+            }
+            if let Some(ending) = self.robots_gate(&url, &host).await {
+                return ending;
+            }
+            let (resp, permit) = match self.request(&url).await {
+                Ok(r) => r,
+                Err(e) => return hop_error(&host, e),
+            };
+            let status = resp.status();
+            if status.is_redirection() {
+                let Some(location) = header_str(resp.headers(), LOCATION).map(str::to_string)
+                else {
+                    return failed(
+                        format!("http {} without Location", status.as_u16()),
+                        "http_error",
+                    );
+                };
+                drop(resp);
+                drop(permit);
+                if redirects >= self.cfg.max_redirects {
+                    return failed(
+                        format!("redirect limit ({}) exceeded", self.cfg.max_redirects),
+                        "redirect_limit",
+                    );
+                }
+                redirects += 1;
+                url = match protocol::urls::join(&url, &location) {
+                    Ok(next) => next,
+                    Err(e) => {
+                        return failed(format!("bad redirect to {location:?}: {e}"), "bad_redirect")
+                    }
+                };
+                tracing::debug!(to = %url, redirects, "following redirect");
+                continue;
+            }
+            return self.finish(url, &host, resp, permit).await;
+        }
+    }
+
+    /// Consult robots.txt for `url`: `None` when the fetch may go ahead.
+    async fn robots_gate(&self, url: &Url, host: &str) -> Option<Ending> {
+        let origin = url.origin().ascii_serialization();
+        let verdict = match self
+            .robots
+            .verdict(&origin, || self.fetch_robots(url))
+            .await
+        {
+            Ok(v) => v,
+            Err(n) => return Some(not_now(host, n)),
+        };
+        match &*verdict {
+            RobotsVerdict::Rules(robot) => {
+                let delay = robot
+                    .delay
+                    .filter(|d| d.is_finite() && *d > 0.0)
+                    .and_then(|d| Duration::try_from_secs_f32(d).ok());
+                self.politeness.set_crawl_delay(host, delay);
+                if robot.allowed(url.as_str()) {
+                    None
+                } else {
+                    Some(failed("robots.txt disallows", "robots_disallowed"))
+                }
+            }
+            RobotsVerdict::AllowAll => {
+                self.politeness.set_crawl_delay(host, None);
+                None
+            }
+            RobotsVerdict::DisallowAll(why) => {
+                tracing::debug!(origin, why, "robots.txt disallows everything");
+                Some(failed("robots.txt disallows", "robots_disallowed"))
+            }
+            RobotsVerdict::Unavailable(why) => Some(retry(
+                format!("robots.txt unavailable ({why}): disallowed for now"),
+                ROBOTS_UNAVAILABLE_TTL,
+            )),
+            RobotsVerdict::Refused(r) => Some(failed(format!("refused: {r}"), "refused")),
+        }
+    }
+
+    /// One request, after the literal-address check and the host's politeness.
+    async fn request(&self, url: &Url) -> Result<(reqwest::Response, HostPermit), HopError> {
+        check_literal_host(&self.policy, url).map_err(|r| HopError::Refused(r.to_string()))?;
+        let host = protocol::urls::host_of(url);
+        let permit = self
+            .politeness
+            .acquire(&host)
+            .await
+            .map_err(HopError::NotNow)?;
+        metrics::counter!("crawler_requests_total").increment(1);
+        tracing::debug!(%url, "request");
+        let resp = self
+            .client
+            .get(url.as_str())
+            .send()
+            .await
+            .map_err(|e| classify_send_error(&e))?;
+        Ok((resp, permit))
+    }
+
+    /// Fetch and judge `url`'s robots.txt, following up to five redirects.
+    async fn fetch_robots(&self, page: &Url) -> Result<RobotsVerdict, NotNow> {
+        let mut url = match protocol::urls::join(page, "/robots.txt") {
+            Ok(u) => u,
+            Err(e) => {
+                return Ok(RobotsVerdict::Unavailable(format!(
+                    "no robots.txt URL: {e}"
+                )))
+            }
+        };
+        for hop in 0..=ROBOTS_MAX_REDIRECTS {
+            let (resp, permit) = match self.request(&url).await {
+                Ok(r) => r,
+                Err(HopError::Refused(r)) if hop == 0 => return Ok(RobotsVerdict::Refused(r)),
+                Err(HopError::Refused(r)) => {
+                    return Ok(RobotsVerdict::Unavailable(format!(
+                        "redirected to a refused address: {r}"
+                    )))
+                }
+                Err(HopError::NotNow(n)) => return Err(n),
+                Err(HopError::Transient(r)) => return Ok(RobotsVerdict::Unavailable(r)),
+            };
+            let status = resp.status();
+            if status.is_redirection() {
+                let next = header_str(resp.headers(), LOCATION)
+                    .and_then(|l| protocol::urls::join(&url, l).ok());
+                drop(resp);
+                drop(permit);
+                match next {
+                    Some(next) => {
+                        url = next;
+                        continue;
+                    }
+                    // A redirect nowhere: as if there were no robots.txt.
+                    None => return Ok(RobotsVerdict::AllowAll),
+                }
+            }
+            if status.is_success() {
+                let codings = body::parse_encodings(header_str(resp.headers(), CONTENT_ENCODING));
+                let wire_cap = self.cfg.max_body_bytes.max(ROBOTS_MAX_BYTES);
+                let wire = match body::read_wire(resp, wire_cap, Overflow::Truncate).await {
+                    Ok(w) => w,
+                    Err(e) => return Ok(RobotsVerdict::Unavailable(e.to_string())),
+                };
+                drop(permit);
+                let decoded = match tokio::task::spawn_blocking(move || {
+                    body::decode(wire, &codings, ROBOTS_MAX_BYTES, Overflow::Truncate)
+                })
+                .await
+                {
+                    Ok(Ok(d)) => d,
+                    // Undecodable: treat like an unreadable file, retried soon.
+                    Ok(Err(e)) => return Ok(RobotsVerdict::Unavailable(e.to_string())),
+                    Err(e) => {
+                        return Ok(RobotsVerdict::Unavailable(format!("decoder failed: {e}")))
+                    }
+                };
+                return Ok(RobotsVerdict::from_body(&self.limits.robots_token, decoded).await);
+            }
+            if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+                if matches!(
+                    status,
+                    StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+                ) {
+                    self.back_off_from(&url, resp.headers());
+                }
+                return Ok(RobotsVerdict::Unavailable(format!(
+                    "http {}",
+                    status.as_u16()
+                )));
+            }
+            if status.is_client_error() {
+                return Ok(RobotsVerdict::AllowAll);
+            }
+            return Ok(RobotsVerdict::Unavailable(format!(
+                "http {}",
+                status.as_u16()
+            )));
+        }
+        // More than five redirects: RFC 9309 lets us treat robots.txt as unavailable (4xx).
+        Ok(RobotsVerdict::AllowAll)
+    }
+
+    /// Back the host of `url` off per `Retry-After` (or the default), returning the wait.
+    fn back_off_from(&self, url: &Url, headers: &HeaderMap) -> Duration {
+        let cap = Duration::from_secs(self.cfg.max_retry_after_secs);
+        let wait = header_str(headers, RETRY_AFTER)
+            .and_then(|v| parse_retry_after(v, SystemTime::now(), cap))
+            .unwrap_or(DEFAULT_BACKOFF.min(cap));
+        self.politeness
+            .back_off(&protocol::urls::host_of(url), wait);
+        wait
+    }
+
+    /// The final (non-redirect) response: status, content type, body, parse.
+    async fn finish(
+        &self,
+        url: Url,
+        host: &str,
+        resp: reqwest::Response,
+        permit: HostPermit,
+    ) -> Ending {
+        let status = resp.status();
+        if matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        ) {
+            let after = self.back_off_from(&url, resp.headers());
+            return retry(
+                format!("http {} (host {host} backing off)", status.as_u16()),
+                after,
+            );
+        }
+        if status.is_server_error() || status == StatusCode::REQUEST_TIMEOUT {
+            return retry(format!("http {}", status.as_u16()), TRANSIENT_RETRY_AFTER);
+        }
+        if !status.is_success() {
+            return failed(format!("http {}", status.as_u16()), "http_error");
+        }
+        let headers = resp.headers();
+        let content_type = header_str(headers, CONTENT_TYPE).map(str::to_string);
+        if let Some(ct) = &content_type {
+            let essence = essence(ct);
+            if !is_html_type(&essence) {
+                return failed(format!("not HTML: {essence}"), "not_html");
+            }
+        }
+        let codings = body::parse_encodings(header_str(headers, CONTENT_ENCODING));
+        let mut directives = Directives::default();
+        for value in headers.get_all("x-robots-tag") {
+            if let Ok(v) = value.to_str() {
+                let d = Directives::parse(v, &self.limits.robots_token);
+                directives.noindex |= d.noindex;
+                directives.nofollow |= d.nofollow;
+            }
+        }
+        let cap = self.cfg.max_body_bytes;
+        let wire = body::read_wire(resp, cap, Overflow::Refuse).await;
+        drop(permit);
+        let wire = match wire {
+            Ok(w) => w,
+            Err(e) if e.is_transient() => return retry(e.to_string(), TRANSIENT_RETRY_AFTER),
+            Err(e) => return failed(e.to_string(), body_label(&e)),
+        };
+        let limits = self.limits.clone();
+        let status = status.as_u16();
+        let parsed = tokio::task::spawn_blocking(move || -> Result<FetchedPage, PageError> {
+            let decoded =
+                body::decode(wire, &codings, cap, Overflow::Refuse).map_err(PageError::Body)?;
+            if content_type.is_none() && !sniff_html(&decoded) {
+                return Err(PageError::NotHtml);
+            }
+            let text = crate::charset::decode(&decoded, content_type.as_deref());
+            drop(decoded);
+            let page = parse::parse_page(&text, &url, directives, &limits);
+            Ok(FetchedPage {
+                final_url: url.into(),
+                status,
+                title: page.title,
+                text: page.text,
+                indexable: page.indexable,
+                canonical: page.canonical,
+                links: page.links,
+            })
+        })
+        .await;
+        match parsed {
+            Ok(Ok(page)) => Ending {
+                attempt: CrawlAttempt::Done(Outcome::Page(page)),
+                label: "page",
+            },
+            Ok(Err(PageError::NotHtml)) => {
+                failed("not HTML: no content type and no HTML markup", "not_html")
+            }
+            Ok(Err(PageError::Body(e))) => failed(e.to_string(), body_label(&e)),
+            Err(e) => {
+                tracing::error!(error = %e, "the page parser panicked");
+                failed(
+                    "internal error: the page parser failed on this page",
+                    "panic",
+                )
+            }
+        }
+    }
+}

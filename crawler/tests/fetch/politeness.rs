@@ -1,0 +1,219 @@
+//! Politeness: spacing per host, in-flight caps, independent hosts, Retry-After back-off.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::http::{header::RETRY_AFTER, StatusCode};
+use axum::response::{Html, IntoResponse};
+use axum::routing::get;
+use axum::Router;
+use crawler::FetchConfig;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::harness::{config, fetcher, page, retry, serve};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_to_a_host_are_spaced_and_hosts_progress_together() {
+    let server = serve(Router::new().route("/p/{n}", get(|| async { Html("<p>page</p>") }))).await;
+    let f = fetcher(FetchConfig {
+        per_host_rate: 20.0,
+        per_host_burst: 1,
+        per_host_concurrency: 2,
+        ..config(&server)
+    });
+    let mut tasks = JoinSet::new();
+    for host in ["a.test", "b.test"] {
+        for i in 0..12 {
+            let f = f.clone();
+            tasks.spawn(async move { f.crawl(&format!("http://{host}/p/{i}")).await });
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        page(done.expect("crawl task"));
+    }
+    let period = Duration::from_millis(50);
+    // Arrival gaps can shrink by the jitter of two sends, never by much.
+    let tolerance = Duration::from_millis(20);
+    let mut spans = Vec::new();
+    for host in ["a.test", "b.test"] {
+        let times = server.log.times(host);
+        assert_eq!(times.len(), 13, "robots.txt and 12 pages on {host}");
+        for pair in times.windows(2) {
+            let gap = pair[1] - pair[0];
+            assert!(
+                gap >= period - tolerance,
+                "{host}: requests {gap:?} apart at 20/s"
+            );
+        }
+        let span = times[12] - times[0];
+        assert!(
+            span >= period * 12 - tolerance,
+            "{host}: 13 requests in {span:?}"
+        );
+        spans.push((times[0], times[12]));
+    }
+    // Each host has its own limiter: their request spans overlap instead of following each other.
+    let ((a_first, a_last), (b_first, b_last)) = (spans[0], spans[1]);
+    assert!(
+        a_first < b_last && b_first < a_last,
+        "hosts were served one after the other"
+    );
+}
+
+/// A page that holds its request until the test releases it.
+#[derive(Clone)]
+struct Gate {
+    arrived: Arc<watch::Sender<usize>>,
+    release: Arc<Semaphore>,
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
+}
+
+impl Gate {
+    fn new() -> Self {
+        Self {
+            arrived: Arc::new(watch::channel(0).0),
+            release: Arc::new(Semaphore::new(0)),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            max_in_flight: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    async fn hold(&self) -> Html<&'static str> {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        self.arrived.send_modify(|n| *n += 1);
+        self.release.acquire().await.expect("gate open").forget();
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        Html("<title>slow</title>")
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_host_does_not_stall_others_and_in_flight_is_capped() {
+    let gate = Gate::new();
+    let held = gate.clone();
+    let server = serve(
+        Router::new()
+            .route(
+                "/slow",
+                get(move || {
+                    let held = held.clone();
+                    async move { held.hold().await }
+                }),
+            )
+            .route("/fast/{n}", get(|| async { Html("<title>fast</title>") })),
+    )
+    .await;
+    let f = fetcher(FetchConfig {
+        per_host_concurrency: 2,
+        ..config(&server)
+    });
+    let mut slow = JoinSet::new();
+    for _ in 0..4 {
+        let f = f.clone();
+        slow.spawn(async move { f.crawl("http://a.test/slow").await });
+    }
+    let mut arrived = gate.arrived.subscribe();
+    arrived
+        .wait_for(|n| *n >= 2)
+        .await
+        .expect("two slow requests arrive");
+
+    // a.test has both its slots taken; b.test is served all the same.
+    for i in 0..5 {
+        assert_eq!(
+            page(f.crawl(&format!("http://b.test/fast/{i}")).await).title,
+            "fast"
+        );
+    }
+    assert_eq!(
+        *gate.arrived.borrow(),
+        2,
+        "only two requests in flight to a.test"
+    );
+
+    gate.release.add_permits(4);
+    while let Some(done) = slow.join_next().await {
+        page(done.expect("crawl task"));
+    }
+    assert_eq!(*gate.arrived.borrow(), 4);
+    assert_eq!(gate.max_in_flight.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn retry_after_backs_the_whole_host_off() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let server = serve(
+        Router::new()
+            .route(
+                "/busy",
+                get(move || {
+                    let counter = counter.clone();
+                    async move {
+                        if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                            (
+                                StatusCode::TOO_MANY_REQUESTS,
+                                [(RETRY_AFTER, "1")],
+                                "slow down",
+                            )
+                                .into_response()
+                        } else {
+                            Html("<title>ok</title>").into_response()
+                        }
+                    }
+                }),
+            )
+            .route("/other", get(|| async { Html("<title>other</title>") })),
+    )
+    .await;
+    let f = fetcher(config(&server));
+    let (reason, after) = retry(f.crawl("http://a.test/busy").await);
+    assert!(reason.contains("429"), "{reason}");
+    assert_eq!(after, Duration::from_secs(1));
+
+    // The whole host waits, without a request being sent; other hosts do not.
+    let (reason, left) = retry(f.crawl("http://a.test/other").await);
+    assert!(reason.contains("backing off"), "{reason}");
+    assert!(
+        left <= Duration::from_secs(1) && left > Duration::ZERO,
+        "{left:?}"
+    );
+    assert!(!server.log.paths("a.test").contains(&"/other".to_string()));
+    page(f.crawl("http://b.test/other").await);
+
+    tokio::time::sleep(left).await;
+    assert_eq!(page(f.crawl("http://a.test/other").await).title, "other");
+    assert_eq!(page(f.crawl("http://a.test/busy").await).title, "ok");
+}
+
+#[tokio::test]
+async fn retry_after_dates_are_honoured_and_capped() {
+    let server = serve(Router::new().route(
+        "/unavailable",
+        get(|| async {
+            let in_an_hour =
+                httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3_600));
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(RETRY_AFTER, in_an_hour)],
+                "maintenance",
+            )
+        }),
+    ))
+    .await;
+    let f = fetcher(FetchConfig {
+        max_retry_after_secs: 2,
+        ..config(&server)
+    });
+    let (reason, after) = retry(f.crawl("http://a.test/unavailable").await);
+    assert!(reason.contains("503"), "{reason}");
+    assert_eq!(
+        after,
+        Duration::from_secs(2),
+        "capped by max_retry_after_secs"
+    );
+}
