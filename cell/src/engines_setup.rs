@@ -17,7 +17,13 @@ pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
                 .with_context(|| format!("opening the store at {path}"))?;
             Ok(Arc::new(store))
         }
-        other => anyhow::bail!("engines.database {other:?}: this build has no such store engine"),
+        EngineUrl::Postgres(url) => {
+            let store = engines::postgres::PgStore::connect(&url)
+                .await
+                .with_context(|| format!("connecting to PostgreSQL at {}", redact(&url)))?;
+            Ok(Arc::new(store))
+        }
+        other => anyhow::bail!("engines.database {other:?} is not a store engine"),
     }
 }
 
@@ -32,6 +38,24 @@ pub async fn open_queue(cfg: &Config) -> anyhow::Result<Arc<dyn JobQueue>> {
                     .with_context(|| format!("opening the queue at {path}"))?;
             Ok(Arc::new(queue))
         }
-        other => anyhow::bail!("engines.queue {other:?}: this build has no such queue engine"),
+        EngineUrl::Amqp(url) => {
+            let queue =
+                engines::rabbitmq::AmqpQueue::connect(&url, &q.name, q.prefetch, q.max_deliveries)
+                    .await
+                    .with_context(|| format!("connecting to RabbitMQ at {}", redact(&url)))?;
+            Ok(Arc::new(queue))
+        }
+        other => anyhow::bail!("engines.queue {other:?} is not a queue engine"),
+    }
+}
+
+/// A URL with its password hidden, for messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
     }
 }

@@ -14,6 +14,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use protocol::{CrawlJob, Stats};
 
+pub mod postgres;
+pub mod rabbitmq;
+mod snippet;
 pub mod sqlite;
 
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +29,12 @@ pub enum EngineError {
     Queue(String),
     #[error("invalid engine configuration: {0}")]
     Config(String),
+    #[error("AMQP error: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The broker or database cannot be reached right now (it is restarting, or the connection
+    /// is being re-established in the background): try again later.
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;

@@ -88,12 +88,16 @@ async fn queue_is_durable_across_reopen() {
     let path = dir.path().join("q.db");
     let path = path.to_str().expect("utf-8");
     {
-        let q = SqliteQueue::open(path, Duration::from_secs(60), 3).await.expect("open");
+        let q = SqliteQueue::open(path, Duration::from_secs(60), 3)
+            .await
+            .expect("open");
         engines::JobQueue::publish(&q, &[protocol::CrawlJob::new("http://x.test/", 0, "r")])
             .await
             .expect("publish");
     }
-    let q = SqliteQueue::open(path, Duration::from_secs(60), 3).await.expect("reopen");
+    let q = SqliteQueue::open(path, Duration::from_secs(60), 3)
+        .await
+        .expect("reopen");
     let got = engines::JobQueue::lease(&q, 10).await.expect("lease");
     assert_eq!(got.len(), 1);
 }

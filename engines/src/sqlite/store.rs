@@ -9,17 +9,13 @@ use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{now_ms, open_pool};
+use crate::snippet::{render_snippet, MARK_CLOSE, MARK_OPEN};
 use crate::{
-    Admission, Candidate, CrawlSpec, IngestItem, IngestOutcome, IngestReport, Result,
-    SearchQuery, SearchResults, Store, Unpublished,
+    Admission, Candidate, CrawlSpec, IngestItem, IngestOutcome, IngestReport, Result, SearchQuery,
+    SearchResults, Store, Unpublished,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite_store");
-
-/// Markers FTS5 puts around matched terms; replaced by `<mark>` after the text is HTML-escaped,
-/// so a page's own markup can never reach a client as markup.
-const MARK_OPEN: &str = "\u{1}";
-const MARK_CLOSE: &str = "\u{2}";
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -192,22 +188,6 @@ pub(crate) fn fts_query(terms: &[String]) -> String {
         .map(|t| format!("\"{}\"", t.replace('"', "\"\"")))
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// HTML-escape a snippet, then turn the FTS markers into `<mark>` tags.
-pub(crate) fn render_snippet(raw: &str) -> String {
-    let mut out = String::with_capacity(raw.len() + 16);
-    for ch in raw.chars() {
-        match ch {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            c => out.push(c),
-        }
-    }
-    out.replace(MARK_OPEN, "<mark>")
-        .replace(MARK_CLOSE, "</mark>")
 }
 
 #[async_trait]
@@ -430,10 +410,11 @@ impl Store for SqliteStore {
 
     async fn search(&self, query: &SearchQuery) -> Result<SearchResults> {
         let fts = fts_query(&query.terms);
-        let total: i64 = sqlx::query_scalar("SELECT count(*) FROM pages_fts WHERE pages_fts MATCH ?")
-            .bind(&fts)
-            .fetch_one(&self.pool)
-            .await?;
+        let total: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pages_fts WHERE pages_fts MATCH ?")
+                .bind(&fts)
+                .fetch_one(&self.pool)
+                .await?;
         let rows = sqlx::query(
             "SELECT p.url, p.title, \
                     snippet(pages_fts, -1, ?, ?, '…', 24) AS snip, \

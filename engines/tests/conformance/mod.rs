@@ -42,11 +42,18 @@ const BUDGET: u64 = 1_000_000;
 /// Every accepted URL ends crawled or failed; nothing is lost or invented.
 pub async fn frontier_invariant(store: &dyn Store) {
     let crawl = store
-        .create_crawl(CrawlSpec { max_depth: None, max_pages: None })
+        .create_crawl(CrawlSpec {
+            max_depth: None,
+            max_pages: None,
+        })
         .await
         .expect("crawl");
     let adm = store
-        .admit_seeds(crawl, &[cand("http://a.test/"), cand("http://a.test/")], BUDGET)
+        .admit_seeds(
+            crawl,
+            &[cand("http://a.test/"), cand("http://a.test/")],
+            BUDGET,
+        )
         .await
         .expect("admit");
     assert_eq!(adm[0], Admission::Admitted);
@@ -65,11 +72,18 @@ pub async fn frontier_invariant(store: &dyn Store) {
         let items: Vec<IngestItem> = urls
             .iter()
             .map(|u| match u.as_str() {
-                "http://a.test/" => page(u, "home", "welcome home", &["http://a.test/1", "http://b.test/"]),
+                "http://a.test/" => page(
+                    u,
+                    "home",
+                    "welcome home",
+                    &["http://a.test/1", "http://b.test/"],
+                ),
                 "http://a.test/1" => page(u, "one", "first page", &["http://a.test/"]),
                 _ => IngestItem {
                     url: u.clone(),
-                    outcome: IngestOutcome::Failed { reason: "http 404".into() },
+                    outcome: IngestOutcome::Failed {
+                        reason: "http 404".into(),
+                    },
                 },
             })
             .collect();
@@ -85,18 +99,35 @@ pub async fn frontier_invariant(store: &dyn Store) {
         .await
         .expect("state")
         .expect("known");
-    assert_eq!((state.as_str(), reason.as_deref()), ("failed", Some("http 404")));
+    assert_eq!(
+        (state.as_str(), reason.as_deref()),
+        ("failed", Some("http 404"))
+    );
 }
 
 /// The same result twice changes nothing.
 pub async fn idempotent_ingest(store: &dyn Store) {
     let crawl = store
-        .create_crawl(CrawlSpec { max_depth: None, max_pages: None })
+        .create_crawl(CrawlSpec {
+            max_depth: None,
+            max_pages: None,
+        })
         .await
         .expect("crawl");
-    store.admit_seeds(crawl, &[cand("http://i.test/")], BUDGET).await.expect("admit");
-    let item = page("http://i.test/", "idem", "potent words", &["http://i.test/x"]);
-    let first = store.ingest(std::slice::from_ref(&item), BUDGET).await.expect("first");
+    store
+        .admit_seeds(crawl, &[cand("http://i.test/")], BUDGET)
+        .await
+        .expect("admit");
+    let item = page(
+        "http://i.test/",
+        "idem",
+        "potent words",
+        &["http://i.test/x"],
+    );
+    let first = store
+        .ingest(std::slice::from_ref(&item), BUDGET)
+        .await
+        .expect("first");
     let stats1 = store.stats(10).await.expect("stats");
     let second = store.ingest(&[item], BUDGET).await.expect("second");
     let stats2 = store.stats(10).await.expect("stats");
@@ -117,39 +148,69 @@ pub async fn idempotent_ingest(store: &dyn Store) {
 /// Depth and page limits; a shorter path under a depth limit re-expands a page.
 pub async fn limits(store: &dyn Store) {
     let crawl = store
-        .create_crawl(CrawlSpec { max_depth: Some(1), max_pages: Some(3) })
+        .create_crawl(CrawlSpec {
+            max_depth: Some(1),
+            max_pages: Some(3),
+        })
         .await
         .expect("crawl");
-    store.admit_seeds(crawl, &[cand("http://d.test/")], BUDGET).await.expect("admit");
+    store
+        .admit_seeds(crawl, &[cand("http://d.test/")], BUDGET)
+        .await
+        .expect("admit");
     let r = store
         .ingest(
-            &[page("http://d.test/", "d", "d", &["http://d.test/1", "http://d.test/2", "http://d.test/3"])],
+            &[page(
+                "http://d.test/",
+                "d",
+                "d",
+                &["http://d.test/1", "http://d.test/2", "http://d.test/3"],
+            )],
             BUDGET,
         )
         .await
         .expect("ingest");
-    assert_eq!(r.links_admitted, 2, "page limit of 3 admits the seed and two links");
+    assert_eq!(
+        r.links_admitted, 2,
+        "page limit of 3 admits the seed and two links"
+    );
     let r = store
-        .ingest(&[page("http://d.test/1", "d1", "d1", &["http://d.test/1/a"])], BUDGET)
+        .ingest(
+            &[page("http://d.test/1", "d1", "d1", &["http://d.test/1/a"])],
+            BUDGET,
+        )
         .await
         .expect("ingest");
     assert_eq!(r.links_admitted, 0, "depth 2 is beyond max_depth 1");
     // Host budget.
     let crawl = store
-        .create_crawl(CrawlSpec { max_depth: None, max_pages: None })
+        .create_crawl(CrawlSpec {
+            max_depth: None,
+            max_pages: None,
+        })
         .await
         .expect("crawl");
     let adm = store
-        .admit_seeds(crawl, &[cand("http://h.test/1"), cand("http://h.test/2")], 1)
+        .admit_seeds(
+            crawl,
+            &[cand("http://h.test/1"), cand("http://h.test/2")],
+            1,
+        )
         .await
         .expect("admit");
     assert_eq!(adm[0], Admission::Admitted);
-    assert!(matches!(&adm[1], Admission::Refused(r) if r.contains("budget")), "{adm:?}");
+    assert!(
+        matches!(&adm[1], Admission::Refused(r) if r.contains("budget")),
+        "{adm:?}"
+    );
 }
 
 pub async fn search_ranking_and_snippets(store: &dyn Store) {
     let crawl = store
-        .create_crawl(CrawlSpec { max_depth: None, max_pages: None })
+        .create_crawl(CrawlSpec {
+            max_depth: None,
+            max_pages: None,
+        })
         .await
         .expect("crawl");
     let urls = ["http://s.test/1", "http://s.test/2", "http://s.test/3"];
@@ -160,8 +221,18 @@ pub async fn search_ranking_and_snippets(store: &dyn Store) {
     store
         .ingest(
             &[
-                page(urls[0], "Zebra facts", "zebra zebra zebra stripes and <script>alert(1)</script> grass", &[]),
-                page(urls[1], "Savanna", "a zebra was seen once near the river among many other animals", &[]),
+                page(
+                    urls[0],
+                    "Zebra facts",
+                    "zebra zebra zebra stripes and <script>alert(1)</script> grass",
+                    &[],
+                ),
+                page(
+                    urls[1],
+                    "Savanna",
+                    "a zebra was seen once near the river among many other animals",
+                    &[],
+                ),
                 page(urls[2], "Unrelated", "nothing to see here", &[]),
             ],
             BUDGET,
@@ -169,29 +240,56 @@ pub async fn search_ranking_and_snippets(store: &dyn Store) {
         .await
         .expect("ingest");
     let res = store
-        .search(&SearchQuery { terms: vec!["zebra".into()], limit: 10, offset: 0 })
+        .search(&SearchQuery {
+            terms: vec!["zebra".into()],
+            limit: 10,
+            offset: 0,
+        })
         .await
         .expect("search");
     assert_eq!(res.total, 2);
-    assert_eq!(res.hits[0].url, urls[0], "the page about zebras ranks first");
+    assert_eq!(
+        res.hits[0].url, urls[0],
+        "the page about zebras ranks first"
+    );
     assert!(res.hits[0].score > res.hits[1].score);
-    assert!(res.hits.iter().all(|h| h.snippet.contains("<mark>")), "{:?}", res.hits);
-    assert!(!res.hits[0].snippet.contains("<script>"), "page markup is escaped: {}", res.hits[0].snippet);
+    assert!(
+        res.hits.iter().all(|h| h.snippet.contains("<mark>")),
+        "{:?}",
+        res.hits
+    );
+    assert!(
+        !res.hits[0].snippet.contains("<script>"),
+        "page markup is escaped: {}",
+        res.hits[0].snippet
+    );
     let res = store
-        .search(&SearchQuery { terms: vec!["zebra".into()], limit: 1, offset: 1 })
+        .search(&SearchQuery {
+            terms: vec!["zebra".into()],
+            limit: 1,
+            offset: 1,
+        })
         .await
         .expect("search");
     assert_eq!(res.total, 2);
     assert_eq!(res.hits.len(), 1);
     assert_eq!(res.hits[0].url, urls[1]);
     let res = store
-        .search(&SearchQuery { terms: vec!["zebra".into(), "river".into()], limit: 10, offset: 0 })
+        .search(&SearchQuery {
+            terms: vec!["zebra".into(), "river".into()],
+            limit: 10,
+            offset: 0,
+        })
         .await
         .expect("search");
     assert_eq!(res.hits.len(), 1, "all terms are required");
     // Query syntax never reaches the engine as syntax.
     let res = store
-        .search(&SearchQuery { terms: vec!["\"or".into(), "near(".into()], limit: 10, offset: 0 })
+        .search(&SearchQuery {
+            terms: vec!["\"or".into(), "near(".into()],
+            limit: 10,
+            offset: 0,
+        })
         .await
         .expect("hostile terms are plain words");
     assert_eq!(res.total, 0);
@@ -200,11 +298,19 @@ pub async fn search_ranking_and_snippets(store: &dyn Store) {
 /// Many writers ingesting at once lose nothing.
 pub async fn concurrent_writers(store: Arc<dyn Store>) {
     let crawl = store
-        .create_crawl(CrawlSpec { max_depth: None, max_pages: None })
+        .create_crawl(CrawlSpec {
+            max_depth: None,
+            max_pages: None,
+        })
         .await
         .expect("crawl");
-    let seeds: Vec<Candidate> = (0..200).map(|i| cand(&format!("http://c{}.test/{i}", i % 7))).collect();
-    store.admit_seeds(crawl, &seeds, BUDGET).await.expect("admit");
+    let seeds: Vec<Candidate> = (0..200)
+        .map(|i| cand(&format!("http://c{}.test/{i}", i % 7)))
+        .collect();
+    store
+        .admit_seeds(crawl, &seeds, BUDGET)
+        .await
+        .expect("admit");
     let mut tasks = Vec::new();
     for w in 0..8 {
         let store = store.clone();
@@ -212,7 +318,14 @@ pub async fn concurrent_writers(store: Arc<dyn Store>) {
             .iter()
             .enumerate()
             .filter(|(i, _)| i % 8 == w)
-            .map(|(i, s)| page(&s.url, "c", "concurrent", &[&format!("http://c{}.test/new/{i}", i % 5)]))
+            .map(|(i, s)| {
+                page(
+                    &s.url,
+                    "c",
+                    "concurrent",
+                    &[&format!("http://c{}.test/new/{i}", i % 5)],
+                )
+            })
             .collect();
         tasks.push(tokio::spawn(async move {
             for chunk in mine.chunks(5) {
@@ -281,7 +394,10 @@ pub async fn dead_letters_after_limit(queue: &dyn JobQueue) {
     // An explicit dead-letter (poison) goes there at once.
     queue.publish(&[job(3)]).await.expect("publish");
     let d = wait_lease(queue).await;
-    queue.dead_letter(d.tag, "poison").await.expect("dead letter");
+    queue
+        .dead_letter(d.tag, "poison")
+        .await
+        .expect("dead letter");
     let dead = wait_dead(queue).await;
     assert_eq!(dead.1, "poison");
     queue.ack_dead(&[dead.0.tag]).await.expect("ack dead");
@@ -291,7 +407,10 @@ pub async fn dead_letters_after_limit(queue: &dyn JobQueue) {
 pub async fn retry_redelivers(queue: &dyn JobQueue) {
     queue.publish(&[job(4)]).await.expect("publish");
     let d = wait_lease(queue).await;
-    queue.retry(d.tag, Duration::from_millis(10)).await.expect("retry");
+    queue
+        .retry(d.tag, Duration::from_millis(10))
+        .await
+        .expect("retry");
     let again = wait_lease(queue).await;
     assert_eq!(again.deliveries, 2);
     queue.ack(&[again.tag]).await.expect("ack");

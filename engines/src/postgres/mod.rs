@@ -1,0 +1,34 @@
+//! The cluster store: pages, frontier and full-text index in PostgreSQL (through sqlx), shared by
+//! every API cell of an organism.
+//!
+//! Same tables and the same meaning as the SQLite store; what differs is concurrency. SQLite takes
+//! one write lock per transaction; here several API cells write at once, so a transaction locks
+//! what it counts on, always in the same order (crawl rows, then the results' frontier rows, then
+//! host budget rows, each sorted), and a deadlock or serialization failure that slips through is
+//! retried. Statements are batched (`unnest` arrays), so an ingest costs a fixed number of round
+//! trips whatever the number of links.
+
+mod store;
+
+use std::time::Duration;
+
+pub use store::PgStore;
+
+/// Connection pool settings for [`PgStore::connect_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgOptions {
+    /// Most connections this store opens (per process).
+    pub max_connections: u32,
+    /// How long a call waits for a connection (for example while the server restarts) before it
+    /// fails.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PgOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 8,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}

@@ -1,0 +1,520 @@
+//! The conformance suite on the PostgreSQL store, over a real server, plus what only a shared
+//! database server brings: concurrent cells, concurrent migrations, a server restart.
+//!
+//! Each test gets its own database (`homeostat_test_<pid>_<n>`), created from the admin
+//! connection (`DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`) and dropped at
+//! the end; databases left by crashed runs are dropped by the next run. A missing server fails the
+//! tests: run `scripts/engines.sh start`.
+
+mod conformance;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use engines::postgres::{PgOptions, PgStore};
+use engines::{CrawlSpec, IngestItem, IngestOutcome, SearchQuery, Store};
+use sqlx::{Connection, PgConnection};
+use tokio::sync::RwLock;
+
+/// Tests share the server; the restart test takes it for itself.
+static SERVER: RwLock<()> = RwLock::const_new(());
+static NEXT_DB: AtomicU32 = AtomicU32::new(0);
+
+fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+}
+
+async fn admin() -> PgConnection {
+    let url = admin_url();
+    match PgConnection::connect(&url).await {
+        Ok(c) => c,
+        Err(e) => panic!(
+            "PostgreSQL is not reachable at DATABASE_URL or the default \
+             postgres://postgres@127.0.0.1:5432/test ({e}); run `scripts/engines.sh start`"
+        ),
+    }
+}
+
+/// A database of its own for one test.
+struct TestDb {
+    name: String,
+    url: String,
+}
+
+impl TestDb {
+    async fn create() -> Self {
+        let mut admin = admin().await;
+        drop_stale_databases(&mut admin).await;
+        let name = format!(
+            "homeostat_test_{}_{}",
+            std::process::id(),
+            NEXT_DB.fetch_add(1, Ordering::SeqCst)
+        );
+        let mut attempt = 0;
+        loop {
+            // Concurrent CREATE DATABASE from one template can collide; try again.
+            match sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+                .execute(&mut admin)
+                .await
+            {
+                Ok(_) => break,
+                Err(e) if attempt < 10 => {
+                    attempt += 1;
+                    eprintln!("CREATE DATABASE {name} failed ({e}); retrying");
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                Err(e) => panic!("CREATE DATABASE {name}: {e}"),
+            }
+        }
+        let mut url = url::Url::parse(&admin_url()).expect("DATABASE_URL is a URL");
+        url.set_path(&format!("/{name}"));
+        Self {
+            name,
+            url: url.to_string(),
+        }
+    }
+
+    async fn store(&self) -> PgStore {
+        PgStore::connect(&self.url).await.expect("connect store")
+    }
+
+    /// Close the store's connections and drop the database.
+    async fn finish(self, store: PgStore) {
+        store.pool().close().await;
+        let mut admin = admin().await;
+        sqlx::query(&format!(
+            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+            self.name
+        ))
+        .execute(&mut admin)
+        .await
+        .expect("drop test database");
+    }
+}
+
+/// Drop test databases whose process is gone (a failed test does not drop its own).
+async fn drop_stale_databases(admin: &mut PgConnection) {
+    let names: Vec<String> =
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'homeostat_test_%'")
+            .fetch_all(&mut *admin)
+            .await
+            .unwrap_or_default();
+    for name in names {
+        let pid = name.split('_').nth(2).and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                .execute(&mut *admin)
+                .await;
+        }
+    }
+}
+
+macro_rules! conformance_test {
+    ($name:ident) => {
+        #[tokio::test]
+        async fn $name() {
+            let _server = SERVER.read().await;
+            let db = TestDb::create().await;
+            let store = db.store().await;
+            conformance::$name(&store).await;
+            db.finish(store).await;
+        }
+    };
+}
+
+conformance_test!(frontier_invariant);
+conformance_test!(idempotent_ingest);
+conformance_test!(limits);
+conformance_test!(search_ranking_and_snippets);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writers() {
+    let _server = SERVER.read().await;
+    let db = TestDb::create().await;
+    let store = Arc::new(db.store().await);
+    conformance::concurrent_writers(store.clone()).await;
+    let store = Arc::try_unwrap(store).unwrap_or_else(|_| panic!("writers finished"));
+    db.finish(store).await;
+}
+
+/// Several cells migrating one empty database at once all succeed (sqlx's advisory lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_migrations() {
+    let _server = SERVER.read().await;
+    let db = TestDb::create().await;
+    let url = db.url.clone();
+    let cells: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { PgStore::connect(&url).await })
+        })
+        .collect();
+    let mut stores = Vec::new();
+    for cell in cells {
+        stores.push(cell.await.expect("task").expect("connect and migrate"));
+    }
+    let crawl = stores[0]
+        .create_crawl(CrawlSpec {
+            max_depth: None,
+            max_pages: None,
+        })
+        .await
+        .expect("schema is there");
+    assert!(crawl > 0);
+    for s in stores.drain(1..) {
+        s.pool().close().await;
+    }
+    db.finish(stores.pop().expect("one store")).await;
+}
+
+/// Two API cells (two pools) ingesting overlapping results at once: each result counts once,
+/// and a crawl's page limit holds exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_cells_keep_counts_exact() {
+    let _server = SERVER.read().await;
+    let db = TestDb::create().await;
+    let a = Arc::new(db.store().await);
+    let b = Arc::new(db.store().await);
+    let crawl = a
+        .create_crawl(CrawlSpec {
+            max_depth: None,
+            max_pages: Some(60),
+        })
+        .await
+        .expect("crawl");
+    let seeds: Vec<_> = (0..20)
+        .map(|i| conformance::cand(&format!("http://x{}.test/{i}", i % 3)))
+        .collect();
+    a.admit_seeds(crawl, &seeds, 1_000_000)
+        .await
+        .expect("admit");
+    // Every result is delivered twice, once to each cell; each links to 10 new pages.
+    let items: Vec<IngestItem> = seeds
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let links: Vec<String> = (0..10)
+                .map(|j| format!("http://y{}.test/{i}/{j}", j % 4))
+                .collect();
+            let links: Vec<&str> = links.iter().map(String::as_str).collect();
+            conformance::page(&s.url, "t", "shared words", &links)
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for store in [a.clone(), b.clone()] {
+        for part in 0..2 {
+            let store = store.clone();
+            let mine: Vec<IngestItem> = items.iter().skip(part).step_by(2).cloned().collect();
+            tasks.push(tokio::spawn(async move {
+                let mut stored = 0;
+                let mut admitted = 0;
+                for chunk in mine.chunks(3) {
+                    let r = store.ingest(chunk, 1_000_000).await.expect("ingest");
+                    stored += r.stored;
+                    admitted += r.links_admitted;
+                }
+                (stored, admitted)
+            }));
+        }
+    }
+    let mut stored = 0;
+    let mut admitted = 0;
+    for t in tasks {
+        let (s, l) = t.await.expect("task");
+        stored += s;
+        admitted += l;
+    }
+    assert_eq!(stored, 20, "each result is stored once");
+    assert_eq!(admitted, 40, "page limit 60 = 20 seeds + 40 links");
+    let stats = a.stats(100).await.expect("stats");
+    assert_eq!(stats.frontier.crawled, 20);
+    assert_eq!(stats.frontier.pending, 40);
+    drop(b);
+    let a = Arc::try_unwrap(a).unwrap_or_else(|_| panic!("tasks finished"));
+    db.finish(a).await;
+}
+
+/// Web text PostgreSQL cannot store as is (NUL characters) or index whole (over a megabyte)
+/// neither fails the batch nor loses the page.
+#[tokio::test]
+async fn hostile_page_text() {
+    let _server = SERVER.read().await;
+    let db = TestDb::create().await;
+    let store = db.store().await;
+    let crawl = store
+        .create_crawl(CrawlSpec {
+            max_depth: None,
+            max_pages: None,
+        })
+        .await
+        .expect("crawl");
+    let urls = [
+        "http://n.test/nul",
+        "http://n.test/big",
+        "http://n.test/title",
+    ];
+    store
+        .admit_seeds(crawl, &urls.map(conformance::cand), 1_000_000)
+        .await
+        .expect("admit");
+    let huge: String = (0..400_000).map(|i| format!("w{i} ")).collect();
+    let r = store
+        .ingest(
+            &[
+                conformance::page(urls[0], "nul\0title", "a nul\0byte ocelot", &[]),
+                conformance::page(urls[1], "big", &format!("ocelot {huge}"), &[]),
+                conformance::page(urls[2], "Ocelot", "nothing about the cat in the body", &[]),
+            ],
+            1_000_000,
+        )
+        .await
+        .expect("ingest");
+    assert_eq!((r.stored, r.pages_indexed), (3, 3));
+    let res = store
+        .search(&SearchQuery {
+            terms: vec!["ocelot".into()],
+            limit: 10,
+            offset: 0,
+        })
+        .await
+        .expect("search");
+    assert_eq!(res.total, 3, "{res:?}");
+    let title_only = res
+        .hits
+        .iter()
+        .find(|h| h.url == urls[2])
+        .expect("title hit");
+    assert!(
+        title_only.snippet.contains("<mark>Ocelot</mark>"),
+        "a title-only match is shown from the title: {}",
+        title_only.snippet
+    );
+    assert!(res.hits.iter().all(|h| h.snippet.contains("<mark>")));
+    db.finish(store).await;
+}
+
+/// Redirects and failures inside one batch behave as if the results were stored one by one.
+#[tokio::test]
+async fn batch_walks_results_in_order() {
+    let _server = SERVER.read().await;
+    let db = TestDb::create().await;
+    let store = db.store().await;
+    let crawl = store
+        .create_crawl(CrawlSpec {
+            max_depth: None,
+            max_pages: None,
+        })
+        .await
+        .expect("crawl");
+    let urls = ["http://r.test/a", "http://r.test/b"];
+    store
+        .admit_seeds(crawl, &urls.map(conformance::cand), 1_000_000)
+        .await
+        .expect("admit");
+    // a redirects to b; then b's own (failed) result arrives in the same batch: b is done already.
+    let mut redirect = conformance::page(urls[0], "b", "bee", &["http://r.test/c"]);
+    if let IngestOutcome::Page { final_url, .. } = &mut redirect.outcome {
+        *final_url = urls[1].to_string();
+    }
+    let failed = IngestItem {
+        url: urls[1].to_string(),
+        outcome: IngestOutcome::Failed {
+            reason: "late".into(),
+        },
+    };
+    let r = store
+        .ingest(&[redirect.clone(), failed, redirect], 1_000_000)
+        .await
+        .expect("ingest");
+    assert_eq!(r.stored, 1);
+    assert_eq!(r.links_admitted, 1);
+    let (state, _) = store
+        .frontier_state(urls[1])
+        .await
+        .expect("state")
+        .expect("known");
+    assert_eq!(state, "crawled");
+    assert_eq!(
+        store.indexed_urls().await.expect("urls"),
+        vec![urls[1].to_string()]
+    );
+    db.finish(store).await;
+}
+
+/// The store keeps working across a PostgreSQL restart without being recreated: calls during the
+/// restart fail with an error, the next ones work, and nothing stored is lost.
+#[tokio::test]
+async fn survives_a_server_restart() {
+    let _server = SERVER.write().await;
+    let db = TestDb::create().await;
+    let store = PgStore::connect_with(
+        &db.url,
+        PgOptions {
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(2),
+        },
+    )
+    .await
+    .expect("connect");
+    let crawl = store
+        .create_crawl(CrawlSpec {
+            max_depth: None,
+            max_pages: None,
+        })
+        .await
+        .expect("crawl");
+    store
+        .admit_seeds(crawl, &[conformance::cand("http://p.test/")], 1_000_000)
+        .await
+        .expect("admit");
+    // Warm every pooled connection, so the restart leaves dead ones behind.
+    let warm: Vec<_> = (0..4).map(|_| store.stats(1)).collect();
+    for w in futures::future::join_all(warm).await {
+        w.expect("stats");
+    }
+
+    let store = Arc::new(store);
+    // A cell keeps calling while the server restarts: every call returns (an answer or an
+    // error) within the acquire timeout, none hangs.
+    let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let probe = {
+        let (store, probing) = (store.clone(), probing.clone());
+        tokio::spawn(async move {
+            let (mut ok, mut failed, mut slowest) = (0, 0, Duration::ZERO);
+            while probing.load(Ordering::SeqCst) {
+                let t = Instant::now();
+                match store.stats(1).await {
+                    Ok(_) => ok += 1,
+                    Err(_) => failed += 1,
+                }
+                slowest = slowest.max(t.elapsed());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed, slowest)
+        })
+    };
+    let started = Instant::now();
+    restart("restart-postgres").await;
+    probing.store(false, Ordering::SeqCst);
+    let (ok, failed, slowest) = probe.await.expect("probe");
+    eprintln!("during the restart: {ok} calls answered, {failed} failed, slowest {slowest:?}");
+    assert!(
+        slowest < Duration::from_secs(5),
+        "a call hung for {slowest:?}"
+    );
+    let mut failures = 0;
+    let recovered = loop {
+        match store.stats(10).await {
+            Ok(stats) => break stats,
+            Err(e) => {
+                failures += 1;
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "store did not recover: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    eprintln!(
+        "recovered {:?} after the restart began, {failures} failed call(s)",
+        started.elapsed()
+    );
+    assert_eq!(recovered.frontier.pending, 1, "nothing lost: {recovered:?}");
+    // Writes work again too.
+    let r = store
+        .ingest(
+            &[conformance::page(
+                "http://p.test/",
+                "after",
+                "restart",
+                &["http://p.test/2"],
+            )],
+            1_000_000,
+        )
+        .await
+        .expect("ingest after restart");
+    assert_eq!((r.stored, r.links_admitted), (1, 1));
+    let store = Arc::try_unwrap(store).unwrap_or_else(|_| panic!("probe finished"));
+    db.finish(store).await;
+}
+
+/// Run `scripts/engines.sh <command>`.
+pub async fn restart(command: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/engines.sh");
+    let command = command.to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("bash").arg(script).arg(&command).output()
+    })
+    .await
+    .expect("join")
+    .expect("run scripts/engines.sh");
+    assert!(
+        out.status.success(),
+        "scripts/engines.sh failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Ingest throughput over a real server (`cargo test -p engines --test postgres -- --ignored
+/// --nocapture ingest_throughput`): batches of 50 pages with 10 links each, as a crawler sends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn ingest_throughput() {
+    let _server = SERVER.read().await;
+    let db = TestDb::create().await;
+    let store = db.store().await;
+    let crawl = store
+        .create_crawl(CrawlSpec {
+            max_depth: None,
+            max_pages: None,
+        })
+        .await
+        .expect("crawl");
+    let seeds: Vec<_> = (0..5000)
+        .map(|i| conformance::cand(&format!("http://t{}.test/{i}", i % 50)))
+        .collect();
+    store
+        .admit_seeds(crawl, &seeds, u64::MAX)
+        .await
+        .expect("admit");
+    let body: String = (0..300).map(|i| format!("word{} ", i % 97)).collect();
+    let items: Vec<IngestItem> = seeds
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let links: Vec<String> = (0..10)
+                .map(|j| format!("http://t{}.test/{i}/{j}", j * 5))
+                .collect();
+            let links: Vec<&str> = links.iter().map(String::as_str).collect();
+            conformance::page(&s.url, "title words", &body, &links)
+        })
+        .collect();
+    let started = Instant::now();
+    for chunk in items.chunks(50) {
+        store.ingest(chunk, u64::MAX).await.expect("ingest");
+    }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "ingested {} pages ({} links) in {elapsed:?}: {:.0} pages/s",
+        items.len(),
+        items.len() * 10,
+        items.len() as f64 / elapsed.as_secs_f64()
+    );
+    let t = Instant::now();
+    let res = store
+        .search(&SearchQuery {
+            terms: vec!["word5".into(), "title".into()],
+            limit: 10,
+            offset: 0,
+        })
+        .await
+        .expect("search");
+    eprintln!("search over {} matches took {:?}", res.total, t.elapsed());
+    db.finish(store).await;
+}
