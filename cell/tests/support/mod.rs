@@ -100,6 +100,9 @@ impl Organism {
             .arg("--grace-secs")
             .arg("5")
             .env("HOMEOSTAT_LOG", "warn")
+            // The test's infra file names the engines; the environment must not redirect them.
+            .env_remove("DATABASE_URL")
+            .env_remove("AMQP_URL")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -214,6 +217,19 @@ impl Organism {
         let store = engines::sqlite::SqliteStore::open(path.to_str().expect("utf-8"))
             .await
             .expect("open the organism's store");
+        store
+            .indexed_urls()
+            .await
+            .expect("indexed urls")
+            .into_iter()
+            .collect()
+    }
+
+    /// The indexed set of an organism whose store is PostgreSQL at `url`.
+    pub async fn indexed_pg(&self, url: &str) -> BTreeSet<String> {
+        let store = engines::postgres::PgStore::connect(url)
+            .await
+            .expect("connect to the organism's PostgreSQL store");
         store
             .indexed_urls()
             .await

@@ -1,0 +1,145 @@
+//! The living loop on the cluster engines (PostgreSQL + RabbitMQ), through the real `cell`
+//! binary: exact against the oracle, and still exact when RabbitMQ or PostgreSQL restarts
+//! mid-crawl, with no cell restarted by hand. Needs both engines: `scripts/engines.sh start`.
+
+mod support;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use loadtest::web::WebSpec;
+use sqlx::Connection;
+use support::{assert_exact, infra_toml, serve_web, Organism};
+
+/// Restarting a shared engine must not overlap another test of this file.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn amqp_url() -> String {
+    std::env::var("AMQP_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A fresh database for one organism; dropped by [`drop_database`].
+async fn fresh_database() -> (String, String) {
+    let name = format!(
+        "homeostat_e2e_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    );
+    let mut admin = sqlx::PgConnection::connect(&admin_url())
+        .await
+        .expect("PostgreSQL answers (run scripts/engines.sh start)");
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("drop old database");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut admin)
+        .await
+        .expect("create database");
+    let mut url = url::Url::parse(&admin_url()).expect("DATABASE_URL is a URL");
+    url.set_path(&name);
+    (name, url.to_string())
+}
+
+async fn drop_database(name: &str) {
+    if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await;
+    }
+}
+
+fn engines_script(cmd: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/engines.sh");
+    let status = std::process::Command::new("bash")
+        .arg(script)
+        .arg(cmd)
+        .status()
+        .expect("run scripts/engines.sh");
+    assert!(status.success(), "scripts/engines.sh {cmd} failed");
+}
+
+enum Chaos {
+    None,
+    RestartRabbitmq,
+    RestartPostgres,
+}
+
+async fn crawl_on_cluster(seed: u64, chaos: Chaos) {
+    let _serial = SERIAL.lock().await;
+    let web = serve_web(WebSpec {
+        seed,
+        pages: 2000,
+        hosts: 20,
+        latency: Duration::ZERO,
+    })
+    .await;
+    let (db_name, db_url) = fresh_database().await;
+    let queue_name = format!("homeostat.e2e.{}.{db_name}", std::process::id());
+    let extra = format!(
+        r#"
+[engines]
+database = "{db_url}"
+queue = "{amqp}"
+"#,
+        amqp = amqp_url()
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut toml = infra_toml(dir.path(), &web, 60.0, &extra);
+    toml = toml.replacen(
+        "[queue]\n",
+        &format!("[queue]\nname = \"{queue_name}\"\nprefetch = 32\n"),
+        1,
+    );
+    let org = Organism::up(&toml, dir).await;
+    let seeds = web.web.seeds();
+    org.crawl(&seeds).await;
+    let mut chaos_done = matches!(chaos, Chaos::None);
+    let stats = org
+        .wait_drained(Duration::from_secs(420), |s| {
+            if !chaos_done && s.frontier.crawled >= 400 {
+                chaos_done = true;
+                match chaos {
+                    Chaos::RestartRabbitmq => engines_script("restart-rabbitmq"),
+                    Chaos::RestartPostgres => engines_script("restart-postgres"),
+                    Chaos::None => {}
+                }
+            }
+        })
+        .await;
+    assert!(chaos_done, "the crawl ended before the restart ({stats:?})");
+    let expected = web.web.expect(&seeds, None);
+    assert_exact(&web.web, &org.indexed_pg(&db_url).await, &expected);
+    // No cell needed a restart: every slot is still in its first generation.
+    for c in org.cells.lock().await.iter() {
+        assert_eq!(c.generation, 1, "{} was restarted", c.name);
+    }
+    org.stop().await;
+    drop_database(&db_name).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crawls_exactly_on_postgres_and_rabbitmq() {
+    crawl_on_cluster(21, Chaos::None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_a_rabbitmq_restart_mid_crawl() {
+    crawl_on_cluster(22, Chaos::RestartRabbitmq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_a_postgres_restart_mid_crawl() {
+    crawl_on_cluster(23, Chaos::RestartPostgres).await;
+}
