@@ -16,5 +16,5 @@ scripts/engines.sh start
 trap 'scripts/engines.sh stop || true' EXIT
 
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
