@@ -5,6 +5,7 @@
 //! (`v`), and a receiver must tolerate unknown fields (serde's default) and report, never panic
 //! on, anything it cannot read.
 
+pub mod control;
 pub mod urls;
 
 use serde::{Deserialize, Serialize};

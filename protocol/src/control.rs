@@ -1,0 +1,153 @@
+//! Control-plane messages: what cells tell each other about themselves (heartbeats, events)
+//! and ask of each other (replacements, stops, routing weights). They travel as the `body` of a
+//! signed envelope (see the `control` crate); each has a `KIND` naming it on the wire.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a cell is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CellState {
+    Joining,
+    Serving,
+    Throttling,
+    Dividing,
+    Draining,
+    Retired,
+    Dead,
+}
+
+/// A cell's periodic "I am alive", pushed straight to every health checker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Unique for the cell's whole life (a replacement gets a new id).
+    pub cell_id: String,
+    pub role: String,
+    /// Base URL of the cell's HTTP endpoint, e.g. `http://127.0.0.1:7070`.
+    pub addr: String,
+    pub state: CellState,
+    /// 1.0 = at capacity.
+    pub pressure: f64,
+    /// The signals behind the pressure figure, by name.
+    #[serde(default)]
+    pub signals: BTreeMap<String, f64>,
+    /// The software version the cell runs.
+    pub version: String,
+    /// The cell that asked for this one, if any.
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Increases with every heartbeat of this cell.
+    pub seq: u64,
+    /// Heartbeat interval the cell promises, milliseconds.
+    pub interval_ms: u64,
+    /// Operating-system process id on its machine (local provider).
+    #[serde(default)]
+    pub pid: Option<u32>,
+}
+
+impl Heartbeat {
+    pub const KIND: &'static str = "heartbeat";
+}
+
+/// Ask the factory for a new cell of `role`. The factory does the work once per `request_key`:
+/// every repeat (another health checker noticing the same death) is a no-op.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplaceRequest {
+    /// E.g. `replace:<dead cell id>` or `grow:<role>:<n>`.
+    pub request_key: String,
+    pub role: String,
+    pub reason: String,
+    /// The cell being replaced, or the parent asking to divide.
+    #[serde(default)]
+    pub parent: Option<String>,
+}
+
+impl ReplaceRequest {
+    pub const KIND: &'static str = "replace";
+}
+
+/// The factory's answer to a [`ReplaceRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplaceReply {
+    pub request_key: String,
+    /// True when this request started a cell; false when it was a repeat of a known key.
+    pub started: bool,
+    /// The cell started for this key (now or by the first request), once known.
+    #[serde(default)]
+    pub cell_id: Option<String>,
+}
+
+/// Ask a cell (or the factory, for a cell it started) to drain and stop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopRequest {
+    pub cell_id: String,
+    pub reason: String,
+}
+
+impl StopRequest {
+    pub const KIND: &'static str = "stop";
+}
+
+/// An api cell asks the front doors for a lower (or restored) share of traffic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WeightRequest {
+    pub cell_id: String,
+    /// 0.0 ..= 1.0 of its normal share.
+    pub weight: f64,
+    pub reason: String,
+}
+
+impl WeightRequest {
+    pub const KIND: &'static str = "weight";
+}
+
+/// A transition in a cell's life, as the health checkers record and stream it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CellEvent {
+    pub kind: EventKind,
+    pub cell_id: String,
+    pub role: String,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    pub reason: String,
+    #[serde(default)]
+    pub parent: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    Born,
+    Serving,
+    Draining,
+    Retired,
+    Dead,
+    Replaced,
+}
+
+/// One live cell as the registry (`GET /cells`) shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CellRecord {
+    pub cell_id: String,
+    pub role: String,
+    pub addr: String,
+    pub state: CellState,
+    pub pressure: f64,
+    #[serde(default)]
+    pub parent: Option<String>,
+    /// Milliseconds since the registry first heard of the cell.
+    pub age_ms: u64,
+    /// Milliseconds since its last heartbeat.
+    pub last_seen_ms: u64,
+    /// Current suspicion level of the failure detector.
+    pub phi: f64,
+}
+
+/// `GET /cells`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct CellsResponse {
+    /// Live cells, by role.
+    pub roles: BTreeMap<String, Vec<CellRecord>>,
+}
