@@ -36,6 +36,109 @@ pub struct RunArgs {
     /// How long a drain may take before the cell exits anyway, seconds.
     #[arg(long, default_value_t = 20)]
     grace_secs: u64,
+    /// This cell's id (given by the factory; default: role-pid).
+    #[arg(long)]
+    cell_id: Option<String>,
+    /// The cell this one replaces or divided from.
+    #[arg(long)]
+    parent: Option<String>,
+    /// Health checkers to send heartbeats to (base URLs). None: no heartbeats.
+    #[arg(long = "healthchecker")]
+    healthcheckers: Vec<String>,
+    /// Factories (base URLs), for roles that ask for cells.
+    #[arg(long = "factory")]
+    factories: Vec<String>,
+    /// Heartbeat interval, milliseconds.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_ms: u64,
+    /// Factory: a role whose cells listen on fixed addresses, as ROLE=ADDR,ADDR.
+    #[arg(long = "fixed")]
+    fixed: Vec<String>,
+}
+
+/// The cell's identity and its line to the health checkers.
+pub(crate) struct Life {
+    pub cell_id: String,
+    pub vital: tokio::sync::watch::Sender<control::heartbeat::Vital>,
+    beats: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+}
+
+impl Life {
+    fn set_state(&self, state: protocol::control::CellState) {
+        self.vital.send_modify(|v| v.state = state);
+    }
+
+    /// Say "retired" and stop beating.
+    async fn retire(mut self) {
+        self.set_state(protocol::control::CellState::Retired);
+        if let Some((stop, task)) = self.beats.take() {
+            stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+    }
+}
+
+fn start_life(args: &RunArgs, role: &str, addr: std::net::SocketAddr) -> anyhow::Result<Life> {
+    let cell_id = args
+        .cell_id
+        .clone()
+        .unwrap_or_else(|| format!("{role}-{}", std::process::id()));
+    let (vital, vital_rx) = tokio::sync::watch::channel(control::heartbeat::Vital {
+        state: protocol::control::CellState::Serving,
+        pressure: 0.0,
+        signals: Default::default(),
+    });
+    let beats = if args.healthcheckers.is_empty() {
+        None
+    } else {
+        let key = control::ClusterKey::from_env()?;
+        let client = Arc::new(control::ControlClient::new(control::Signer::new(
+            key,
+            cell_id.clone(),
+        )));
+        let stop = CancellationToken::new();
+        let task = control::heartbeat::spawn(
+            client,
+            args.healthcheckers.clone(),
+            control::heartbeat::Identity {
+                cell_id: cell_id.clone(),
+                role: role.to_string(),
+                addr: format!("http://{addr}"),
+                parent: args.parent.clone(),
+            },
+            Duration::from_millis(args.heartbeat_ms.max(10)),
+            vital_rx,
+            stop.clone(),
+        );
+        Some((stop, task))
+    };
+    Ok(Life {
+        cell_id,
+        vital,
+        beats,
+    })
+}
+
+/// On a stop signal: say "draining" first, give the front doors time to route elsewhere, then
+/// tell the role to drain.
+fn drain_after_notice(
+    life: &Life,
+    signal: CancellationToken,
+    notice: Duration,
+) -> CancellationToken {
+    let role_stop = CancellationToken::new();
+    let vital = life.vital.clone();
+    let stop = role_stop.clone();
+    let has_beats = life.beats.is_some();
+    tokio::spawn(async move {
+        signal.cancelled().await;
+        vital.send_modify(|v| v.state = protocol::control::CellState::Draining);
+        if has_beats {
+            tokio::time::sleep(notice).await;
+        }
+        stop.cancel();
+    });
+    role_stop
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -61,6 +164,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     match args.role.as_str() {
         "api" => run_api(&cfg, &args, shutdown, grace).await,
         "crawler" => run_crawler(&cfg, &args, shutdown, grace).await,
+        "factory" => run_factory(&args, shutdown, grace).await,
         other if infra::ROLES.contains(&other) => anyhow::bail!(
             "role {other:?} is not built yet; this build runs the api and crawler roles"
         ),
@@ -120,14 +224,69 @@ async fn run_api(
     let addr = listener.local_addr()?;
     let advertise = format!("http://{addr}");
     let state = api::AppState::new(cfg.raw.api.clone(), store, queue);
-    tracing::info!(%advertise, "api cell serving");
+    let life = start_life(args, "api", addr)?;
+    let stop = drain_after_notice(&life, shutdown, notice(args));
+    tracing::info!(%advertise, cell_id = %life.cell_id, "api cell serving");
     announce("api", addr);
-    bounded_drain(
-        &shutdown,
+    let result = bounded_drain(
+        &stop,
         grace,
-        api::run(state, listener, advertise, shutdown.clone()),
+        api::run(state, listener, advertise, stop.clone()),
     )
-    .await
+    .await;
+    life.retire().await;
+    result
+}
+
+/// How long a draining cell keeps serving so that front doors notice it is draining.
+fn notice(args: &RunArgs) -> Duration {
+    Duration::from_millis(3 * args.heartbeat_ms.max(10) + 300)
+}
+
+/// Keep `tx` current with the api cells the health checkers list.
+fn watch_apis(
+    healthcheckers: Vec<String>,
+    tx: tokio::sync::watch::Sender<Vec<String>>,
+    stop: CancellationToken,
+) {
+    if healthcheckers.is_empty() {
+        return;
+    }
+    tokio::spawn(async move {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .build()
+            .expect("a plain HTTP client always builds");
+        loop {
+            for hc in &healthcheckers {
+                let answer = client.get(format!("{hc}/cells")).send().await;
+                let Ok(resp) = answer else { continue };
+                let Ok(cells) = resp.json::<protocol::control::CellsResponse>().await else {
+                    continue;
+                };
+                let mut apis: Vec<String> = cells
+                    .roles
+                    .get("api")
+                    .map(|v| v.iter().map(|c| c.addr.clone()).collect())
+                    .unwrap_or_default();
+                apis.sort();
+                if !apis.is_empty() {
+                    tx.send_if_modified(|cur| {
+                        let changed = *cur != apis;
+                        if changed {
+                            cur.clone_from(&apis);
+                        }
+                        changed
+                    });
+                }
+                break;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    });
 }
 
 async fn run_crawler(
@@ -157,19 +316,79 @@ async fn run_crawler(
             .with_graceful_shutdown(async move { vitals_stop.cancelled().await })
             .await;
     });
+    let (apis_tx, apis) = tokio::sync::watch::channel(args.apis.clone());
+    watch_apis(args.healthcheckers.clone(), apis_tx, shutdown.clone());
     let worker = crawler::Worker {
         cfg: cfg.raw.crawler.worker.clone(),
         fetcher,
         queue,
-        apis: args.apis.clone(),
+        apis,
         per_host_concurrency: per_host,
         max_deliveries: cfg.raw.queue.max_deliveries,
     };
     ready.set(true);
-    tracing::info!(%addr, share, "crawler cell working");
+    let life = start_life(args, "crawler", addr)?;
+    let stop = drain_after_notice(&life, shutdown, Duration::ZERO);
+    tracing::info!(%addr, share, cell_id = %life.cell_id, "crawler cell working");
     announce("crawler", addr);
-    let result = bounded_drain(&shutdown, grace, worker.run(shutdown.clone())).await;
+    let result = bounded_drain(&stop, grace, worker.run(stop.clone())).await;
     ready.set(false);
+    life.retire().await;
     vitals_task.abort();
+    result
+}
+
+async fn run_factory(
+    args: &RunArgs,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let key = control::ClusterKey::from_env()?;
+    let mut fixed = std::collections::BTreeMap::new();
+    for spec in &args.fixed {
+        let (role, addrs) = spec
+            .split_once('=')
+            .with_context(|| format!("--fixed {spec:?}: expected ROLE=ADDR,ADDR"))?;
+        fixed.insert(
+            role.to_string(),
+            addrs.split(',').map(str::to_string).collect::<Vec<_>>(),
+        );
+    }
+    let mut cell_args = Vec::new();
+    if let Some(infra) = &args.infra {
+        cell_args.push("--infra".to_string());
+        cell_args.push(infra.to_string_lossy().to_string());
+    }
+    for hc in &args.healthcheckers {
+        cell_args.push("--healthchecker".into());
+        cell_args.push(hc.clone());
+    }
+    let listen = args.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+    let listener = TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("binding the factory to {listen}"))?;
+    let addr = listener.local_addr()?;
+    for f in std::iter::once(format!("http://{addr}")).chain(args.factories.iter().cloned()) {
+        cell_args.push("--factory".into());
+        cell_args.push(f);
+    }
+    let provider = factory::local::LocalProvider {
+        exe: std::env::current_exe().context("locating the cell executable")?,
+        common_args: Vec::new(),
+        ready_timeout: Duration::from_secs(30),
+        tie_to_parent: false,
+        env: Vec::new(),
+    };
+    let state = factory::role::FactoryState::new(
+        provider,
+        control::Verifier::new(key, Duration::from_secs(30)),
+        fixed,
+        cell_args,
+    );
+    let life = start_life(args, "factory", addr)?;
+    announce("factory", addr);
+    let stop = drain_after_notice(&life, shutdown, Duration::ZERO);
+    let result = factory::role::run(state, listener, stop, grace).await;
+    life.retire().await;
     result
 }

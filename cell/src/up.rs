@@ -57,6 +57,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         exe,
         common_args: vec!["--infra".into(), effective.to_string_lossy().to_string()],
         ready_timeout: Duration::from_secs(60),
+        tie_to_parent: true,
+        env: Vec::new(),
     };
     let (mut supervisor, mut events) = Supervisor::new(provider);
     let grace = Duration::from_secs(args.grace_secs);

@@ -7,6 +7,8 @@
 //! an unknown kind or of a future version comes back as a [`Rejection`], which is counted and
 //! answers with a clear status; it never panics.
 
+pub mod heartbeat;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;

@@ -67,8 +67,9 @@ pub struct Worker {
     pub cfg: WorkerConfig,
     pub fetcher: Arc<Fetcher>,
     pub queue: Arc<dyn JobQueue>,
-    /// API base URLs to fall back on when a job's `reply_to` does not answer.
-    pub apis: Vec<String>,
+    /// API base URLs to fall back on when a job's `reply_to` does not answer (kept current from
+    /// the registry when the organism has health checkers).
+    pub apis: tokio::sync::watch::Receiver<Vec<String>>,
     /// Slots one host may hold at once.
     pub per_host_concurrency: usize,
     /// The queue's delivery limit: the last delivery of a transient failure records it as failed.
@@ -194,7 +195,7 @@ impl Worker {
                 };
                 let client = client.clone();
                 let queue = self.queue.clone();
-                let apis = self.apis.clone();
+                let apis = self.apis.borrow().clone();
                 sends.spawn(async move {
                     let outcome = send_and_ack(&client, &apis, queue.as_ref(), &batch).await;
                     (batch, outcome)

@@ -7,3 +7,4 @@
 //! factory's control-plane role come with later issues.
 
 pub mod local;
+pub mod role;

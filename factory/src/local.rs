@@ -62,6 +62,12 @@ pub struct LocalProvider {
     pub common_args: Vec<String>,
     /// How long a starting cell has to print its ready line.
     pub ready_timeout: Duration,
+    /// Tie each cell's life to this process (its stdin is a pipe from here; when the pipe
+    /// closes the cell drains and exits). Off for cells the factory role starts: they must
+    /// outlive a factory that dies.
+    pub tie_to_parent: bool,
+    /// Environment variables every cell gets (e.g. the cluster key); cells also inherit ours.
+    pub env: Vec<(String, String)>,
 }
 
 /// A started process.
@@ -79,11 +85,16 @@ impl LocalProvider {
             .arg(&spec.role)
             .args(&self.common_args)
             .args(&spec.args)
-            .arg("--supervised")
-            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        if self.tie_to_parent {
+            cmd.arg("--supervised")
+                .stdin(Stdio::piped())
+                .kill_on_drop(true);
+        } else {
+            cmd.stdin(Stdio::null());
+        }
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {} as {name}", self.exe.display()))?;
@@ -266,7 +277,7 @@ async fn keep_alive(
 }
 
 /// SIGTERM, wait up to `grace` for the cell to drain, then SIGKILL.
-async fn stop(child: &mut Child, grace: Duration) {
+pub async fn stop(child: &mut Child, grace: Duration) {
     if let Some(pid) = child.id() {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
     }

@@ -1,5 +1,235 @@
-//! The frontdoor role (not built yet).
+//! The frontdoor role: the clients' entry point. It forwards `/search`, `/stats` and `/crawl`
+//! to a live api cell chosen by weight and pressure, retries on another api cell when one does
+//! not answer, ejects cells that keep failing, and answers a clear 503 when no api cell is live.
 //!
-//! It will be the clients' entry point: route search and crawl requests to live api cells by
-//! their health and pressure, retry idempotent requests on another api, eject outliers, and
-//! answer 503 with Retry-After when no api is live. Until then clients talk to an api cell.
+//! Entry points: [`app`] builds the axum `Router` (tested without a socket); [`run`] serves it
+//! on a bound listener until a shutdown signal, with the [`registry::RegistryPoller`] beside it.
+//!
+//! - [`registry`]: the live api cells, from the health checkers' `GET /cells`, as a `watch`
+//!   channel (the seam where tests feed a list by hand);
+//! - [`balancer`]: the weighted choice and the outlier detector;
+//! - `proxy`: forwarding, retries, the error answers;
+//! - `weights`: `POST /control/weight`, signed weight requests from api cells.
+//!
+//! Architecture Invariant: the frontdoor holds no data of its own. Everything it knows (the
+//! live cells, weights, ejections) is rebuilt from the registry and the cells within seconds,
+//! so any number of frontdoors can run side by side and one may die at any time.
+
+pub mod balancer;
+pub mod config;
+mod proxy;
+pub mod registry;
+mod weights;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{any, post};
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use balancer::{BackendStatus, Balancer};
+pub use config::FrontdoorConfig;
+pub use registry::{Backend, RegistryPoller};
+
+/// The response header naming the api cell (its cell id) that answered.
+pub const BACKEND_HEADER: &str = "x-homeostat-backend";
+
+/// Largest signed control message accepted.
+const MAX_CONTROL_BYTES: usize = 64 * 1024;
+
+/// What happened, counted for tests and operators (the same events go to `/metrics`).
+#[derive(Debug, Default)]
+pub struct Counters {
+    requests: AtomicU64,
+    retries: AtomicU64,
+    ejections: AtomicU64,
+    weights_applied: AtomicU64,
+    control_rejected: AtomicU64,
+}
+
+impl Counters {
+    /// Client requests answered, whatever the outcome.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+    /// Attempts beyond the first.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+    /// Times an api cell was ejected.
+    pub fn ejections(&self) -> u64 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+    /// Weight requests applied.
+    pub fn weights_applied(&self) -> u64 {
+        self.weights_applied.load(Ordering::Relaxed)
+    }
+    /// Control messages refused (unsigned, forged, stale, replayed, malformed, invalid).
+    pub fn control_rejected(&self) -> u64 {
+        self.control_rejected.load(Ordering::Relaxed)
+    }
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub cfg: Arc<FrontdoorConfig>,
+    pub ready: vitals::Readiness,
+    pub balancer: Arc<Balancer>,
+    pub counters: Arc<Counters>,
+    /// The live api cells.
+    backends: watch::Receiver<Vec<Backend>>,
+    /// Set when this state feeds `backends` itself by polling the configured health checkers.
+    feed: Option<watch::Sender<Vec<Backend>>>,
+    /// One pooled client for every attempt and every registry poll.
+    client: reqwest::Client,
+    verifier: Arc<control::Verifier>,
+}
+
+impl AppState {
+    /// A frontdoor that learns the live api cells from `cfg.healthcheckers` (polled by [`run`])
+    /// and accepts weight requests that `verifier` opens.
+    pub fn new(cfg: FrontdoorConfig, verifier: Arc<control::Verifier>) -> anyhow::Result<Self> {
+        let (feed, backends) = watch::channel(Vec::new());
+        let mut state = Self::with_registry(cfg, verifier, backends)?;
+        state.feed = Some(feed);
+        Ok(state)
+    }
+
+    /// A frontdoor whose live api cells come from `backends`, fed by the caller (no polling).
+    pub fn with_registry(
+        cfg: FrontdoorConfig,
+        verifier: Arc<control::Verifier>,
+        backends: watch::Receiver<Vec<Backend>>,
+    ) -> anyhow::Result<Self> {
+        let attempt = Duration::from_millis(cfg.attempt_timeout_ms);
+        let client = reqwest::Client::builder()
+            // Cells talk to each other directly, whatever proxy the environment names.
+            .no_proxy()
+            .connect_timeout(attempt.min(Duration::from_secs(2)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()
+            .context("building the frontdoor's HTTP client")?;
+        let balancer = Balancer::new(
+            rand::random(),
+            cfg.eject_after_failures,
+            Duration::from_millis(cfg.eject_for_ms),
+        );
+        Ok(Self {
+            cfg: Arc::new(cfg),
+            ready: vitals::Readiness::default(),
+            balancer: Arc::new(balancer),
+            counters: Arc::new(Counters::default()),
+            backends,
+            feed: None,
+            client,
+            verifier,
+        })
+    }
+
+    /// Replace the routing random generator's seed (deterministic tests).
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.balancer = Arc::new(Balancer::new(
+            seed,
+            self.cfg.eject_after_failures,
+            Duration::from_millis(self.cfg.eject_for_ms),
+        ));
+        self
+    }
+
+    /// The live api cells as the frontdoor sees them now.
+    pub fn backends(&self) -> Vec<Backend> {
+        self.backends.borrow().clone()
+    }
+
+    /// A receiver of the live api cells, for whoever wants to watch them change.
+    pub fn subscribe(&self) -> watch::Receiver<Vec<Backend>> {
+        self.backends.clone()
+    }
+}
+
+/// The frontdoor's routes, vitals included.
+pub fn app(state: AppState) -> Router {
+    let vitals = vitals::router("frontdoor", state.ready.clone());
+    let limit = DefaultBodyLimit::max(state.cfg.max_body_bytes);
+    let mut router = Router::new();
+    for prefix in ["/search", "/stats", "/crawl"] {
+        router = router
+            .route(prefix, any(proxy::forward).layer(limit))
+            .route(
+                &format!("{prefix}/{{*rest}}"),
+                any(proxy::forward).layer(limit),
+            );
+    }
+    router
+        .route(
+            "/control/weight",
+            post(weights::receive).layer(DefaultBodyLimit::max(MAX_CONTROL_BYTES)),
+        )
+        .fallback(proxy::not_found)
+        .with_state(state)
+        .merge(vitals)
+}
+
+/// Serve the frontdoor on `listener` until `shutdown` is cancelled, then stop accepting and
+/// finish the requests in flight. Polls the health checkers meanwhile when the state was built
+/// with [`AppState::new`].
+pub async fn run(
+    state: AppState,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    // The registry keeps being read while in-flight requests retry, so it stops after serving.
+    let background = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(feed) = state.feed.clone() {
+        let poller = RegistryPoller::new(
+            state.client.clone(),
+            state.cfg.healthcheckers.clone(),
+            Duration::from_millis(state.cfg.registry_poll_ms),
+        );
+        tasks.spawn(poller.run(feed, background.clone()));
+    }
+    tasks.spawn(forget_departed(state.clone(), background.clone()));
+    state.ready.set(true);
+    let stop = shutdown.clone();
+    let served = axum::serve(listener, app(state.clone()))
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+    state.ready.set(false);
+    background.cancel();
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done {
+            tracing::error!(error = %e, "a frontdoor background task failed");
+        }
+    }
+    served.context("serving the frontdoor failed")
+}
+
+/// Trim the balancer's memory of cells that left the registry, whenever it changes.
+async fn forget_departed(state: AppState, stop: CancellationToken) {
+    let mut backends = state.subscribe();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = backends.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
+        }
+        let live = backends.borrow_and_update().clone();
+        state.balancer.forget_departed(&live);
+    }
+}

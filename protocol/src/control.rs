@@ -143,6 +143,9 @@ pub struct CellRecord {
     pub last_seen_ms: u64,
     /// Current suspicion level of the failure detector.
     pub phi: f64,
+    /// Operating-system process id, from its heartbeat (local provider).
+    #[serde(default)]
+    pub pid: Option<u32>,
 }
 
 /// `GET /cells`.
