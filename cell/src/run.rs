@@ -165,9 +165,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "api" => run_api(&cfg, &args, shutdown, grace).await,
         "crawler" => run_crawler(&cfg, &args, shutdown, grace).await,
         "factory" => run_factory(&args, shutdown, grace).await,
-        other if infra::ROLES.contains(&other) => anyhow::bail!(
-            "role {other:?} is not built yet; this build runs the api and crawler roles"
-        ),
+        "healthchecker" => run_healthchecker(&cfg, &args, shutdown, grace).await,
+        "frontdoor" => run_frontdoor(&cfg, &args, shutdown, grace).await,
         other => anyhow::bail!(
             "unknown role {other:?}; roles are {}",
             infra::ROLES.join(", ")
@@ -389,6 +388,63 @@ async fn run_factory(
     announce("factory", addr);
     let stop = drain_after_notice(&life, shutdown, Duration::ZERO);
     let result = factory::role::run(state, listener, stop, grace).await;
+    life.retire().await;
+    result
+}
+
+async fn run_healthchecker(
+    cfg: &infra::Config,
+    args: &RunArgs,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let key = control::ClusterKey::from_env()?;
+    let mut hc = cfg.raw.healthchecker.clone();
+    hc.factories.extend(args.factories.iter().cloned());
+    // Keep every configured role at its minimum.
+    for (role, bounds) in &cfg.raw.roles {
+        hc.minimums.entry(role.clone()).or_insert(bounds.min);
+    }
+    let listen = args.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
+    let listener = TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("binding the healthchecker to {listen}"))?;
+    let addr = listener.local_addr()?;
+    let life = start_life(args, "healthchecker", addr)?;
+    let state = healthchecker::HealthcheckerState::new(hc, key, life.cell_id.clone());
+    announce("healthchecker", addr);
+    let stop = drain_after_notice(&life, shutdown, Duration::ZERO);
+    let result = bounded_drain(
+        &stop,
+        grace,
+        healthchecker::run(state, listener, stop.clone()),
+    )
+    .await;
+    life.retire().await;
+    result
+}
+
+async fn run_frontdoor(
+    cfg: &infra::Config,
+    args: &RunArgs,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let key = control::ClusterKey::from_env()?;
+    let mut fd = cfg.raw.frontdoor.clone();
+    fd.healthcheckers
+        .extend(args.healthcheckers.iter().cloned());
+    let listen = args.listen.clone().unwrap_or_else(|| fd.listen.clone());
+    let listener = TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("binding the frontdoor to {listen}"))?;
+    let addr = listener.local_addr()?;
+    let verifier = Arc::new(control::Verifier::new(key, Duration::from_secs(30)));
+    let state = frontdoor::AppState::new(fd, verifier)?;
+    let life = start_life(args, "frontdoor", addr)?;
+    announce("frontdoor", addr);
+    let stop = drain_after_notice(&life, shutdown, notice(args));
+    let result = bounded_drain(&stop, grace, frontdoor::run(state, listener, stop.clone())).await;
     life.retire().await;
     result
 }

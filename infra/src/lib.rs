@@ -28,6 +28,8 @@ pub struct RawConfig {
     pub queue: QueueSettings,
     pub api: api::ApiConfig,
     pub crawler: CrawlerSettings,
+    pub healthchecker: healthchecker::HealthcheckerConfig,
+    pub frontdoor: frontdoor::FrontdoorConfig,
     pub demo: Demo,
 }
 
@@ -212,6 +214,12 @@ impl Config {
         raw.roles
             .entry("crawler".into())
             .or_insert(RoleBounds { min: 2, max: 8 });
+        raw.roles
+            .entry("healthchecker".into())
+            .or_insert(RoleBounds { min: 2, max: 2 });
+        raw.roles
+            .entry("frontdoor".into())
+            .or_insert(RoleBounds { min: 2, max: 4 });
         for (name, b) in &raw.roles {
             if !ROLES.contains(&name.as_str()) {
                 push(
@@ -267,6 +275,12 @@ impl Config {
         }
         for (k, r) in raw.crawler.worker.problems() {
             push(format!("crawler.worker.{k}"), r);
+        }
+        for (k, r) in raw.healthchecker.problems() {
+            push(format!("healthchecker.{k}"), r);
+        }
+        for (k, r) in raw.frontdoor.problems() {
+            push(format!("frontdoor.{k}"), r);
         }
         if raw.demo.pages == 0 || raw.demo.hosts == 0 {
             push(
