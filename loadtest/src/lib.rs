@@ -1,5 +1,7 @@
 //! loadtest: the bundled harness of the organism.
 //!
 //! - [`web`]: the deterministic synthetic web, its HTTP server and its oracle.
+//! - [`bench`]: benchmarks of whole organisms (`loadtest bench crawl`).
 
+pub mod bench;
 pub mod web;

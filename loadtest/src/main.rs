@@ -1,4 +1,5 @@
-//! `loadtest`: the bundled harness. `loadtest web` serves the synthetic web or prints its oracle.
+//! `loadtest`: the bundled harness. `loadtest web` serves the synthetic web or prints its oracle;
+//! `loadtest bench crawl` benchmarks whole organisms against it.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -21,6 +22,9 @@ enum Command {
     /// Serve the deterministic synthetic web on one port, or print the URLs a correct crawler
     /// indexes (--expect).
     Web(WebArgs),
+    /// Benchmarks of whole organisms.
+    #[command(subcommand)]
+    Bench(loadtest::bench::BenchCommand),
 }
 
 #[derive(Args)]
@@ -65,12 +69,15 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // sqlx reports every query slower than a second, and PostgreSQL's notices, at
+                // info: noise in a benchmark's output.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn")),
         )
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
         Command::Web(args) => web_command(args).await,
+        Command::Bench(command) => loadtest::bench::run(command).await,
     };
     match result {
         // `loadtest web --expect | head` is not an error.

@@ -1,0 +1,766 @@
+//! `loadtest bench`: benchmarks of the whole organism.
+//!
+//! `loadtest bench crawl` starts real organisms (`cell up`) against the synthetic web served in
+//! this process, crawls it from its seeds, and reports per (engine, latency) how fast the
+//! frontier drained, how much of the oracle's set was indexed, and what each cell cost in
+//! memory and CPU. Every latency runs the embedded default and each `--infra` file, so their
+//! throughputs are compared under the same conditions.
+//!
+//! Architecture Invariant: the benchmark drives the organism only from outside, as an operator
+//! would: a configuration file, `cell up`, HTTP (`POST /crawl`, `GET /stats`), `/proc`, and the
+//! store read after the crawl. It changes nothing in the cells it measures.
+
+pub mod fresh;
+pub mod organism;
+pub mod overlay;
+pub mod procfs;
+pub mod report;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Subcommand};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::web::{ServedLog, SyntheticWeb, WebSpec};
+use fresh::{effective, Engine, FreshDatabase, StoreAt};
+use organism::{Launch, Organism};
+use overlay::BenchOverlay;
+use report::{CellUsage, Completeness, Ratio, Row, EMBEDDED};
+
+#[derive(Subcommand, Debug, Clone)]
+pub enum BenchCommand {
+    /// Crawl the synthetic web with whole organisms (`cell up`) and report throughput,
+    /// completeness against the oracle, and each cell's peak memory and CPU.
+    Crawl(CrawlArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct CrawlArgs {
+    /// HTML pages of the synthetic web [default: 5000; 500 with --quick].
+    #[arg(long)]
+    pub pages: Option<usize>,
+    /// Host names of the synthetic web.
+    #[arg(long, default_value_t = 40)]
+    pub hosts: usize,
+    /// Generation seed of the synthetic web.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// The web's delay before each answer, ms; one run per value, comma-separated
+    /// [default: 0,10,20; 0 with --quick].
+    #[arg(long, value_delimiter = ',', value_name = "MS")]
+    pub latency_ms: Vec<u64>,
+    /// A base organism configuration (e.g. cluster engines) to run as well as the embedded
+    /// default; the bench overlays its own keys (data dir, listen, resolve, politeness).
+    /// Repeatable.
+    #[arg(long = "infra", value_name = "FILE")]
+    pub infra: Vec<PathBuf>,
+    /// The `cell` executable [default: `cell` next to this executable].
+    #[arg(long, value_name = "PATH")]
+    pub cell: Option<PathBuf>,
+    /// Longest one crawl may take to drain, seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_secs: u64,
+    /// Print the rows (and ratios) as JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// A smoke run: 500 pages, latency 0 (explicit --pages / --latency-ms still win).
+    #[arg(long)]
+    pub quick: bool,
+    /// crawler.fetch.per_host_rate: requests per second per host, for the whole organism.
+    #[arg(long, default_value_t = 1000.0)]
+    pub per_host_rate: f64,
+    /// crawler.fetch.per_host_concurrency: requests in flight per host.
+    #[arg(long, default_value_t = 16)]
+    pub per_host_concurrency: u32,
+    /// crawler.worker.concurrency: fetches in flight per crawler cell.
+    #[arg(long, default_value_t = 128)]
+    pub worker_concurrency: usize,
+    /// Crawler cells (roles.crawler.min) [default: the configuration's].
+    #[arg(long)]
+    pub crawlers: Option<u32>,
+    /// How long each cell may drain when the organism stops, seconds.
+    #[arg(long, default_value_t = 10)]
+    pub grace_secs: u64,
+    /// Keep each run's directory (configuration, `cell up` log, SQLite engines) instead of
+    /// deleting it.
+    #[arg(long)]
+    pub keep_dirs: bool,
+}
+
+impl CrawlArgs {
+    /// Pages of the synthetic web.
+    pub fn effective_pages(&self) -> usize {
+        self.pages.unwrap_or(if self.quick { 500 } else { 5000 })
+    }
+
+    /// Latencies to run at, ms, in order, without repeats.
+    pub fn effective_latencies(&self) -> Vec<u64> {
+        let mut latencies = if !self.latency_ms.is_empty() {
+            self.latency_ms.clone()
+        } else if self.quick {
+            vec![0]
+        } else {
+            vec![0, 10, 20]
+        };
+        let mut seen = BTreeSet::new();
+        latencies.retain(|l| seen.insert(*l));
+        latencies
+    }
+}
+
+/// Run a `loadtest bench` command, printing its results on stdout.
+pub async fn run(command: BenchCommand) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Crawl(args) => crawl_command(&args).await,
+    }
+}
+
+/// `loadtest bench crawl`: run, print the table (or JSON lines) and the ratios; fail if any run
+/// failed (after printing the others).
+pub async fn crawl_command(args: &CrawlArgs) -> anyhow::Result<()> {
+    let json = args.json;
+    let outcome = crawl(args, |row| {
+        if json {
+            print_json(&JsonLine::Run(row));
+        }
+    })
+    .await?;
+    let ratios = report::ratios(&outcome.rows);
+    if json {
+        for ratio in &ratios {
+            print_json(&JsonLine::Ratio(ratio));
+        }
+    } else if !outcome.rows.is_empty() {
+        let mut out = report::render_table(&outcome.rows);
+        if !ratios.is_empty() {
+            out.push('\n');
+            out.push_str(&report::render_ratios(&ratios));
+        }
+        print!("{out}");
+        let _ = std::io::stdout().flush();
+    }
+    if !outcome.notes.is_empty() {
+        eprintln!();
+        for note in &outcome.notes {
+            eprintln!("note: {note}");
+        }
+    }
+    if !outcome.failures.is_empty() {
+        let mut msg = format!(
+            "{} of {} runs failed:",
+            outcome.failures.len(),
+            outcome.failures.len() + outcome.rows.len()
+        );
+        for f in &outcome.failures {
+            msg.push_str(&format!(
+                "\n  {} at {} ms: {}",
+                f.engine, f.latency_ms, f.error
+            ));
+        }
+        bail!(msg);
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum JsonLine<'a> {
+    Run(&'a Row),
+    Ratio(&'a Ratio),
+}
+
+fn print_json(line: &JsonLine<'_>) {
+    match serde_json::to_string(line) {
+        Ok(text) => {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{text}");
+            let _ = out.flush();
+        }
+        Err(e) => eprintln!("bench: cannot encode a result as JSON: {e}"),
+    }
+}
+
+/// What a whole benchmark gave.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub rows: Vec<Row>,
+    pub failures: Vec<Failure>,
+    /// Things the user should know (e.g. engines that could not be made fresh).
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct Failure {
+    pub engine: String,
+    pub latency_ms: u64,
+    pub error: String,
+}
+
+/// One base configuration: the embedded default or an `--infra` file.
+struct BaseConfig {
+    label: String,
+    /// For messages: the file's path, or the embedded default's name.
+    source: String,
+    text: String,
+    /// Do `DATABASE_URL` / `AMQP_URL` apply (as they do to `cell up --infra FILE`)? Not for
+    /// the embedded default: it is the single-machine column, whatever the environment says.
+    consult_env: bool,
+}
+
+/// The library entry of `loadtest bench crawl`: every latency × every configuration, in that
+/// order; `on_row` sees each row as soon as its run ends. A run that fails is recorded in
+/// [`Outcome::failures`] and the others go on; Ctrl-C stops the organism of the current run,
+/// records it as failed and skips the rest; bad arguments fail the whole call.
+pub async fn crawl(args: &CrawlArgs, mut on_row: impl FnMut(&Row)) -> anyhow::Result<Outcome> {
+    let cell = locate_cell(args.cell.as_deref())?;
+    let pages = args.effective_pages();
+    let latencies = args.effective_latencies();
+    if args.hosts == 0 || pages < args.hosts {
+        bail!(
+            "--pages ({pages}) must be at least --hosts ({}), and --hosts at least 1",
+            args.hosts
+        );
+    }
+    let configs = base_configs(&args.infra)?;
+    let interrupt = CancellationToken::new();
+    cancel_on_signals(interrupt.clone());
+    let mut outcome = Outcome::default();
+    // Printed once, at the end (`crawl_command`).
+    let note = |outcome: &mut Outcome, text: String| {
+        if !outcome.notes.contains(&text) {
+            outcome.notes.push(text);
+        }
+    };
+    let mut run_index = 0u32;
+    'runs: for latency_ms in latencies {
+        let spec = WebSpec {
+            seed: args.seed,
+            pages,
+            hosts: args.hosts,
+            latency: Duration::from_millis(latency_ms),
+        };
+        let web = Arc::new(SyntheticWeb::generate(&spec));
+        let seeds = web.seeds();
+        let expected = web.expect(&seeds, None);
+        for config in &configs {
+            if interrupt.is_cancelled() {
+                break 'runs;
+            }
+            run_index += 1;
+            eprintln!(
+                "bench: {} at {latency_ms} ms latency: {} pages on {} hosts, {} expected",
+                config.label,
+                web.page_count(),
+                web.hosts().len(),
+                expected.len()
+            );
+            let run = Run {
+                args,
+                cell: &cell,
+                config,
+                web: web.clone(),
+                seeds: &seeds,
+                expected: &expected,
+                tag: run_tag(run_index),
+                interrupt: &interrupt,
+            };
+            let mut notes = Vec::new();
+            match run.run(&mut notes).await {
+                Ok(row) => {
+                    eprintln!(
+                        "bench: {} at {latency_ms} ms: {} pages, {:.1}% complete, {:.2} s, {:.0} pages/s",
+                        row.engine, row.pages, row.completeness_pct, row.seconds, row.pages_per_sec
+                    );
+                    on_row(&row);
+                    outcome.rows.push(row);
+                }
+                Err(e) => {
+                    eprintln!("bench: {} at {latency_ms} ms failed: {e:#}", config.label);
+                    outcome.failures.push(Failure {
+                        engine: config.label.clone(),
+                        latency_ms,
+                        error: format!("{e:#}"),
+                    });
+                }
+            }
+            for text in notes {
+                note(&mut outcome, text);
+            }
+            if interrupt.is_cancelled() {
+                break 'runs;
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+/// Cancel `token` on Ctrl-C or SIGTERM, so the organism of the current run is stopped rather
+/// than orphaned (its supervisor, killed by a signal, could not stop its cells).
+fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut term) => {
+                    term.recv().await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        eprintln!("bench: interrupted; stopping the organism");
+        token.cancel();
+    });
+}
+
+/// The `cell` executable: `--cell`, or `cell` next to this executable.
+pub fn locate_cell(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    let path = match given {
+        Some(path) => path.to_path_buf(),
+        None => std::env::current_exe()
+            .context("locating this executable")?
+            .parent()
+            .context("locating this executable's directory")?
+            .join("cell"),
+    };
+    if !path.is_file() {
+        bail!(
+            "no cell executable at {}: build it with cargo build --release -p cell \
+             (or pass --cell PATH)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn base_configs(files: &[PathBuf]) -> anyhow::Result<Vec<BaseConfig>> {
+    let mut configs = vec![BaseConfig {
+        label: EMBEDDED.to_string(),
+        source: infra::DEFAULT_NAME.to_string(),
+        text: infra::DEFAULT_ORGANISM.to_string(),
+        consult_env: false,
+    }];
+    for path in files {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading --infra {}", path.display()))?;
+        // Checked as it is first, so a mistake is reported with the file's own line numbers
+        // before any run starts.
+        infra::Config::parse(&text, &path.display().to_string())?;
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| path.display().to_string());
+        let mut label = stem.clone();
+        let mut n = 2;
+        while configs.iter().any(|c| c.label == label) {
+            label = format!("{stem}#{n}");
+            n += 1;
+        }
+        configs.push(BaseConfig {
+            label,
+            source: path.display().to_string(),
+            text,
+            consult_env: true,
+        });
+    }
+    Ok(configs)
+}
+
+/// A name part unique to this run: time, process and run number.
+fn run_tag(run_index: u32) -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    format!("{secs}_{}_{run_index}", std::process::id())
+}
+
+/// One run: one configuration at one latency.
+struct Run<'a> {
+    args: &'a CrawlArgs,
+    cell: &'a Path,
+    config: &'a BaseConfig,
+    web: Arc<SyntheticWeb>,
+    seeds: &'a [String],
+    expected: &'a BTreeSet<String>,
+    tag: String,
+    interrupt: &'a CancellationToken,
+}
+
+/// Stops the synthetic web's server when the run ends, however it ends.
+struct WebServer {
+    addr: std::net::SocketAddr,
+    log: ServedLog,
+    stop: CancellationToken,
+}
+
+impl Drop for WebServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Run<'_> {
+    async fn run(&self, notes: &mut Vec<String>) -> anyhow::Result<Row> {
+        let dir = tempfile::Builder::new()
+            .prefix("homeostat-bench-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        let data_dir = dir.path().join("data");
+        let web = self.serve_web().await?;
+
+        let base: toml::Table = self
+            .config
+            .text
+            .parse()
+            .with_context(|| format!("reading {} as TOML", self.config.source))?;
+        let env_of = |key: &str| {
+            self.config
+                .consult_env
+                .then(|| std::env::var(key).ok())
+                .flatten()
+        };
+        let database = effective(
+            overlay::get_str(&base, &["engines", "database"]),
+            env_of("DATABASE_URL"),
+        );
+        let queue = effective(
+            overlay::get_str(&base, &["engines", "queue"]),
+            env_of("AMQP_URL"),
+        );
+        let mut env: Vec<(String, Option<String>)> = Vec::new();
+        if std::env::var_os("HOMEOSTAT_LOG").is_none() {
+            env.push(("HOMEOSTAT_LOG".into(), Some("warn".into())));
+        }
+        let queue_name = match &queue {
+            Engine::Amqp(url) => {
+                let name = format!("homeostat.bench.{}", self.tag);
+                notes.push(format!(
+                    "{}: each run uses a queue of its own on {} (homeostat.bench.*); they stay \
+                     on the broker afterwards (rabbitmqctl delete_queue NAME)",
+                    self.config.label,
+                    fresh::redact(url)
+                ));
+                env.push(("AMQP_URL".into(), Some(url.clone())));
+                Some(name)
+            }
+            _ => {
+                env.push(("AMQP_URL".into(), None));
+                None
+            }
+        };
+        let overlay = BenchOverlay {
+            data_dir: data_dir.clone(),
+            web_suffix: self.web.host_suffix().to_string(),
+            web_addr: web.addr,
+            per_host_rate: self.args.per_host_rate,
+            per_host_concurrency: self.args.per_host_concurrency,
+            worker_concurrency: self.args.worker_concurrency,
+            crawlers: self.args.crawlers,
+            queue_name,
+            sqlite_database: database == Engine::Sqlite,
+            sqlite_queue: queue == Engine::Sqlite,
+        };
+        let text = overlay::apply_to_text(&self.config.text, &self.config.source, &overlay)?;
+        let checked = format!("{} with the bench's keys", self.config.source);
+        let cfg = infra::Config::parse(&text, &checked)?;
+        let infra_path = dir.path().join("organism.toml");
+        std::fs::write(&infra_path, &text)
+            .with_context(|| format!("writing {}", infra_path.display()))?;
+        let cells_expected =
+            (cfg.bounds("api").min.max(1) + cfg.bounds("crawler").min.max(1)) as usize;
+
+        // Created last, so nothing above can fail and leave it behind.
+        let mut fresh_db = None;
+        let store = match &database {
+            Engine::Postgres(url) => {
+                let name = format!("homeostat_bench_{}", self.tag);
+                match FreshDatabase::create(url, &name).await {
+                    Ok(db) => {
+                        env.push(("DATABASE_URL".into(), Some(db.url.clone())));
+                        let store = StoreAt::Postgres(db.url.clone());
+                        fresh_db = Some(db);
+                        store
+                    }
+                    Err(e) => {
+                        notes.push(format!(
+                            "{}: could not create a database per run ({e:#}); the runs use {} \
+                             as it is: it should be fresh (empty), or the frontier finds the \
+                             web's URLs already known",
+                            self.config.label,
+                            fresh::redact(url)
+                        ));
+                        env.push(("DATABASE_URL".into(), Some(url.clone())));
+                        StoreAt::Postgres(url.clone())
+                    }
+                }
+            }
+            _ => {
+                env.push(("DATABASE_URL".into(), None));
+                StoreAt::of(&database, &data_dir)
+            }
+        };
+
+        let launch = Launch {
+            cell: self.cell.to_path_buf(),
+            infra: infra_path,
+            log: dir.path().join("cell-up.log"),
+            env,
+            grace: Duration::from_secs(self.args.grace_secs),
+            ready_timeout: Duration::from_secs(120),
+        };
+        let result = match Organism::start(&launch).await {
+            Ok(mut organism) => {
+                let measured = self
+                    .measure(&mut organism, &web, &store, cells_expected)
+                    .await;
+                let stopped = organism.stop().await;
+                match (measured, stopped) {
+                    (Ok(row), Ok(())) => Ok(row),
+                    (Ok(row), Err(e)) => {
+                        notes.push(format!(
+                            "{} at {} ms: measured, but stopping failed: {e:#}",
+                            self.config.label,
+                            self.web.spec().latency.as_millis()
+                        ));
+                        Ok(row)
+                    }
+                    (Err(e), _) => Err(e),
+                }
+            }
+            Err(e) => Err(e),
+        };
+        drop(web);
+        if let Some(db) = fresh_db {
+            let name = db.name.clone();
+            if let Err(e) = db.drop_database().await {
+                notes.push(format!("could not drop the database {name}: {e:#}"));
+            }
+        }
+        if self.args.keep_dirs {
+            let kept = dir.keep();
+            notes.push(format!(
+                "{} at {} ms: kept the run's files in {}",
+                self.config.label,
+                self.web.spec().latency.as_millis(),
+                kept.display()
+            ));
+        }
+        result
+    }
+
+    async fn serve_web(&self) -> anyhow::Result<WebServer> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the synthetic web")?;
+        let addr = listener
+            .local_addr()
+            .context("reading the synthetic web's address")?;
+        let log = ServedLog::counting();
+        let stop = CancellationToken::new();
+        let (web, served, until) = (self.web.clone(), log.clone(), stop.clone());
+        tokio::spawn(async move {
+            let shutdown = async move { until.cancelled().await };
+            if let Err(e) = crate::web::serve(web, listener, served, shutdown).await {
+                eprintln!("bench: the synthetic web stopped: {e}");
+            }
+        });
+        Ok(WebServer { addr, log, stop })
+    }
+
+    /// Seed the crawl, wait for the frontier to drain, and measure.
+    async fn measure(
+        &self,
+        organism: &mut Organism,
+        web: &WebServer,
+        store: &StoreAt,
+        cells_expected: usize,
+    ) -> anyhow::Result<Row> {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .context("building the HTTP client")?;
+        // `cell up` reports its cells just after its api line.
+        let wait = Instant::now();
+        while organism.cells().len() < cells_expected && wait.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut usage = Usage::default();
+        usage.sample(&organism.cells());
+        let bench_cpu_start = procfs::own_cpu_seconds();
+        let cpu_window = Instant::now();
+
+        let started = Instant::now();
+        let resp = client
+            .post(format!("{}/crawl", organism.api))
+            .json(&serde_json::json!({ "seeds": self.seeds }))
+            .send()
+            .await
+            .context("POST /crawl")?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            bail!("POST /crawl answered {status}: {body}");
+        }
+        let timeout = Duration::from_secs(self.args.timeout_secs);
+        let mut ticker = tokio::time::interval(Duration::from_millis(100));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut drained_at: Option<Instant> = None;
+        let mut last: protocol::Stats;
+        let elapsed = loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = self.interrupt.cancelled() => bail!("interrupted"),
+            }
+            if let Some(status) = organism.exited() {
+                bail!(
+                    "cell up exited ({status}) during the crawl{}",
+                    organism.log_tail()
+                );
+            }
+            usage.sample(&organism.cells());
+            let stats = match get_stats(&client, &organism.api).await {
+                Ok(stats) => stats,
+                Err(e) => {
+                    tracing::debug!(error = %format!("{e:#}"), "GET /stats");
+                    continue;
+                }
+            };
+            let ended = stats.frontier.crawled + stats.frontier.failed;
+            if stats.frontier.drained() && ended > 0 {
+                // Drained twice in a row: the second look confirms the first.
+                match drained_at {
+                    Some(at) => {
+                        last = stats;
+                        break at - started;
+                    }
+                    None => drained_at = Some(Instant::now()),
+                }
+            } else {
+                drained_at = None;
+            }
+            last = stats;
+            if started.elapsed() > timeout {
+                let f = &last.frontier;
+                bail!(
+                    "the frontier did not drain within {timeout:?} (pending {}, in flight {}, \
+                     crawled {}, failed {})",
+                    f.pending,
+                    f.in_flight,
+                    f.crawled,
+                    f.failed
+                );
+            }
+        };
+        let seconds = elapsed.as_secs_f64();
+        let cells = organism.cells();
+        usage.sample(&cells);
+        // CPU over the window between the first and the last sample (the crawl and its
+        // confirmation poll).
+        let window = cpu_window.elapsed().as_secs_f64();
+        let cpu = usage.cpu_percent(window);
+        let bench_cpu = match (bench_cpu_start, procfs::own_cpu_seconds()) {
+            (Some(a), Some(b)) if window > 0.0 => Some(100.0 * (b - a) / window),
+            _ => None,
+        };
+        let served = web.log.len();
+
+        let indexed = store.indexed().await?;
+        let completeness = Completeness::of(&indexed, self.expected);
+        // Just before stopping: the peak of every cell still alive.
+        usage.sample(&organism.cells());
+        let cells = cells
+            .iter()
+            .map(|c| CellUsage {
+                name: c.name.clone(),
+                role: c.role.clone(),
+                pid: c.pid,
+                generation: c.generation,
+                peak_rss_mb: usage
+                    .peak
+                    .get(&c.pid)
+                    .map(|b| *b as f64 / (1024.0 * 1024.0)),
+                cpu_percent: cpu.get(&c.pid).copied(),
+            })
+            .collect();
+        Ok(Row {
+            engine: self.config.label.clone(),
+            latency_ms: u64::try_from(self.web.spec().latency.as_millis()).unwrap_or(u64::MAX),
+            pages: completeness.indexed,
+            expected: completeness.expected,
+            found: completeness.found,
+            completeness_pct: completeness.percent(),
+            extra: completeness.extra,
+            seconds,
+            pages_per_sec: report::per_second(completeness.indexed as u64, seconds),
+            served,
+            crawled: last.frontier.crawled,
+            failed: last.frontier.failed,
+            cells,
+            bench_cpu_percent: bench_cpu,
+        })
+    }
+}
+
+async fn get_stats(client: &reqwest::Client, api: &str) -> anyhow::Result<protocol::Stats> {
+    client
+        .get(format!("{api}/stats"))
+        .send()
+        .await
+        .context("GET /stats")?
+        .error_for_status()
+        .context("GET /stats")?
+        .json()
+        .await
+        .context("decoding /stats")
+}
+
+/// Peak memory and CPU time of every process seen, by pid.
+#[derive(Default)]
+struct Usage {
+    /// Highest `VmHWM` read, bytes.
+    peak: HashMap<u32, u64>,
+    /// CPU seconds when first seen, and when last seen.
+    cpu: BTreeMap<u32, (f64, f64)>,
+}
+
+impl Usage {
+    fn sample(&mut self, cells: &[factory::local::CellInfo]) {
+        for cell in cells {
+            if let Some(bytes) = procfs::peak_rss(cell.pid) {
+                let peak = self.peak.entry(cell.pid).or_default();
+                *peak = (*peak).max(bytes);
+            }
+            if let Some(secs) = procfs::cpu_seconds(cell.pid) {
+                self.cpu
+                    .entry(cell.pid)
+                    .and_modify(|(_, last)| *last = secs)
+                    .or_insert((secs, secs));
+            }
+        }
+    }
+
+    /// CPU used between first and last sight, in percent of one core over `seconds` (the
+    /// wall time between the first and the last sample).
+    fn cpu_percent(&self, seconds: f64) -> HashMap<u32, f64> {
+        if seconds <= 0.0 {
+            return HashMap::new();
+        }
+        self.cpu
+            .iter()
+            .map(|(pid, (first, last))| (*pid, 100.0 * (last - first) / seconds))
+            .collect()
+    }
+}

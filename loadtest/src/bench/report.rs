@@ -1,0 +1,277 @@
+//! The benchmark's results: one [`Row`] per (engine, latency), the arithmetic behind its
+//! figures, and its renderings (a table for people, JSON lines for scripts).
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+/// The label of the embedded default organism, the baseline of every ratio.
+pub const EMBEDDED: &str = "embedded";
+
+/// How the indexed set compares with the oracle's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completeness {
+    /// Pages the organism indexed.
+    pub indexed: usize,
+    /// Pages the oracle expects.
+    pub expected: usize,
+    /// Expected pages that were indexed (|indexed ∩ expected|).
+    pub found: usize,
+    /// Indexed pages the oracle does not expect (|indexed \ expected|).
+    pub extra: usize,
+}
+
+impl Completeness {
+    pub fn of(indexed: &BTreeSet<String>, expected: &BTreeSet<String>) -> Self {
+        let found = indexed.intersection(expected).count();
+        Self {
+            indexed: indexed.len(),
+            expected: expected.len(),
+            found,
+            extra: indexed.len() - found,
+        }
+    }
+
+    /// `found / expected` in percent; an empty expectation is met completely.
+    pub fn percent(&self) -> f64 {
+        if self.expected == 0 {
+            100.0
+        } else {
+            100.0 * self.found as f64 / self.expected as f64
+        }
+    }
+}
+
+/// `count` per second over `seconds` (0 when no time passed).
+pub fn per_second(count: u64, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        count as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
+/// One process of the organism during a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CellUsage {
+    /// `role-N`: the slot, stable across replacements.
+    pub name: String,
+    pub role: String,
+    pub pid: u32,
+    /// 1 for the slot's first process; more when it was replaced during the run.
+    pub generation: u32,
+    /// Peak resident memory (`VmHWM`), MiB; `None` if it could not be read.
+    pub peak_rss_mb: Option<f64>,
+    /// CPU used from the seed POST to the drained frontier, in percent of one core.
+    pub cpu_percent: Option<f64>,
+}
+
+/// One run: one engine configuration at one latency of the web.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    /// [`EMBEDDED`], or the name of the `--infra` file.
+    pub engine: String,
+    /// Delay of the synthetic web before each answer.
+    pub latency_ms: u64,
+    /// Pages in the store's index.
+    pub pages: usize,
+    /// Pages the oracle expects.
+    pub expected: usize,
+    /// Expected pages indexed.
+    pub found: usize,
+    pub completeness_pct: f64,
+    /// Indexed pages the oracle does not expect.
+    pub extra: usize,
+    /// From the seed POST to the drained frontier.
+    pub seconds: f64,
+    /// Indexed pages per second.
+    pub pages_per_sec: f64,
+    /// Requests the synthetic web answered (robots.txt, redirects and 404s included).
+    pub served: usize,
+    /// The frontier's counts at the end.
+    pub crawled: u64,
+    pub failed: u64,
+    /// Every process of the organism, replaced ones included.
+    pub cells: Vec<CellUsage>,
+    /// CPU of the benchmark's own process (the synthetic web's server and the polling), in
+    /// percent of one core.
+    pub bench_cpu_percent: Option<f64>,
+}
+
+impl Row {
+    pub fn completeness(&self) -> Completeness {
+        Completeness {
+            indexed: self.pages,
+            expected: self.expected,
+            found: self.found,
+            extra: self.extra,
+        }
+    }
+}
+
+/// Throughput of the embedded default against another engine at the same latency.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ratio {
+    pub latency_ms: u64,
+    pub engine: String,
+    pub embedded_pages_per_sec: f64,
+    pub pages_per_sec: f64,
+    /// embedded pages/s ÷ this engine's pages/s (above 1: the embedded default is faster).
+    pub ratio: f64,
+}
+
+/// Every (embedded, other) pair of rows at the same latency.
+pub fn ratios(rows: &[Row]) -> Vec<Ratio> {
+    let mut out = Vec::new();
+    for base in rows.iter().filter(|r| r.engine == EMBEDDED) {
+        for other in rows
+            .iter()
+            .filter(|r| r.engine != EMBEDDED && r.latency_ms == base.latency_ms)
+        {
+            out.push(Ratio {
+                latency_ms: base.latency_ms,
+                engine: other.engine.clone(),
+                embedded_pages_per_sec: base.pages_per_sec,
+                pages_per_sec: other.pages_per_sec,
+                ratio: if other.pages_per_sec > 0.0 {
+                    base.pages_per_sec / other.pages_per_sec
+                } else {
+                    f64::INFINITY
+                },
+            });
+        }
+    }
+    out
+}
+
+pub fn render_ratios(ratios: &[Ratio]) -> String {
+    let mut out = String::new();
+    for r in ratios {
+        let _ = writeln!(
+            out,
+            "latency {} ms: {EMBEDDED} {:.0} pages/s ÷ {} {:.0} pages/s = {:.2}x",
+            r.latency_ms, r.embedded_pages_per_sec, r.engine, r.pages_per_sec, r.ratio
+        );
+    }
+    out
+}
+
+const HEADER: [&str; 14] = [
+    "engine",
+    "latency ms",
+    "indexed",
+    "expected",
+    "complete %",
+    "extra",
+    "seconds",
+    "pages/s",
+    "served",
+    "api MB",
+    "crawler MB",
+    "cpu% api",
+    "cpu% crawlers",
+    "cpu% bench",
+];
+
+/// The rows as an aligned text table (the engine left-aligned, figures right-aligned). Cells
+/// of a role are listed by slot, `/`-separated; a slot whose process was replaced during the
+/// run is marked `*` and shows its biggest process.
+pub fn render_table(rows: &[Row]) -> String {
+    let mut lines: Vec<[String; 14]> = vec![HEADER.map(str::to_string)];
+    let mut replaced = false;
+    for row in rows {
+        let (api_mb, api_cpu, api_replaced) = by_slot(&row.cells, "api");
+        let (crawler_mb, crawler_cpu, crawler_replaced) = by_slot(&row.cells, "crawler");
+        replaced |= api_replaced || crawler_replaced;
+        lines.push([
+            row.engine.clone(),
+            row.latency_ms.to_string(),
+            row.pages.to_string(),
+            row.expected.to_string(),
+            format!("{:.1}", row.completeness_pct),
+            row.extra.to_string(),
+            format!("{:.2}", row.seconds),
+            format!("{:.0}", row.pages_per_sec),
+            row.served.to_string(),
+            api_mb,
+            crawler_mb,
+            api_cpu,
+            crawler_cpu,
+            optional(row.bench_cpu_percent, 0),
+        ]);
+    }
+    let mut widths = [0usize; 14];
+    for line in &lines {
+        for (w, cell) in widths.iter_mut().zip(line) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for line in &lines {
+        let mut text = String::new();
+        for (i, (cell, w)) in line.iter().zip(widths).enumerate() {
+            if i > 0 {
+                text.push_str("  ");
+            }
+            if i == 0 {
+                let _ = write!(text, "{cell:<w$}");
+            } else {
+                let _ = write!(text, "{cell:>w$}");
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    }
+    if replaced {
+        out.push_str("* a cell of this slot was replaced during the run\n");
+    }
+    out
+}
+
+/// Peak RSS (MiB) and CPU% of each slot of `role`, `/`-separated in slot order, and whether a
+/// slot was replaced.
+fn by_slot(cells: &[CellUsage], role: &str) -> (String, String, bool) {
+    let mut names: Vec<&str> = cells
+        .iter()
+        .filter(|c| c.role == role)
+        .map(|c| c.name.as_str())
+        .collect();
+    names.sort_by_key(|n| slot_order(n));
+    names.dedup();
+    let mut rss = Vec::new();
+    let mut cpu = Vec::new();
+    let mut any_replaced = false;
+    for name in names {
+        let slot: Vec<&CellUsage> = cells.iter().filter(|c| c.name == name).collect();
+        let replaced = slot.iter().any(|c| c.generation > 1) || slot.len() > 1;
+        any_replaced |= replaced;
+        let mark = if replaced { "*" } else { "" };
+        let peak = slot
+            .iter()
+            .filter_map(|c| c.peak_rss_mb)
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
+        let used: Option<f64> = slot
+            .iter()
+            .filter_map(|c| c.cpu_percent)
+            .fold(None, |s, v| Some(s.unwrap_or(0.0) + v));
+        rss.push(format!("{}{mark}", optional(peak, 0)));
+        cpu.push(optional(used, 0));
+    }
+    if rss.is_empty() {
+        return ("-".into(), "-".into(), false);
+    }
+    (rss.join("/"), cpu.join("/"), any_replaced)
+}
+
+/// `crawler-10` after `crawler-9`.
+fn slot_order(name: &str) -> (String, u64) {
+    match name.rsplit_once('-') {
+        Some((role, n)) => (role.to_string(), n.parse().unwrap_or(u64::MAX)),
+        None => (name.to_string(), 0),
+    }
+}
+
+fn optional(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "-".to_string(), |v| format!("{v:.decimals$}"))
+}
