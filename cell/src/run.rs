@@ -27,8 +27,9 @@ pub struct RunArgs {
     /// Crawler: API base URLs to send results to when a job's own API does not answer.
     #[arg(long = "api")]
     apis: Vec<String>,
-    /// Crawler: how many crawler cells share the per-host politeness limits.
-    #[arg(long, default_value_t = 1)]
+    /// Crawler: how many crawler cells share the per-host politeness limits (0: the crawler
+    /// role's minimum in the configuration).
+    #[arg(long, default_value_t = 0)]
     crawler_share: u32,
     /// Exit when standard input closes (set by the local provider).
     #[arg(long)]
@@ -294,7 +295,10 @@ async fn run_crawler(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<()> {
-    let share = args.crawler_share.max(1);
+    let share = match args.crawler_share {
+        0 => cfg.bounds("crawler").min.max(1),
+        n => n,
+    };
     let mut fetch = cfg.raw.crawler.fetch.clone();
     // The configured per-host limits are the organism's; each crawler cell takes its share.
     fetch.per_host_rate /= f64::from(share);

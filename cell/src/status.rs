@@ -1,11 +1,14 @@
-//! `cell status`: the cells `cell up` recorded, and whether each answers.
+//! `cell status`: the organism `cell up` started here: its live cells from the registry, and the
+//! crawl's totals.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use factory::local::CellInfo;
+use protocol::control::CellsResponse;
+
+use crate::up::{OrganismFile, ORGANISM_FILE};
 
 #[derive(Args)]
 pub struct StatusArgs {
@@ -20,45 +23,55 @@ pub struct StatusArgs {
 pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let cfg = crate::load_config(args.infra.as_ref())?;
     let dir = args.data_dir.unwrap_or(cfg.raw.organism.data_dir);
-    let path = dir.join(crate::up::CELLS_FILE);
+    let path = dir.join(ORGANISM_FILE);
     let bytes = std::fs::read(&path).with_context(|| {
         format!(
             "reading {}: is an organism running here (`cell up`)?",
             path.display()
         )
     })?;
-    let cells: Vec<CellInfo> =
+    let organism: OrganismFile =
         serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()?;
-    println!(
-        "{:<12} {:<8} {:>8} {:<22} {:<6} STATE",
-        "CELL", "ROLE", "PID", "ADDRESS", "GEN"
-    );
-    let mut api = None;
-    for c in &cells {
-        let state = match client.get(format!("http://{}/readyz", c.addr)).send().await {
-            Ok(r) if r.status().is_success() => "ready",
-            Ok(_) => "not ready",
-            Err(_) => "not answering",
-        };
-        if c.role == "api" && state == "ready" && api.is_none() {
-            api = Some(c.addr.clone());
+    let mut view = None;
+    for hc in &organism.healthcheckers {
+        if let Ok(resp) = client.get(format!("{hc}/cells")).send().await {
+            if let Ok(cells) = resp.json::<CellsResponse>().await {
+                view = Some(cells);
+                break;
+            }
         }
-        println!(
-            "{:<12} {:<8} {:>8} {:<22} {:<6} {state}",
-            c.name, c.role, c.pid, c.addr, c.generation
-        );
     }
-    if let Some(addr) = api {
-        if let Ok(resp) = client.get(format!("http://{addr}/stats")).send().await {
+    let view = view.context("no health checker answers: is the organism running?")?;
+    println!(
+        "{:<28} {:<14} {:>8} {:<24} {:<11} {:>8} {:>9}",
+        "CELL", "ROLE", "PID", "ADDRESS", "STATE", "PRESSURE", "AGE"
+    );
+    for (role, cells) in &view.roles {
+        for c in cells {
+            println!(
+                "{:<28} {:<14} {:>8} {:<24} {:<11} {:>8.2} {:>8}s",
+                c.cell_id,
+                role,
+                c.pid.map(|p| p.to_string()).unwrap_or_default(),
+                c.addr.trim_start_matches("http://"),
+                format!("{:?}", c.state).to_lowercase(),
+                c.pressure,
+                c.age_ms / 1000
+            );
+        }
+    }
+    for front in &organism.frontdoors {
+        if let Ok(resp) = client.get(format!("{front}/stats")).send().await {
             if let Ok(stats) = resp.json::<protocol::Stats>().await {
                 let f = &stats.frontier;
                 println!(
                     "pages indexed {}; frontier pending {}, in flight {}, crawled {}, failed {}",
                     stats.pages_indexed, f.pending, f.in_flight, f.crawled, f.failed
                 );
+                break;
             }
         }
     }

@@ -1,7 +1,10 @@
-//! `cell up`: a whole organism on this machine. Starts each cell as its own OS process through
-//! the factory's local provider, keeps them alive (a dead cell is replaced), and on Ctrl-C asks
-//! them all to drain. With `--demo` it also serves the bundled synthetic web and seeds the crawl.
+//! `cell up`: a whole organism on this machine. It starts the factory (supervised: restarted if
+//! it dies) and asks it for two health checkers; the health checkers then grow the organism to
+//! the minimums in `infra/` through the factory (api, crawlers, front doors) and replace any cell
+//! that dies. With `--demo` it also serves the bundled synthetic web and seeds the crawl with it.
+//! Ctrl-C asks every cell to drain.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,7 +12,10 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use factory::local::{CellInfo, CellSpec, Event, LocalProvider, Supervisor};
+use control::{ClusterKey, ControlClient, Signer};
+use factory::local::{CellSpec, Event, LocalProvider, Supervisor};
+use protocol::control::{CellsResponse, ReplaceReply, ReplaceRequest};
+use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Args)]
@@ -28,8 +34,15 @@ pub struct UpArgs {
     grace_secs: u64,
 }
 
-/// Where `cell up` records its cells, for `cell status`.
-pub const CELLS_FILE: &str = "cells.json";
+/// Where `cell up` records the organism's fixed addresses, for `cell status`.
+pub const ORGANISM_FILE: &str = "organism.json";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OrganismFile {
+    pub factory: String,
+    pub healthcheckers: Vec<String>,
+    pub frontdoors: Vec<String>,
+}
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut cfg = crate::load_config(args.infra.as_ref())?;
@@ -47,73 +60,103 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-
     // Children read the effective configuration (demo settings included) from one file.
     let effective = data_dir.join("organism.effective.toml");
     std::fs::write(&effective, cfg.to_toml())
         .with_context(|| format!("writing {}", effective.display()))?;
-    let exe = std::env::current_exe().context("locating the cell executable")?;
+
+    // The organism's secret, generated for this run and handed to the cells in the environment.
+    let key = ClusterKey::generate();
+    let factory_addr = fixed_port("127.0.0.1:0")?;
+    let hcs = [fixed_port("127.0.0.1:0")?, fixed_port("127.0.0.1:0")?];
+    let frontdoors = frontdoor_addresses(&cfg.raw.frontdoor.listen)?;
+    let file = OrganismFile {
+        factory: format!("http://{factory_addr}"),
+        healthcheckers: hcs.iter().map(|a| format!("http://{a}")).collect(),
+        frontdoors: frontdoors.iter().map(|a| format!("http://{a}")).collect(),
+    };
+    std::fs::write(
+        data_dir.join(ORGANISM_FILE),
+        serde_json::to_vec_pretty(&file).expect("the organism file always serializes"),
+    )
+    .context("recording the organism's addresses")?;
+
     let provider = LocalProvider {
-        exe,
+        exe: std::env::current_exe().context("locating the cell executable")?,
         common_args: vec!["--infra".into(), effective.to_string_lossy().to_string()],
         ready_timeout: Duration::from_secs(60),
         tie_to_parent: true,
-        env: Vec::new(),
+        env: vec![(control::KEY_ENV.to_string(), key.to_hex())],
     };
     let (mut supervisor, mut events) = Supervisor::new(provider);
     let grace = Duration::from_secs(args.grace_secs);
-
-    let mut cells: Vec<CellInfo> = Vec::new();
-    let mut api_urls = Vec::new();
-    for i in 0..cfg.bounds("api").min.max(1) {
-        // A fixed port, so a replaced api cell answers where its predecessor did.
-        let listen = if i == 0 {
-            fixed_port(&cfg.raw.api.listen)?
-        } else {
-            fixed_port("127.0.0.1:0")?
-        };
-        let info = supervisor
-            .add(
-                format!("api-{}", i + 1),
-                CellSpec {
-                    role: "api".into(),
-                    args: vec!["--listen".into(), listen],
-                },
-                shutdown.clone(),
-                grace,
-            )
-            .await?;
-        api_urls.push(format!("http://{}", info.addr));
-        cells.push(info);
+    let mut factory_args = vec![
+        "--listen".to_string(),
+        factory_addr.clone(),
+        "--cell-id".into(),
+        "factory-1".into(),
+        "--fixed".into(),
+        format!("healthchecker={}", hcs.join(",")),
+        "--fixed".into(),
+        format!("frontdoor={}", frontdoors.join(",")),
+        "--grace-secs".into(),
+        args.grace_secs.to_string(),
+    ];
+    for hc in &file.healthcheckers {
+        factory_args.push("--healthchecker".into());
+        factory_args.push(hc.clone());
     }
-    let crawlers = cfg.bounds("crawler").min.max(1);
-    for i in 0..crawlers {
-        let mut args = vec!["--crawler-share".into(), crawlers.to_string()];
-        for url in &api_urls {
-            args.push("--api".into());
-            args.push(url.clone());
-        }
-        let info = supervisor
-            .add(
-                format!("crawler-{}", i + 1),
-                CellSpec {
-                    role: "crawler".into(),
-                    args,
-                },
-                shutdown.clone(),
-                grace,
-            )
-            .await?;
-        cells.push(info);
-    }
-    write_cells(&data_dir, &cells);
+    supervisor
+        .add(
+            "factory-1".into(),
+            CellSpec {
+                role: "factory".into(),
+                args: factory_args,
+            },
+            shutdown.clone(),
+            grace,
+        )
+        .await?;
 
-    let api = api_urls[0].clone();
-    println!("homeostat is up: {} cells; api {api}", cells.len());
-    println!("  crawl:  curl -X POST {api}/crawl -H 'content-type: application/json' -d '{{\"seeds\":[\"https://example.com/\"]}}'");
-    println!("  stats:  curl {api}/stats");
+    // Two health checkers; they grow the rest.
+    let me = ControlClient::new(Signer::new(key.clone(), "cell-up"));
+    for i in 1..=2 {
+        let reply: ReplaceReply = me
+            .send(
+                &file.factory,
+                "/control/replace",
+                ReplaceRequest::KIND,
+                &ReplaceRequest {
+                    request_key: format!("grow:healthchecker:{i}"),
+                    role: "healthchecker".into(),
+                    reason: "organism start".into(),
+                    parent: None,
+                },
+            )
+            .await
+            .context("asking the factory for a health checker")?;
+        tracing::debug!(?reply, "health checker requested");
+    }
+    let minimums: BTreeMap<String, u32> = cfg
+        .raw
+        .roles
+        .iter()
+        .map(|(r, b)| (r.clone(), b.min))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    let view = wait_for_minimums(&file.healthcheckers, &minimums, &shutdown).await?;
+    let total: usize = view.roles.values().map(Vec::len).sum();
+    let front = file.frontdoors[0].clone();
+    println!(
+        "homeostat is up: {total} cells; frontdoor {}",
+        file.frontdoors.join(" ")
+    );
+    println!("  healthcheckers {}", file.healthcheckers.join(" "));
+    println!("  crawl:  curl -X POST {front}/crawl -H 'content-type: application/json' -d '{{\"seeds\":[\"https://example.com/\"]}}'");
+    println!("  stats:  curl {front}/stats");
+    println!("  cells:  curl {}/cells", file.healthcheckers[0]);
     if let Some(demo) = &demo {
-        seed_demo(&api, demo).await?;
+        seed_demo(&front, demo).await?;
         // An ASCII word, so the printed command works as typed.
         let word = demo
             .web
@@ -128,7 +171,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             demo.web.hosts().len(),
             demo.addr
         );
-        println!("  search: curl '{api}/search?q={word}'");
+        println!("  search: curl '{front}/search?q={word}'");
     }
     println!("Ctrl-C drains and stops every cell.");
 
@@ -136,26 +179,111 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(event) = events.recv() => match event {
-                Event::Started(info) => {
-                    println!("{}", info.render());
-                    if let Some(slot) = cells.iter_mut().find(|c| c.name == info.name) {
-                        *slot = info;
-                    }
-                    write_cells(&data_dir, &cells);
+                Event::Started(info) if info.generation > 1 => {
+                    eprintln!("factory restarted (pid {})", info.pid);
                 }
+                Event::Started(_) => {}
                 Event::Exited { name, pid, status } => {
-                    eprintln!("cell {name} (pid {pid}) exited: {status}; replacing it");
+                    eprintln!("{name} (pid {pid}) exited: {status}; restarting it");
                 }
                 Event::StartFailed { name, error } => {
-                    eprintln!("cell {name} failed to start: {error}");
+                    eprintln!("{name} failed to start: {error}");
                 }
             },
         }
     }
-    eprintln!("draining {} cells…", cells.len());
+    eprintln!("draining the organism…");
+    // Cells a previous factory started are not the current factory's children: stop them too.
+    let orphans = registry_pids(&file.healthcheckers).await;
     supervisor.join().await;
+    for pid in &orphans {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    while orphans.iter().any(|p| alive(*p)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     eprintln!("stopped");
     Ok(())
+}
+
+fn alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+async fn registry(healthcheckers: &[String]) -> Option<CellsResponse> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .ok()?;
+    for hc in healthcheckers {
+        if let Ok(resp) = client.get(format!("{hc}/cells")).send().await {
+            if let Ok(cells) = resp.json::<CellsResponse>().await {
+                return Some(cells);
+            }
+        }
+    }
+    None
+}
+
+async fn registry_pids(healthcheckers: &[String]) -> Vec<u32> {
+    registry(healthcheckers)
+        .await
+        .map(|c| {
+            c.roles
+                .values()
+                .flatten()
+                .filter(|r| r.role != "factory")
+                .filter_map(|r| r.pid)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn wait_for_minimums(
+    healthcheckers: &[String],
+    minimums: &BTreeMap<String, u32>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<CellsResponse> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let mut last = None;
+    loop {
+        if let Some(view) = registry(healthcheckers).await {
+            let short: Vec<String> = minimums
+                .iter()
+                .filter(|(role, min)| {
+                    view.roles.get(*role).map(Vec::len).unwrap_or(0) < **min as usize
+                })
+                .map(|(role, min)| format!("{role} (min {min})"))
+                .collect();
+            if short.is_empty() {
+                return Ok(view);
+            }
+            last = Some(short);
+        }
+        if shutdown.is_cancelled() {
+            anyhow::bail!("interrupted while the organism was growing");
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the organism did not reach its minimums in 120 s; short of: {last:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The front doors' addresses: the configured one and the next port, or two free ports.
+fn frontdoor_addresses(listen: &str) -> anyhow::Result<[String; 2]> {
+    let addr: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("frontdoor.listen {listen:?} is not an address"))?;
+    if addr.port() == 0 {
+        return Ok([fixed_port(listen)?, fixed_port(listen)?]);
+    }
+    let second = SocketAddr::new(addr.ip(), addr.port().wrapping_add(1));
+    Ok([addr.to_string(), second.to_string()])
 }
 
 /// Turn `host:0` into `host:N` with a port free right now.
@@ -168,18 +296,6 @@ fn fixed_port(listen: &str) -> anyhow::Result<String> {
     }
     let probe = std::net::TcpListener::bind(addr).with_context(|| format!("binding {listen}"))?;
     Ok(probe.local_addr()?.to_string())
-}
-
-fn write_cells(dir: &std::path::Path, cells: &[CellInfo]) {
-    let path = dir.join(CELLS_FILE);
-    match serde_json::to_vec_pretty(cells) {
-        Ok(bytes) => {
-            if let Err(e) = std::fs::write(&path, bytes) {
-                tracing::warn!(error = %e, path = %path.display(), "cannot record the cells");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot encode the cells"),
-    }
 }
 
 struct DemoWeb {
@@ -223,10 +339,10 @@ async fn start_demo_web(
     Ok(DemoWeb { web, addr })
 }
 
-async fn seed_demo(api: &str, demo: &DemoWeb) -> anyhow::Result<()> {
+async fn seed_demo(front: &str, demo: &DemoWeb) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let resp = client
-        .post(format!("{api}/crawl"))
+        .post(format!("{front}/crawl"))
         .json(&protocol::CrawlRequest {
             seeds: demo.web.seeds(),
             max_depth: None,

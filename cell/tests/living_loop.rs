@@ -112,20 +112,25 @@ async fn a_crawler_killed_mid_crawl_loses_nothing() {
     let stats = org
         .wait_drained(Duration::from_secs(300), |s| {
             if !killed && s.frontier.crawled >= kill_after {
-                sigkill(victim.pid);
+                sigkill(victim.pid.expect("the registry knows the pid"));
                 killed = true;
             }
         })
         .await;
     assert!(killed, "the crawl ended before the kill ({stats:?})");
-    // The supervisor replaced the dead crawler.
-    let now = org.cells_of("crawler").await;
-    let slot = now
-        .iter()
-        .find(|c| c.name == victim.name)
-        .expect("the slot is still there");
-    assert_ne!(slot.pid, victim.pid, "the killed crawler was replaced");
-    assert!(slot.generation >= 2);
+    // The health checkers had the dead crawler replaced.
+    let now = org
+        .wait_replaced(
+            "crawler",
+            2,
+            std::slice::from_ref(&victim.cell_id),
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        now.iter().any(|c| c.parent.is_some()),
+        "the replacement names its parent: {now:?}"
+    );
     let expected = web.web.expect(&seeds, None);
     assert_exact(&web.web, &org.indexed().await, &expected);
     org.stop().await;

@@ -8,11 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engines::Store;
-use factory::local::CellInfo;
 use loadtest::web::{ServedLog, SyntheticWeb, WebSpec};
+use protocol::control::{CellRecord, CellsResponse};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 pub struct Web {
@@ -51,8 +50,10 @@ pub async fn serve_web(spec: WebSpec) -> Web {
 pub struct Organism {
     pub child: Child,
     pub dir: tempfile::TempDir,
+    /// The first front door: where clients go.
     pub api: String,
-    pub cells: Arc<Mutex<Vec<CellInfo>>>,
+    pub frontdoors: Vec<String>,
+    pub healthcheckers: Vec<String>,
     pub client: reqwest::Client,
 }
 
@@ -68,6 +69,9 @@ lease_secs = 3
 max_deliveries = 5
 
 [api]
+listen = "127.0.0.1:0"
+
+[frontdoor]
 listen = "127.0.0.1:0"
 
 [crawler.fetch]
@@ -110,35 +114,34 @@ impl Organism {
             .spawn()
             .expect("start cell up");
         let stdout = child.stdout.take().expect("stdout");
-        let cells: Arc<Mutex<Vec<CellInfo>>> = Arc::default();
-        let (api_tx, api_rx) = tokio::sync::oneshot::channel();
-        let seen = cells.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            let mut api_tx = Some(api_tx);
+            let mut tx = Some(tx);
+            let mut frontdoors = Vec::new();
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(info) = CellInfo::parse(&line) {
-                    let mut cells = seen.lock().await;
-                    cells.retain(|c| c.name != info.name);
-                    cells.push(info);
-                } else if let Some(rest) = line.strip_prefix("homeostat is up: ") {
-                    if let Some(api) = rest.split("api ").nth(1) {
-                        if let Some(tx) = api_tx.take() {
-                            let _ = tx.send(api.trim().to_string());
-                        }
+                if let Some(rest) = line.strip_prefix("homeostat is up: ") {
+                    if let Some(list) = rest.split("frontdoor ").nth(1) {
+                        frontdoors = list.split_whitespace().map(str::to_string).collect();
+                    }
+                } else if let Some(list) = line.trim().strip_prefix("healthcheckers ") {
+                    let hcs: Vec<String> = list.split_whitespace().map(str::to_string).collect();
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send((frontdoors.clone(), hcs));
                     }
                 }
             }
         });
-        let api = tokio::time::timeout(Duration::from_secs(120), api_rx)
+        let (frontdoors, healthcheckers) = tokio::time::timeout(Duration::from_secs(120), rx)
             .await
             .expect("organism up within 120 s")
-            .expect("cell up printed its api");
+            .expect("cell up printed its front doors and health checkers");
         Organism {
             child,
             dir,
-            api,
-            cells,
+            api: frontdoors[0].clone(),
+            frontdoors,
+            healthcheckers,
             client: reqwest::Client::new(),
         }
     }
@@ -238,14 +241,39 @@ impl Organism {
             .collect()
     }
 
-    pub async fn cells_of(&self, role: &str) -> Vec<CellInfo> {
-        self.cells
-            .lock()
-            .await
-            .iter()
-            .filter(|c| c.role == role)
-            .cloned()
-            .collect()
+    /// The live cells of `role`, from the first health checker that answers.
+    pub async fn cells_of(&self, role: &str) -> Vec<CellRecord> {
+        for hc in &self.healthcheckers {
+            let Ok(resp) = self.client.get(format!("{hc}/cells")).send().await else {
+                continue;
+            };
+            if let Ok(cells) = resp.json::<CellsResponse>().await {
+                return cells.roles.get(role).cloned().unwrap_or_default();
+            }
+        }
+        Vec::new()
+    }
+
+    /// Wait until `role` has `n` live cells none of which is in `gone`.
+    pub async fn wait_replaced(
+        &self,
+        role: &str,
+        n: usize,
+        gone: &[String],
+        limit: Duration,
+    ) -> Vec<CellRecord> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let cells = self.cells_of(role).await;
+            if cells.len() >= n && cells.iter().all(|c| !gone.contains(&c.cell_id)) {
+                return cells;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{role} not back to {n} cells without {gone:?} within {limit:?}: {cells:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// SIGTERM `cell up` and wait for it to drain and exit.
