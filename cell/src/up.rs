@@ -145,6 +145,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .filter(|(_, n)| *n > 0)
         .collect();
     let view = wait_for_minimums(&file.healthcheckers, &minimums, &shutdown).await?;
+    for front in &file.frontdoors {
+        wait_routable(front).await?;
+    }
     let total: usize = view.roles.values().map(Vec::len).sum();
     let front = file.frontdoors[0].clone();
     println!(
@@ -271,6 +274,25 @@ async fn wait_for_minimums(
             anyhow::bail!("the organism did not reach its minimums in 120 s; short of: {last:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Wait until a front door routes to an api (it learns them from the registry by polling).
+async fn wait_routable(front: &str) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(resp) = client.get(format!("{front}/stats")).send().await {
+            if resp.status().is_success() {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the front door {front} routes to no api after 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

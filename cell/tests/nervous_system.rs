@@ -129,13 +129,25 @@ async fn health_checkers_grow_the_organism_and_replace_the_dead() {
     let front = format!("http://{d1}");
     let client = reqwest::Client::new();
     let seeds = web.web.seeds();
-    let resp = client
-        .post(format!("{front}/crawl"))
-        .json(&serde_json::json!({ "seeds": seeds }))
-        .send()
-        .await
-        .expect("crawl through the front door");
-    assert_eq!(resp.status(), 202);
+    // The front door learns the api from the registry within a poll or two.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = client
+            .post(format!("{front}/crawl"))
+            .json(&serde_json::json!({ "seeds": seeds }))
+            .send()
+            .await
+            .expect("crawl through the front door");
+        if resp.status() == 202 {
+            break;
+        }
+        assert_eq!(resp.status(), 503, "only 'no api live yet' may come first");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the front door never routed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Kill a crawler: it is declared dead and replaced by a new cell.
     let victim = view.roles["crawler"][0].clone();
