@@ -202,6 +202,20 @@ pub async fn run(
         tasks.spawn(poller.run(feed, background.clone()));
     }
     tasks.spawn(forget_departed(state.clone(), background.clone()));
+    if state.feed.is_some() {
+        // A replacement front door must not answer "no api is live" before its first look at
+        // the registry: hold new connections (they wait in the listen backlog) until it knows
+        // an api, or for a bounded moment when there is none yet.
+        let mut backends = state.subscribe();
+        let first = tokio::time::timeout(Duration::from_secs(1), async {
+            while backends.borrow_and_update().is_empty() {
+                if backends.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let _ = first.await;
+    }
     state.ready.set(true);
     let stop = shutdown.clone();
     let served = axum::serve(listener, app(state.clone()))

@@ -474,12 +474,10 @@ impl Run<'_> {
         };
         let text = overlay::apply_to_text(&self.config.text, &self.config.source, &overlay)?;
         let checked = format!("{} with the bench's keys", self.config.source);
-        let cfg = infra::Config::parse(&text, &checked)?;
+        infra::Config::parse(&text, &checked)?;
         let infra_path = dir.path().join("organism.toml");
         std::fs::write(&infra_path, &text)
             .with_context(|| format!("writing {}", infra_path.display()))?;
-        let cells_expected =
-            (cfg.bounds("api").min.max(1) + cfg.bounds("crawler").min.max(1)) as usize;
 
         // Created last, so nothing above can fail and leave it behind.
         let mut fresh_db = None;
@@ -522,9 +520,7 @@ impl Run<'_> {
         };
         let result = match Organism::start(&launch).await {
             Ok(mut organism) => {
-                let measured = self
-                    .measure(&mut organism, &web, &store, cells_expected)
-                    .await;
+                let measured = self.measure(&mut organism, &web, &store).await;
                 let stopped = organism.stop().await;
                 match (measured, stopped) {
                     (Ok(row), Ok(())) => Ok(row),
@@ -585,26 +581,36 @@ impl Run<'_> {
         organism: &mut Organism,
         web: &WebServer,
         store: &StoreAt,
-        cells_expected: usize,
     ) -> anyhow::Result<Row> {
         let client = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(30))
             .build()
             .context("building the HTTP client")?;
-        // `cell up` reports its cells just after its api line.
+        // The cells alive when the crawl starts.
         let wait = Instant::now();
-        while organism.cells().len() < cells_expected && wait.elapsed() < Duration::from_secs(5) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let at_start = loop {
+            match organism.refresh().await {
+                Some(cells) if !cells.is_empty() => break cells,
+                _ if wait.elapsed() > Duration::from_secs(5) => {
+                    bail!(
+                        "cannot list the organism's cells (no registry answer, no \
+                         HOMEOSTAT_CELL line){}",
+                        organism.log_tail()
+                    )
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        };
+        let at_start: BTreeSet<u32> = at_start.iter().map(|c| c.pid).collect();
         let mut usage = Usage::default();
-        usage.sample(&organism.cells());
+        usage.sample(organism.seen().keys());
         let bench_cpu_start = procfs::own_cpu_seconds();
         let cpu_window = Instant::now();
 
         let started = Instant::now();
         let resp = client
-            .post(format!("{}/crawl", organism.api))
+            .post(format!("{}/crawl", organism.front))
             .json(&serde_json::json!({ "seeds": self.seeds }))
             .send()
             .await
@@ -619,6 +625,7 @@ impl Run<'_> {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut drained_at: Option<Instant> = None;
         let mut last: protocol::Stats;
+        let mut ticks = 0u64;
         let elapsed = loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -630,8 +637,13 @@ impl Run<'_> {
                     organism.log_tail()
                 );
             }
-            usage.sample(&organism.cells());
-            let stats = match get_stats(&client, &organism.api).await {
+            // The registry twice a second (cells come and go rarely); /proc every tick.
+            ticks += 1;
+            if ticks % 5 == 0 {
+                organism.refresh().await;
+            }
+            usage.sample(organism.seen().keys());
+            let stats = match get_stats(&client, &organism.front).await {
                 Ok(stats) => stats,
                 Err(e) => {
                     tracing::debug!(error = %format!("{e:#}"), "GET /stats");
@@ -665,8 +677,12 @@ impl Run<'_> {
             }
         };
         let seconds = elapsed.as_secs_f64();
-        let cells = organism.cells();
-        usage.sample(&cells);
+        let at_end: BTreeSet<u32> = organism
+            .refresh()
+            .await
+            .map(|cells| cells.iter().map(|c| c.pid).collect())
+            .unwrap_or_else(|| organism.seen().keys().copied().collect());
+        usage.sample(organism.seen().keys());
         // CPU over the window between the first and the last sample (the crawl and its
         // confirmation poll).
         let window = cpu_window.elapsed().as_secs_f64();
@@ -680,14 +696,16 @@ impl Run<'_> {
         let indexed = store.indexed().await?;
         let completeness = Completeness::of(&indexed, self.expected);
         // Just before stopping: the peak of every cell still alive.
-        usage.sample(&organism.cells());
-        let cells = cells
-            .iter()
+        usage.sample(organism.seen().keys());
+        let cells = organism
+            .seen()
+            .values()
             .map(|c| CellUsage {
                 name: c.name.clone(),
                 role: c.role.clone(),
                 pid: c.pid,
                 generation: c.generation,
+                changed: !at_start.contains(&c.pid) || !at_end.contains(&c.pid),
                 peak_rss_mb: usage
                     .peak
                     .get(&c.pid)
@@ -737,15 +755,15 @@ struct Usage {
 }
 
 impl Usage {
-    fn sample(&mut self, cells: &[factory::local::CellInfo]) {
-        for cell in cells {
-            if let Some(bytes) = procfs::peak_rss(cell.pid) {
-                let peak = self.peak.entry(cell.pid).or_default();
+    fn sample<'a>(&mut self, pids: impl Iterator<Item = &'a u32>) {
+        for &pid in pids {
+            if let Some(bytes) = procfs::peak_rss(pid) {
+                let peak = self.peak.entry(pid).or_default();
                 *peak = (*peak).max(bytes);
             }
-            if let Some(secs) = procfs::cpu_seconds(cell.pid) {
+            if let Some(secs) = procfs::cpu_seconds(pid) {
                 self.cpu
-                    .entry(cell.pid)
+                    .entry(pid)
                     .and_modify(|(_, last)| *last = secs)
                     .or_insert((secs, secs));
             }

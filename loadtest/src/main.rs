@@ -1,5 +1,6 @@
 //! `loadtest`: the bundled harness. `loadtest web` serves the synthetic web or prints its oracle;
-//! `loadtest bench crawl` benchmarks whole organisms against it.
+//! `loadtest bench crawl` benchmarks whole organisms against it; `loadtest bench heal` measures
+//! how fast one heals.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -24,7 +25,18 @@ enum Command {
     Web(WebArgs),
     /// Benchmarks of whole organisms.
     #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+/// `loadtest bench`: the commands of [`loadtest::bench`] (`crawl`) and `heal`.
+#[derive(Subcommand)]
+enum BenchCommand {
+    #[command(flatten)]
     Bench(loadtest::bench::BenchCommand),
+    /// Kill cells of each role with SIGKILL under a client search load and report how fast the
+    /// organism declares each death and serves a replacement, and the client requests that
+    /// failed.
+    Heal(loadtest::heal::HealArgs),
 }
 
 #[derive(Args)]
@@ -77,7 +89,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let result = match Cli::parse().command {
         Command::Web(args) => web_command(args).await,
-        Command::Bench(command) => loadtest::bench::run(command).await,
+        Command::Bench(BenchCommand::Bench(command)) => loadtest::bench::run(command).await,
+        Command::Bench(BenchCommand::Heal(args)) => loadtest::heal::heal_command(&args).await,
     };
     match result {
         // `loadtest web --expect | head` is not an error.

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use loadtest::bench::fresh::{effective, redact, Engine, StoreAt};
-use loadtest::bench::organism::parse_up_line;
+use loadtest::bench::organism::{parse_healthcheckers_line, parse_up_line, registry_cells};
 use loadtest::bench::overlay::{apply_to_text, get_str, merge, BenchOverlay, WEB_NETWORK};
 use loadtest::bench::procfs::{parse_cpu_ticks, parse_vm_hwm, peak_rss};
 use loadtest::bench::report::{
@@ -113,6 +113,10 @@ per_host_rate = 2.0
         Some("/tmp/bench-run/data")
     );
     assert_eq!(get_str(&table, &["api", "listen"]), Some("127.0.0.1:0"));
+    assert_eq!(
+        get_str(&table, &["frontdoor", "listen"]),
+        Some("127.0.0.1:0")
+    );
     assert_eq!(
         get_str(&table, &["queue", "name"]),
         Some("homeostat.bench.1_2_3")
@@ -240,6 +244,7 @@ fn cell(name: &str, pid: u32, generation: u32, mb: f64, cpu: f64) -> CellUsage {
         role: name.split('-').next().expect("role").into(),
         pid,
         generation,
+        changed: false,
         peak_rss_mb: Some(mb),
         cpu_percent: Some(cpu),
     }
@@ -286,6 +291,12 @@ fn the_table_has_one_aligned_line_per_row_and_marks_replaced_cells() {
                 cell("crawler-2", 22, 1, 38.0, 20.0),
                 cell("crawler-1", 21, 1, 30.0, 5.0),
                 cell("crawler-1", 23, 2, 42.0, 10.0),
+                cell("frontdoor-7-1", 30, 1, 10.0, 3.0),
+                cell("healthchecker-7-2", 31, 1, 12.5, 1.0),
+                CellUsage {
+                    changed: true,
+                    ..cell("crawler-7-9", 32, 1, 20.0, 2.0)
+                },
             ],
         ),
     ];
@@ -299,6 +310,8 @@ fn the_table_has_one_aligned_line_per_row_and_marks_replaced_cells() {
         "pages/s",
         "api MB",
         "crawler MB",
+        "other MB",
+        "cpu% other",
     ] {
         assert!(lines[0].contains(word), "{word} missing from {}", lines[0]);
     }
@@ -315,9 +328,12 @@ fn the_table_has_one_aligned_line_per_row_and_marks_replaced_cells() {
     assert!(lines[1].contains(" 61 "), "{table}");
     assert!(lines[1].contains(" 40/40 "), "{table}");
     assert!(lines[1].contains(" 45/44 "), "{table}");
-    // Slots in order; the replaced one shows its biggest process and a mark, CPU summed.
-    assert!(lines[2].contains(" 42*/38 "), "{table}");
-    assert!(lines[2].contains(" 15/20 "), "{table}");
+    // Slots in order; the replaced one shows its biggest process and a mark, CPU summed; a
+    // crawler that joined during the run is marked too; the other roles are summed.
+    assert!(lines[2].contains(" 42*/38/20* "), "{table}");
+    assert!(lines[2].contains(" 15/20/2 "), "{table}");
+    assert!(lines[2].contains(" 22 "), "{table}");
+    assert!(lines[1].contains(" - "), "no other cells: {table}");
     assert!(lines[3].starts_with('*'), "{table}");
 
     let r = ratios(&rows);
@@ -336,7 +352,10 @@ fn the_table_has_one_aligned_line_per_row_and_marks_replaced_cells() {
 }
 
 #[test]
-fn the_up_line_names_the_api() {
+fn the_up_lines_name_the_front_door_and_the_health_checkers() {
+    let up = "homeostat is up: 9 cells; frontdoor http://127.0.0.1:7070 http://127.0.0.1:7071";
+    assert_eq!(parse_up_line(up).as_deref(), Some("http://127.0.0.1:7070"));
+    // Older `cell up`: no front doors, the api itself.
     assert_eq!(
         parse_up_line("homeostat is up: 3 cells; api http://127.0.0.1:40001").as_deref(),
         Some("http://127.0.0.1:40001")
@@ -346,6 +365,40 @@ fn the_up_line_names_the_api() {
         None
     );
     assert_eq!(parse_up_line("homeostat is up: 3 cells"), None);
+    assert_eq!(
+        parse_healthcheckers_line("  healthcheckers http://127.0.0.1:1 http://127.0.0.1:2"),
+        Some(vec![
+            "http://127.0.0.1:1".to_string(),
+            "http://127.0.0.1:2".to_string()
+        ])
+    );
+    assert_eq!(parse_healthcheckers_line("  healthcheckers"), None);
+    assert_eq!(
+        parse_healthcheckers_line("  cells:  curl http://x/cells"),
+        None
+    );
+}
+
+#[test]
+fn registry_cells_with_a_pid_are_followed() {
+    let view: protocol::control::CellsResponse = serde_json::from_value(serde_json::json!({
+        "roles": {
+            "api": [{"cell_id": "api-1-3", "role": "api", "addr": "127.0.0.1:1",
+                     "state": "serving", "pressure": 0.1, "age_ms": 5, "last_seen_ms": 1,
+                     "phi": 0.2, "pid": 42}],
+            "crawler": [{"cell_id": "crawler-1-4", "role": "crawler", "addr": "127.0.0.1:2",
+                         "state": "serving", "pressure": 0.1, "age_ms": 5, "last_seen_ms": 1,
+                         "phi": 0.2}]
+        }
+    }))
+    .expect("a registry answer");
+    let cells = registry_cells(&view);
+    assert_eq!(cells.len(), 1, "{cells:?}");
+    let api = &cells[0];
+    assert_eq!(
+        (api.name.as_str(), api.role.as_str(), api.pid),
+        ("api-1-3", "api", 42)
+    );
 }
 
 #[derive(Parser)]

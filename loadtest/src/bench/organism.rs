@@ -1,6 +1,12 @@
-//! One `cell up` under the benchmark: started with a configuration file, its cells followed
-//! through the `HOMEOSTAT_CELL` lines it prints, and stopped with SIGTERM.
+//! One `cell up` under the benchmark: started with a configuration file, its cells followed,
+//! and stopped with SIGTERM.
+//!
+//! `cell up` prints `homeostat is up: N cells; frontdoor URL URL` (earlier versions: `...; api
+//! URL`) once the organism serves, then a `  healthcheckers URL URL` line. The cells are read
+//! from the health checkers' registry (`GET /cells`, with each cell's pid), and from
+//! `HOMEOSTAT_CELL {json}` lines for versions of `cell up` that print them.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -10,11 +16,14 @@ use anyhow::{bail, Context as _};
 use factory::local::CellInfo;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use protocol::control::CellsResponse;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-/// The line `cell up` prints once every cell is ready.
+/// The line `cell up` prints once the organism serves.
 const UP_PREFIX: &str = "homeostat is up: ";
+/// The line that follows it, naming the health checkers.
+const HEALTHCHECKERS_PREFIX: &str = "healthcheckers ";
 
 /// How to start `cell up`.
 #[derive(Debug, Clone)]
@@ -33,18 +42,32 @@ pub struct Launch {
     pub ready_timeout: Duration,
 }
 
+/// What `cell up` said on stdout.
+#[derive(Debug, Default)]
+struct Said {
+    /// Where clients go: the first front door (or api).
+    front: Option<String>,
+    healthcheckers: Vec<String>,
+    /// `HOMEOSTAT_CELL` lines, in order.
+    cells: Vec<CellInfo>,
+}
+
 /// A running `cell up`.
 pub struct Organism {
     child: Child,
-    /// `http://ADDR` of the first api cell.
-    pub api: String,
-    cells: Arc<Mutex<Vec<CellInfo>>>,
+    /// Where clients send `POST /crawl` and `GET /stats`: `http://ADDR` of the first front door
+    /// (or of the api, for versions of `cell up` without front doors).
+    pub front: String,
+    said: Arc<Mutex<Said>>,
+    /// Every cell seen so far, by pid.
+    seen: BTreeMap<u32, CellInfo>,
+    client: reqwest::Client,
     log: PathBuf,
     grace: Duration,
 }
 
 impl Organism {
-    /// Start `cell up --infra FILE` and wait for its api line.
+    /// Start `cell up --infra FILE` and wait until it says it is up.
     pub async fn start(launch: &Launch) -> anyhow::Result<Organism> {
         let log = std::fs::File::create(&launch.log)
             .with_context(|| format!("creating {}", launch.log.display()))?;
@@ -69,38 +92,30 @@ impl Organism {
             .spawn()
             .with_context(|| format!("starting {} up", launch.cell.display()))?;
         let stdout = child.stdout.take().context("taking cell up's stdout")?;
-        let cells: Arc<Mutex<Vec<CellInfo>>> = Arc::default();
-        let (api_tx, api_rx) = tokio::sync::oneshot::channel();
-        let seen = cells.clone();
+        let said: Arc<Mutex<Said>> = Arc::default();
+        let (up_tx, up_rx) = tokio::sync::oneshot::channel();
+        let heard = said.clone();
         // Read stdout to its end, so `cell up` never blocks on a full pipe.
         tokio::spawn(async move {
-            let mut api_tx = Some(api_tx);
+            let mut up_tx = Some(up_tx);
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
+                let mut said = lock(&heard);
                 if let Some(info) = CellInfo::parse(&line) {
-                    lock(&seen).push(info);
-                } else if let Some(api) = parse_up_line(&line) {
-                    if let Some(tx) = api_tx.take() {
-                        let _ = tx.send(api);
+                    said.cells.push(info);
+                } else if let Some(front) = parse_up_line(&line) {
+                    said.front = Some(front);
+                    if let Some(tx) = up_tx.take() {
+                        let _ = tx.send(());
                     }
+                } else if let Some(urls) = parse_healthcheckers_line(&line) {
+                    said.healthcheckers = urls;
                 }
             }
         });
-        let api = tokio::select! {
-            api = api_rx => match api {
-                Ok(api) => api,
-                Err(_) => {
-                    let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
-                    bail!(
-                        "cell up exited ({status}) before it was up{}",
-                        tail_of(&launch.log)
-                    );
-                }
-            },
-            status = child.wait() => {
-                let status = status.map(|s| s.to_string()).unwrap_or_default();
-                bail!("cell up exited ({status}) before it was up{}", tail_of(&launch.log));
-            }
+        let up = tokio::select! {
+            up = up_rx => up.is_ok(),
+            _ = child.wait() => false,
             _ = tokio::time::sleep(launch.ready_timeout) => {
                 bail!(
                     "cell up was not up within {:?}{}",
@@ -109,18 +124,66 @@ impl Organism {
                 );
             }
         };
+        if !up {
+            let status = child
+                .wait()
+                .await
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            bail!(
+                "cell up exited ({status}) before it was up{}",
+                tail_of(&launch.log)
+            );
+        }
+        // The health checkers' line follows the up line.
+        let wait = tokio::time::Instant::now();
+        while lock(&said).healthcheckers.is_empty() && wait.elapsed() < Duration::from_secs(1) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let front = lock(&said).front.clone().unwrap_or_default();
         Ok(Organism {
             child,
-            api,
-            cells,
+            front,
+            said,
+            seen: BTreeMap::new(),
+            client: reqwest::Client::builder()
+                .no_proxy()
+                .timeout(Duration::from_secs(2))
+                .build()
+                .context("building the HTTP client")?,
             log: launch.log.clone(),
             grace: launch.grace,
         })
     }
 
-    /// Every cell started so far, in the order they were reported (replacements included).
-    pub fn cells(&self) -> Vec<CellInfo> {
-        lock(&self.cells).clone()
+    /// Ask the registry (and read the `HOMEOSTAT_CELL` lines) for the cells alive now; remember
+    /// them. Returns them, or `None` when the registry did not answer (and no line named any).
+    pub async fn refresh(&mut self) -> Option<Vec<CellInfo>> {
+        let (healthcheckers, mut now) = {
+            let said = lock(&self.said);
+            (said.healthcheckers.clone(), latest_per_name(&said.cells))
+        };
+        let mut answered = !now.is_empty();
+        for hc in &healthcheckers {
+            let Ok(resp) = self.client.get(format!("{hc}/cells")).send().await else {
+                continue;
+            };
+            let Ok(view) = resp.json::<CellsResponse>().await else {
+                continue;
+            };
+            now.extend(registry_cells(&view));
+            answered = true;
+            break;
+        }
+        for cell in &now {
+            self.seen.entry(cell.pid).or_insert_with(|| cell.clone());
+        }
+        answered.then_some(now)
+    }
+
+    /// Every cell seen so far (replaced and retired ones included), by pid.
+    pub fn seen(&self) -> &BTreeMap<u32, CellInfo> {
+        &self.seen
     }
 
     /// Has `cell up` itself exited?
@@ -138,7 +201,7 @@ impl Organism {
     }
 
     /// SIGTERM `cell up` and wait for it to drain its cells and exit. If it does not in time,
-    /// SIGKILL it and every cell it reported (a killed supervisor cannot stop them).
+    /// SIGKILL it and every cell seen (a killed supervisor cannot stop them).
     pub async fn stop(mut self) -> anyhow::Result<()> {
         if let Some(pid) = self.child.id() {
             signal(pid, Signal::SIGTERM);
@@ -153,8 +216,8 @@ impl Organism {
                     signal(pid, Signal::SIGKILL);
                 }
                 let _ = self.child.wait().await;
-                for cell in self.cells() {
-                    signal(cell.pid, Signal::SIGKILL);
+                for pid in self.seen.keys() {
+                    signal(*pid, Signal::SIGKILL);
                 }
                 bail!("cell up did not stop within {limit:?}; killed it and its cells")
             }
@@ -162,11 +225,53 @@ impl Organism {
     }
 }
 
-/// `homeostat is up: 3 cells; api http://127.0.0.1:7070` -> `http://127.0.0.1:7070`.
+/// `homeostat is up: 9 cells; frontdoor http://A http://B` -> `http://A`; also the older
+/// `homeostat is up: 3 cells; api http://A`.
 pub fn parse_up_line(line: &str) -> Option<String> {
     let rest = line.strip_prefix(UP_PREFIX)?;
-    let api = rest.split("api ").nth(1)?.trim();
-    (!api.is_empty()).then(|| api.to_string())
+    let (_, named) = rest.split_once("; ")?;
+    let mut words = named.split_whitespace();
+    match words.next()? {
+        "frontdoor" | "api" => words.next().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// `  healthcheckers http://A http://B` -> both URLs.
+pub fn parse_healthcheckers_line(line: &str) -> Option<Vec<String>> {
+    let urls: Vec<String> = line
+        .trim_start()
+        .strip_prefix(HEALTHCHECKERS_PREFIX)?
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    (!urls.is_empty()).then_some(urls)
+}
+
+/// The registry's live cells that report a pid, as [`CellInfo`] (named by cell id).
+pub fn registry_cells(view: &CellsResponse) -> Vec<CellInfo> {
+    view.roles
+        .values()
+        .flatten()
+        .filter_map(|r| {
+            Some(CellInfo {
+                name: r.cell_id.clone(),
+                role: r.role.clone(),
+                pid: r.pid?,
+                addr: r.addr.clone(),
+                generation: 1,
+            })
+        })
+        .collect()
+}
+
+/// The newest cell of each slot among `HOMEOSTAT_CELL` lines.
+fn latest_per_name(cells: &[CellInfo]) -> Vec<CellInfo> {
+    let mut latest: BTreeMap<&str, &CellInfo> = BTreeMap::new();
+    for cell in cells {
+        latest.insert(cell.name.as_str(), cell);
+    }
+    latest.into_values().cloned().collect()
 }
 
 fn signal(pid: u32, signal: Signal) {
@@ -176,11 +281,9 @@ fn signal(pid: u32, signal: Signal) {
     }
 }
 
-fn lock(cells: &Mutex<Vec<CellInfo>>) -> std::sync::MutexGuard<'_, Vec<CellInfo>> {
-    // Pushing a CellInfo cannot leave the Vec half-written.
-    cells
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
+fn lock(said: &Mutex<Said>) -> std::sync::MutexGuard<'_, Said> {
+    // Nothing holding this lock can leave it half-written.
+    said.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The last lines of a log file, indented, after a colon; empty if there are none.

@@ -51,7 +51,8 @@ pub struct BenchOverlay {
 }
 
 impl BenchOverlay {
-    /// Lay the benchmark's keys over `base`. `api.listen` is always `127.0.0.1:0`; the web's
+    /// Lay the benchmark's keys over `base`. `api.listen` and `frontdoor.listen` are always
+    /// `127.0.0.1:0` (free ports, so runs never collide with anything listening); the web's
     /// network is appended to `crawler.fetch.allow_addresses` (what the base allows stays
     /// allowed) and its suffix added to `crawler.fetch.resolve`.
     pub fn apply(&self, base: &mut Table) {
@@ -78,6 +79,11 @@ impl BenchOverlay {
             Value::from(self.data_dir.to_string_lossy().to_string()),
         );
         set(&mut over, &["api", "listen"], Value::from("127.0.0.1:0"));
+        set(
+            &mut over,
+            &["frontdoor", "listen"],
+            Value::from("127.0.0.1:0"),
+        );
         set(
             &mut over,
             &["crawler", "fetch", "resolve", &self.web_suffix],

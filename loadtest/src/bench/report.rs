@@ -59,8 +59,13 @@ pub struct CellUsage {
     pub name: String,
     pub role: String,
     pub pid: u32,
-    /// 1 for the slot's first process; more when it was replaced during the run.
+    /// 1 for the slot's first process; more when `cell up` replaced it (`HOMEOSTAT_CELL`
+    /// lines; cells from the registry are each their own slot).
     pub generation: u32,
+    /// Started after the seed POST, or gone before the frontier drained: replaced, divided or
+    /// retired during the run.
+    #[serde(default)]
+    pub changed: bool,
     /// Peak resident memory (`VmHWM`), MiB; `None` if it could not be read.
     pub peak_rss_mb: Option<f64>,
     /// CPU used from the seed POST to the drained frontier, in percent of one core.
@@ -157,7 +162,9 @@ pub fn render_ratios(ratios: &[Ratio]) -> String {
     out
 }
 
-const HEADER: [&str; 14] = [
+const COLUMNS: usize = 16;
+
+const HEADER: [&str; COLUMNS] = [
     "engine",
     "latency ms",
     "indexed",
@@ -169,20 +176,30 @@ const HEADER: [&str; 14] = [
     "served",
     "api MB",
     "crawler MB",
+    "other MB",
     "cpu% api",
     "cpu% crawlers",
+    "cpu% other",
     "cpu% bench",
 ];
 
-/// The rows as an aligned text table (the engine left-aligned, figures right-aligned). Cells
-/// of a role are listed by slot, `/`-separated; a slot whose process was replaced during the
-/// run is marked `*` and shows its biggest process.
+/// The rows as an aligned text table (the engine left-aligned, figures right-aligned). The api
+/// and crawler cells are listed one by one, `/`-separated; a cell that changed during the run
+/// (replaced, divided, retired) is marked `*`, and a slot that had several processes shows its
+/// biggest. The other cells (factory, health checkers, front doors) are summed.
 pub fn render_table(rows: &[Row]) -> String {
-    let mut lines: Vec<[String; 14]> = vec![HEADER.map(str::to_string)];
+    let mut lines: Vec<[String; COLUMNS]> = vec![HEADER.map(str::to_string)];
     let mut replaced = false;
     for row in rows {
         let (api_mb, api_cpu, api_replaced) = by_slot(&row.cells, "api");
         let (crawler_mb, crawler_cpu, crawler_replaced) = by_slot(&row.cells, "crawler");
+        let others: Vec<&CellUsage> = row
+            .cells
+            .iter()
+            .filter(|c| c.role != "api" && c.role != "crawler")
+            .collect();
+        let other_mb = sum(others.iter().map(|c| c.peak_rss_mb));
+        let other_cpu = sum(others.iter().map(|c| c.cpu_percent));
         replaced |= api_replaced || crawler_replaced;
         lines.push([
             row.engine.clone(),
@@ -196,12 +213,14 @@ pub fn render_table(rows: &[Row]) -> String {
             row.served.to_string(),
             api_mb,
             crawler_mb,
+            optional(other_mb, 0),
             api_cpu,
             crawler_cpu,
+            optional(other_cpu, 0),
             optional(row.bench_cpu_percent, 0),
         ]);
     }
-    let mut widths = [0usize; 14];
+    let mut widths = [0usize; COLUMNS];
     for line in &lines {
         for (w, cell) in widths.iter_mut().zip(line) {
             *w = (*w).max(cell.chars().count());
@@ -224,7 +243,7 @@ pub fn render_table(rows: &[Row]) -> String {
         out.push('\n');
     }
     if replaced {
-        out.push_str("* a cell of this slot was replaced during the run\n");
+        out.push_str("* started or ended during the run (replaced, divided or retired)\n");
     }
     out
 }
@@ -244,7 +263,7 @@ fn by_slot(cells: &[CellUsage], role: &str) -> (String, String, bool) {
     let mut any_replaced = false;
     for name in names {
         let slot: Vec<&CellUsage> = cells.iter().filter(|c| c.name == name).collect();
-        let replaced = slot.iter().any(|c| c.generation > 1) || slot.len() > 1;
+        let replaced = slot.iter().any(|c| c.generation > 1 || c.changed) || slot.len() > 1;
         any_replaced |= replaced;
         let mark = if replaced { "*" } else { "" };
         let peak = slot
@@ -262,6 +281,13 @@ fn by_slot(cells: &[CellUsage], role: &str) -> (String, String, bool) {
         return ("-".into(), "-".into(), false);
     }
     (rss.join("/"), cpu.join("/"), any_replaced)
+}
+
+/// The sum of the values present; `None` if there are none.
+fn sum(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    values
+        .flatten()
+        .fold(None, |s, v| Some(s.unwrap_or(0.0) + v))
 }
 
 /// `crawler-10` after `crawler-9`.
