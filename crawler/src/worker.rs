@@ -118,10 +118,17 @@ impl Worker {
             // 1. Lease when there is room and results are not piling up.
             let unsent = results.len() + sends.len() * self.cfg.ingest_batch;
             let room = 2 * self.cfg.concurrency;
+            let free = room.saturating_sub(buffered + fetches.len());
+            let idle_now = buffered == 0 && fetches.is_empty();
             let mut leased_any = false;
-            if !draining && buffered + fetches.len() < room && unsent < self.cfg.max_pending_results
+            // Lease in batches: when half a batch is free, or when there is nothing to do. A
+            // lease per finished fetch would make the queue's write lock the bottleneck.
+            if !draining
+                && free > 0
+                && (free >= self.cfg.lease_batch.div_ceil(2) || idle_now)
+                && unsent < self.cfg.max_pending_results
             {
-                let want = self.cfg.lease_batch.min(room - buffered - fetches.len());
+                let want = self.cfg.lease_batch.min(free);
                 match self.queue.lease(want).await {
                     Ok(deliveries) => {
                         leased_any = !deliveries.is_empty();
@@ -217,32 +224,39 @@ impl Worker {
             };
             tokio::select! {
                 Some(joined) = fetches.join_next(), if !fetches.is_empty() => {
-                    match joined {
-                        Ok((host, done)) => {
-                            if let Some(n) = active.get_mut(&host) {
-                                *n = n.saturating_sub(1);
-                                if *n == 0 {
-                                    active.remove(&host);
-                                }
-                            }
-                            match done {
-                                Done::Result(p) => {
-                                    if results.is_empty() {
-                                        first_result_at = Some(tokio::time::Instant::now());
-                                    }
-                                    results.push(p);
-                                }
-                                Done::Retry { tag, after } => {
-                                    if let Err(e) = self.queue.retry(tag, after).await {
-                                        tracing::warn!(error = %e, "returning a job to the queue failed; its lease will expire");
+                    // Take every fetch that has finished, not just the first.
+                    let mut finished = vec![joined];
+                    while let Some(more) = fetches.try_join_next() {
+                        finished.push(more);
+                    }
+                    for joined in finished {
+                        match joined {
+                            Ok((host, done)) => {
+                                if let Some(n) = active.get_mut(&host) {
+                                    *n = n.saturating_sub(1);
+                                    if *n == 0 {
+                                        active.remove(&host);
                                     }
                                 }
+                                match done {
+                                    Done::Result(p) => {
+                                        if results.is_empty() {
+                                            first_result_at = Some(tokio::time::Instant::now());
+                                        }
+                                        results.push(p);
+                                    }
+                                    Done::Retry { tag, after } => {
+                                        if let Err(e) = self.queue.retry(tag, after).await {
+                                            tracing::warn!(error = %e, "returning a job to the queue failed; its lease will expire");
+                                        }
+                                    }
+                                }
                             }
-                        }
-                        Err(e) => {
-                            // A panic inside a fetch: the job's lease expires and it is redelivered.
-                            tracing::error!(error = %e, "a fetch task failed");
-                            metrics::counter!("crawler_task_failures_total").increment(1);
+                            Err(e) => {
+                                // A panic inside a fetch: the job's lease expires and it is redelivered.
+                                tracing::error!(error = %e, "a fetch task failed");
+                                metrics::counter!("crawler_task_failures_total").increment(1);
+                            }
                         }
                     }
                 }

@@ -82,13 +82,13 @@ impl JobQueue for SqliteQueue {
         sqlx::query(
             "INSERT INTO dead (id, body, deliveries, reason) \
              SELECT id, body, deliveries, 'delivered ' || deliveries || ' times without an acknowledgement' \
-             FROM jobs WHERE visible_ms <= ? AND deliveries >= ?",
+             FROM jobs WHERE +visible_ms <= ? AND deliveries >= ?",
         )
         .bind(now)
         .bind(limit)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM jobs WHERE visible_ms <= ? AND deliveries >= ?")
+        sqlx::query("DELETE FROM jobs WHERE +visible_ms <= ? AND deliveries >= ?")
             .bind(now)
             .bind(limit)
             .execute(&mut *tx)
