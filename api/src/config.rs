@@ -31,6 +31,10 @@ pub struct ApiConfig {
     pub publish_batch: u32,
     /// In-flight entries older than this are published again (lost-job safety net), seconds.
     pub stale_in_flight_secs: u64,
+    /// Requests in flight at which this cell is at capacity (pressure 1.0).
+    pub target_in_flight: u32,
+    /// Mean request latency at which this cell is at capacity (pressure 1.0), milliseconds.
+    pub target_latency_ms: u32,
 }
 
 impl Default for ApiConfig {
@@ -49,6 +53,8 @@ impl Default for ApiConfig {
             max_path_segments: 32,
             publish_batch: 1000,
             stale_in_flight_secs: 1800,
+            target_in_flight: 128,
+            target_latency_ms: 250,
         }
     }
 }
@@ -74,6 +80,8 @@ impl ApiConfig {
             ("max_path_segments", self.max_path_segments as u64),
             ("publish_batch", u64::from(self.publish_batch)),
             ("stale_in_flight_secs", self.stale_in_flight_secs),
+            ("target_in_flight", u64::from(self.target_in_flight)),
+            ("target_latency_ms", u64::from(self.target_latency_ms)),
         ] {
             if value == 0 {
                 out.push((key.into(), "must be at least 1".into()));

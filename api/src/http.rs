@@ -76,8 +76,24 @@ pub fn app(state: AppState) -> Router {
             post(ingest).layer(DefaultBodyLimit::max(256 * 1024 * 1024)),
         )
         .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), measure))
         .with_state(state)
         .merge(vitals)
+}
+
+/// Count requests in flight and their latency, for the cell's pressure.
+async fn measure(
+    State(state): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let started = Instant::now();
+    state.load.in_flight.fetch_add(1, Relaxed);
+    let resp = next.run(req).await;
+    state.load.in_flight.fetch_sub(1, Relaxed);
+    state.load.record(started.elapsed());
+    resp
 }
 
 async fn not_found() -> ApiError {

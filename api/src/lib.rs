@@ -29,6 +29,47 @@ pub struct AppState {
     /// Wakes the publisher when the frontier grows.
     pub frontier_grew: Arc<Notify>,
     pub ready: vitals::Readiness,
+    /// Requests being served, and the recent latency: the cell's pressure signals.
+    pub load: Arc<Load>,
+}
+
+/// The api cell's own load, measured by a middleware around every request.
+#[derive(Debug, Default)]
+pub struct Load {
+    pub in_flight: std::sync::atomic::AtomicUsize,
+    /// Exponentially weighted mean latency, microseconds.
+    pub latency_ewma_us: std::sync::atomic::AtomicU64,
+}
+
+impl Load {
+    pub fn record(&self, took: std::time::Duration) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let sample = took.as_micros().min(u128::from(u64::MAX)) as u64;
+        let old = self.latency_ewma_us.load(Relaxed);
+        // alpha = 1/8: smooth enough for a 100 ms heartbeat, quick to follow a change.
+        let new = if old == 0 {
+            sample
+        } else {
+            old - old / 8 + sample / 8
+        };
+        self.latency_ewma_us.store(new, Relaxed);
+    }
+
+    /// Pressure (1.0 = at the configured targets) and the signals behind it.
+    pub fn signals(&self, cfg: &ApiConfig) -> (f64, Vec<(&'static str, f64)>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let in_flight = self.in_flight.load(Relaxed) as f64;
+        let latency_ms = self.latency_ewma_us.load(Relaxed) as f64 / 1000.0;
+        let p = (in_flight / f64::from(cfg.target_in_flight.max(1)))
+            .max(latency_ms / f64::from(cfg.target_latency_ms.max(1)));
+        (
+            p,
+            vec![
+                ("requests_in_flight", in_flight),
+                ("latency_ms", latency_ms),
+            ],
+        )
+    }
 }
 
 impl AppState {
@@ -39,6 +80,7 @@ impl AppState {
             queue,
             frontier_grew: Arc::new(Notify::new()),
             ready: vitals::Readiness::default(),
+            load: Arc::new(Load::default()),
         }
     }
 }
@@ -66,4 +108,31 @@ pub async fn run(
         tracing::error!(error = %e, "publisher task failed");
     }
     served.map_err(|e| anyhow::anyhow!("serving the api failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pressure_follows_in_flight_and_latency() {
+        let cfg = ApiConfig {
+            target_in_flight: 10,
+            target_latency_ms: 100,
+            ..ApiConfig::default()
+        };
+        let load = Load::default();
+        assert_eq!(load.signals(&cfg).0, 0.0);
+        load.in_flight
+            .store(5, std::sync::atomic::Ordering::Relaxed);
+        assert!((load.signals(&cfg).0 - 0.5).abs() < 1e-9);
+        for _ in 0..100 {
+            load.record(std::time::Duration::from_millis(200));
+        }
+        let (p, signals) = load.signals(&cfg);
+        assert!(p > 1.9 && p <= 2.0, "latency twice the target: {p}");
+        assert!(signals
+            .iter()
+            .any(|(k, v)| *k == "latency_ms" && *v > 190.0));
+    }
 }

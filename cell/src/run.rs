@@ -61,6 +61,8 @@ pub struct RunArgs {
 pub(crate) struct Life {
     pub cell_id: String,
     pub vital: tokio::sync::watch::Sender<control::heartbeat::Vital>,
+    /// Signed messages to other cells (present when the organism has health checkers).
+    pub client: Option<Arc<control::ControlClient>>,
     beats: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
@@ -89,6 +91,7 @@ fn start_life(args: &RunArgs, role: &str, addr: std::net::SocketAddr) -> anyhow:
         pressure: 0.0,
         signals: Default::default(),
     });
+    let mut life_client = None;
     let beats = if args.healthcheckers.is_empty() {
         None
     } else {
@@ -97,6 +100,7 @@ fn start_life(args: &RunArgs, role: &str, addr: std::net::SocketAddr) -> anyhow:
             key,
             cell_id.clone(),
         )));
+        life_client = Some(client.clone());
         let stop = CancellationToken::new();
         let task = control::heartbeat::spawn(
             client,
@@ -116,6 +120,7 @@ fn start_life(args: &RunArgs, role: &str, addr: std::net::SocketAddr) -> anyhow:
     Ok(Life {
         cell_id,
         vital,
+        client: life_client,
         beats,
     })
 }
@@ -225,6 +230,38 @@ async fn run_api(
     let advertise = format!("http://{addr}");
     let state = api::AppState::new(cfg.raw.api.clone(), store, queue);
     let life = start_life(args, "api", addr)?;
+    {
+        // The heartbeat carries the cell's own load.
+        let vital = life.vital.clone();
+        let load = state.load.clone();
+        let api_cfg = cfg.raw.api.clone();
+        let every = Duration::from_millis(args.heartbeat_ms.max(10));
+        let stop = shutdown.clone();
+        let weights = life.client.clone().map(|client| WeightSender {
+            client,
+            cell_id: life.cell_id.clone(),
+            healthcheckers: args.healthcheckers.clone(),
+            sent: 1.0,
+            last_sent: None,
+        });
+        tokio::spawn(async move {
+            let mut weights = weights;
+            loop {
+                let (pressure, signals) = load.signals(&api_cfg);
+                vital.send_modify(|v| {
+                    v.pressure = pressure;
+                    v.signals = signals.iter().map(|(k, x)| (k.to_string(), *x)).collect();
+                });
+                if let Some(w) = weights.as_mut() {
+                    w.update(pressure).await;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+        });
+    }
     let stop = drain_after_notice(&life, shutdown, notice(args));
     tracing::info!(%advertise, cell_id = %life.cell_id, "api cell serving");
     announce("api", addr);
@@ -321,6 +358,7 @@ async fn run_crawler(
     });
     let (apis_tx, apis) = tokio::sync::watch::channel(args.apis.clone());
     watch_apis(args.healthcheckers.clone(), apis_tx, shutdown.clone());
+    let gauges = Arc::new(crawler::WorkerGauges::default());
     let worker = crawler::Worker {
         cfg: cfg.raw.crawler.worker.clone(),
         fetcher,
@@ -328,9 +366,30 @@ async fn run_crawler(
         apis,
         per_host_concurrency: per_host,
         max_deliveries: cfg.raw.queue.max_deliveries,
+        gauges: gauges.clone(),
     };
     ready.set(true);
     let life = start_life(args, "crawler", addr)?;
+    {
+        // The heartbeat carries the loop's own figures.
+        let vital = life.vital.clone();
+        let worker_cfg = cfg.raw.crawler.worker.clone();
+        let every = Duration::from_millis(args.heartbeat_ms.max(10));
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let (pressure, signals) = gauges.signals(&worker_cfg);
+                vital.send_modify(|v| {
+                    v.pressure = pressure;
+                    v.signals = signals.iter().map(|(k, x)| (k.to_string(), *x)).collect();
+                });
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+        });
+    }
     let stop = drain_after_notice(&life, shutdown, Duration::ZERO);
     tracing::info!(%addr, share, cell_id = %life.cell_id, "crawler cell working");
     announce("crawler", addr);
@@ -451,4 +510,103 @@ async fn run_frontdoor(
     let result = bounded_drain(&stop, grace, frontdoor::run(state, listener, stop.clone())).await;
     life.retire().await;
     result
+}
+
+/// An overloaded api asks the front doors for a smaller share of traffic, and for its full share
+/// back when the load passes. Weight = 1/pressure above pressure 1 (floor 0.1), else 1. A request
+/// is sent when the weight moves by more than 0.1, at most once a second.
+struct WeightSender {
+    client: Arc<control::ControlClient>,
+    cell_id: String,
+    healthcheckers: Vec<String>,
+    sent: f64,
+    last_sent: Option<tokio::time::Instant>,
+}
+
+impl WeightSender {
+    fn weight_for(pressure: f64) -> f64 {
+        if pressure > 1.0 {
+            (1.0 / pressure).max(0.1)
+        } else {
+            1.0
+        }
+    }
+
+    async fn update(&mut self, pressure: f64) {
+        let weight = Self::weight_for(pressure);
+        if (weight - self.sent).abs() <= 0.1 && !(weight == 1.0 && self.sent < 1.0) {
+            return;
+        }
+        if self
+            .last_sent
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        self.last_sent = Some(tokio::time::Instant::now());
+        let Some(frontdoors) = cells_of_role(&self.healthcheckers, "frontdoor").await else {
+            return;
+        };
+        let request = protocol::control::WeightRequest {
+            cell_id: self.cell_id.clone(),
+            weight,
+            reason: format!("pressure {pressure:.2}"),
+        };
+        let mut delivered = false;
+        for fd in frontdoors {
+            let sent: anyhow::Result<serde_json::Value> = self
+                .client
+                .send(
+                    &fd,
+                    "/control/weight",
+                    protocol::control::WeightRequest::KIND,
+                    &request,
+                )
+                .await;
+            match sent {
+                Ok(_) => delivered = true,
+                Err(e) => tracing::debug!(error = %e, "weight request not delivered"),
+            }
+        }
+        if delivered {
+            tracing::info!(weight, pressure, "asked the front doors for a new weight");
+            self.sent = weight;
+        }
+    }
+}
+
+/// Base URLs of the live cells of `role`, from the first health checker that answers.
+async fn cells_of_role(healthcheckers: &[String], role: &str) -> Option<Vec<String>> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .ok()?;
+    for hc in healthcheckers {
+        let Ok(resp) = client.get(format!("{hc}/cells")).send().await else {
+            continue;
+        };
+        if let Ok(cells) = resp.json::<protocol::control::CellsResponse>().await {
+            return Some(
+                cells
+                    .roles
+                    .get(role)
+                    .map(|v| v.iter().map(|c| c.addr.clone()).collect())
+                    .unwrap_or_default(),
+            );
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WeightSender;
+
+    #[test]
+    fn weight_follows_pressure_above_capacity_only() {
+        assert_eq!(WeightSender::weight_for(0.0), 1.0);
+        assert_eq!(WeightSender::weight_for(1.0), 1.0);
+        assert!((WeightSender::weight_for(2.0) - 0.5).abs() < 1e-9);
+        assert_eq!(WeightSender::weight_for(100.0), 0.1);
+    }
 }

@@ -23,4 +23,4 @@ pub mod worker;
 
 pub use config::FetchConfig;
 pub use fetch::{CrawlAttempt, Fetcher};
-pub use worker::{Worker, WorkerConfig};
+pub use worker::{Worker, WorkerConfig, WorkerGauges};

@@ -62,6 +62,38 @@ impl WorkerConfig {
     }
 }
 
+/// What the loop is doing right now, for the cell's heartbeat (its pressure signals).
+#[derive(Debug, Default)]
+pub struct WorkerGauges {
+    /// Fetches in flight.
+    pub in_flight: std::sync::atomic::AtomicUsize,
+    /// Jobs leased and waiting for a fetch slot.
+    pub buffered: std::sync::atomic::AtomicUsize,
+    /// Results not yet taken by an api.
+    pub unsent: std::sync::atomic::AtomicUsize,
+}
+
+impl WorkerGauges {
+    /// Signals by name, and the pressure they make: the busier of the fetch slots and the
+    /// result buffer, 1.0 = full.
+    pub fn signals(&self, cfg: &WorkerConfig) -> (f64, Vec<(&'static str, f64)>) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let in_flight = self.in_flight.load(Relaxed) as f64;
+        let buffered = self.buffered.load(Relaxed) as f64;
+        let unsent = self.unsent.load(Relaxed) as f64;
+        let slots = in_flight / cfg.concurrency.max(1) as f64;
+        let backlog = unsent / cfg.max_pending_results.max(1) as f64;
+        (
+            slots.max(backlog),
+            vec![
+                ("fetches_in_flight", in_flight),
+                ("jobs_buffered", buffered),
+                ("results_unsent", unsent),
+            ],
+        )
+    }
+}
+
 /// Everything the loop needs besides its configuration.
 pub struct Worker {
     pub cfg: WorkerConfig,
@@ -74,6 +106,8 @@ pub struct Worker {
     pub per_host_concurrency: usize,
     /// The queue's delivery limit: the last delivery of a transient failure records it as failed.
     pub max_deliveries: u32,
+    /// Updated every turn of the loop.
+    pub gauges: Arc<WorkerGauges>,
 }
 
 struct Pending {
@@ -211,6 +245,15 @@ impl Worker {
 
             if draining && fetches.is_empty() && results.is_empty() && sends.is_empty() {
                 return Ok(());
+            }
+
+            {
+                use std::sync::atomic::Ordering::Relaxed;
+                self.gauges.in_flight.store(fetches.len(), Relaxed);
+                self.gauges.buffered.store(buffered, Relaxed);
+                self.gauges
+                    .unsent
+                    .store(results.len() + sends.len() * self.cfg.ingest_batch, Relaxed);
             }
 
             // 4. Wait for something to happen.
