@@ -50,7 +50,7 @@ impl Default for HealthcheckerConfig {
             sweep_ms: 20,
             reconcile_ms: 100,
             request_timeout_ms: 10_000,
-            startup_grace_ms: 1_500,
+            startup_grace_ms: 600,
             message_window_ms: 30_000,
             factories: Vec::new(),
             minimums: BTreeMap::new(),
