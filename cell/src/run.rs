@@ -71,6 +71,34 @@ impl Life {
         self.vital.send_modify(|v| v.state = state);
     }
 
+    /// Every heartbeat interval, put the cell's measured pressure and signals into its
+    /// heartbeat; the returned receiver follows the pressure.
+    fn report_pressure(
+        &self,
+        args: &RunArgs,
+        stop: CancellationToken,
+        sample: impl Fn() -> (f64, Vec<(&'static str, f64)>) + Send + 'static,
+    ) -> tokio::sync::watch::Receiver<f64> {
+        let (tx, rx) = tokio::sync::watch::channel(0.0);
+        let vital = self.vital.clone();
+        let every = Duration::from_millis(args.heartbeat_ms.max(10));
+        tokio::spawn(async move {
+            loop {
+                let (pressure, signals) = sample();
+                vital.send_modify(|v| {
+                    v.pressure = pressure;
+                    v.signals = signals.iter().map(|(k, x)| (k.to_string(), *x)).collect();
+                });
+                tx.send_replace(pressure);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+        });
+        rx
+    }
+
     /// Say "retired" and stop beating.
     async fn retire(mut self) {
         self.set_state(protocol::control::CellState::Retired);
@@ -230,37 +258,18 @@ async fn run_api(
     let advertise = format!("http://{addr}");
     let state = api::AppState::new(cfg.raw.api.clone(), store, queue);
     let life = start_life(args, "api", addr)?;
-    {
-        // The heartbeat carries the cell's own load.
-        let vital = life.vital.clone();
-        let load = state.load.clone();
-        let api_cfg = cfg.raw.api.clone();
-        let every = Duration::from_millis(args.heartbeat_ms.max(10));
-        let stop = shutdown.clone();
-        let weights = life.client.clone().map(|client| WeightSender {
+    let load = state.load.clone();
+    let api_cfg = cfg.raw.api.clone();
+    let pressure = life.report_pressure(args, shutdown.clone(), move || load.signals(&api_cfg));
+    if let Some(client) = life.client.clone() {
+        let weights = WeightSender {
             client,
             cell_id: life.cell_id.clone(),
             healthcheckers: args.healthcheckers.clone(),
             sent: 1.0,
             last_sent: None,
-        });
-        tokio::spawn(async move {
-            let mut weights = weights;
-            loop {
-                let (pressure, signals) = load.signals(&api_cfg);
-                vital.send_modify(|v| {
-                    v.pressure = pressure;
-                    v.signals = signals.iter().map(|(k, x)| (k.to_string(), *x)).collect();
-                });
-                if let Some(w) = weights.as_mut() {
-                    w.update(pressure).await;
-                }
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
-                }
-            }
-        });
+        };
+        tokio::spawn(weights.run(pressure, shutdown.clone()));
     }
     let stop = drain_after_notice(&life, shutdown, notice(args));
     tracing::info!(%advertise, cell_id = %life.cell_id, "api cell serving");
@@ -290,23 +299,10 @@ fn watch_apis(
         return;
     }
     tokio::spawn(async move {
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(1))
-            .build()
-            .expect("a plain HTTP client always builds");
+        let client = crate::registry::client();
         loop {
-            for hc in &healthcheckers {
-                let answer = client.get(format!("{hc}/cells")).send().await;
-                let Ok(resp) = answer else { continue };
-                let Ok(cells) = resp.json::<protocol::control::CellsResponse>().await else {
-                    continue;
-                };
-                let mut apis: Vec<String> = cells
-                    .roles
-                    .get("api")
-                    .map(|v| v.iter().map(|c| c.addr.clone()).collect())
-                    .unwrap_or_default();
-                apis.sort();
+            if let Some(cells) = crate::registry::read(&client, &healthcheckers).await {
+                let apis = crate::registry::addrs(&cells, "api");
                 if !apis.is_empty() {
                     tx.send_if_modified(|cur| {
                         let changed = *cur != apis;
@@ -316,7 +312,6 @@ fn watch_apis(
                         changed
                     });
                 }
-                break;
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -370,26 +365,8 @@ async fn run_crawler(
     };
     ready.set(true);
     let life = start_life(args, "crawler", addr)?;
-    {
-        // The heartbeat carries the loop's own figures.
-        let vital = life.vital.clone();
-        let worker_cfg = cfg.raw.crawler.worker.clone();
-        let every = Duration::from_millis(args.heartbeat_ms.max(10));
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                let (pressure, signals) = gauges.signals(&worker_cfg);
-                vital.send_modify(|v| {
-                    v.pressure = pressure;
-                    v.signals = signals.iter().map(|(k, x)| (k.to_string(), *x)).collect();
-                });
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(every) => {}
-                }
-            }
-        });
-    }
+    let worker_cfg = cfg.raw.crawler.worker.clone();
+    life.report_pressure(args, shutdown.clone(), move || gauges.signals(&worker_cfg));
     let stop = drain_after_notice(&life, shutdown, Duration::ZERO);
     tracing::info!(%addr, share, cell_id = %life.cell_id, "crawler cell working");
     announce("crawler", addr);
@@ -532,6 +509,26 @@ impl WeightSender {
         }
     }
 
+    /// Follow the pressure until `stop`.
+    async fn run(
+        mut self,
+        mut pressure: tokio::sync::watch::Receiver<f64>,
+        stop: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = pressure.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+            }
+            let p = *pressure.borrow_and_update();
+            self.update(p).await;
+        }
+    }
+
     async fn update(&mut self, pressure: f64) {
         let weight = Self::weight_for(pressure);
         if (weight - self.sent).abs() <= 0.1 && !(weight == 1.0 && self.sent < 1.0) {
@@ -544,9 +541,11 @@ impl WeightSender {
             return;
         }
         self.last_sent = Some(tokio::time::Instant::now());
-        let Some(frontdoors) = cells_of_role(&self.healthcheckers, "frontdoor").await else {
+        let client = crate::registry::client();
+        let Some(cells) = crate::registry::read(&client, &self.healthcheckers).await else {
             return;
         };
+        let frontdoors = crate::registry::addrs(&cells, "frontdoor");
         let request = protocol::control::WeightRequest {
             cell_id: self.cell_id.clone(),
             weight,
@@ -573,29 +572,6 @@ impl WeightSender {
             self.sent = weight;
         }
     }
-}
-
-/// Base URLs of the live cells of `role`, from the first health checker that answers.
-async fn cells_of_role(healthcheckers: &[String], role: &str) -> Option<Vec<String>> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(1))
-        .build()
-        .ok()?;
-    for hc in healthcheckers {
-        let Ok(resp) = client.get(format!("{hc}/cells")).send().await else {
-            continue;
-        };
-        if let Ok(cells) = resp.json::<protocol::control::CellsResponse>().await {
-            return Some(
-                cells
-                    .roles
-                    .get(role)
-                    .map(|v| v.iter().map(|c| c.addr.clone()).collect())
-                    .unwrap_or_default(),
-            );
-        }
-    }
-    None
 }
 
 #[cfg(test)]

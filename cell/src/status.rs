@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Args;
-use protocol::control::CellsResponse;
 
 use crate::up::{OrganismFile, ORGANISM_FILE};
 
@@ -35,16 +34,9 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()?;
-    let mut view = None;
-    for hc in &organism.healthcheckers {
-        if let Ok(resp) = client.get(format!("{hc}/cells")).send().await {
-            if let Ok(cells) = resp.json::<CellsResponse>().await {
-                view = Some(cells);
-                break;
-            }
-        }
-    }
-    let view = view.context("no health checker answers: is the organism running?")?;
+    let view = crate::registry::read(&client, &organism.healthcheckers)
+        .await
+        .context("no health checker answers: is the organism running?")?;
     println!(
         "{:<28} {:<14} {:>8} {:<24} {:<11} {:>8} {:>9}",
         "CELL", "ROLE", "PID", "ADDRESS", "STATE", "PRESSURE", "AGE"

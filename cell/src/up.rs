@@ -218,18 +218,7 @@ fn alive(pid: u32) -> bool {
 }
 
 async fn registry(healthcheckers: &[String]) -> Option<CellsResponse> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(1))
-        .build()
-        .ok()?;
-    for hc in healthcheckers {
-        if let Ok(resp) = client.get(format!("{hc}/cells")).send().await {
-            if let Ok(cells) = resp.json::<CellsResponse>().await {
-                return Some(cells);
-            }
-        }
-    }
-    None
+    crate::registry::read(&crate::registry::client(), healthcheckers).await
 }
 
 async fn registry_pids(healthcheckers: &[String]) -> Vec<u32> {
