@@ -3,6 +3,7 @@
 //! (`cell status`). The roles themselves live in their library crates.
 
 mod engines_setup;
+mod fence;
 mod registry;
 mod run;
 mod status;

@@ -63,6 +63,8 @@ pub(crate) struct Life {
     pub vital: tokio::sync::watch::Sender<control::heartbeat::Vital>,
     /// Signed messages to other cells (present when the organism has health checkers).
     pub client: Option<Arc<control::ControlClient>>,
+    /// What the health checkers' answers say of this cell (fenced, asked to retire, in doubt).
+    pub standing: control::heartbeat::Standing,
     beats: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
@@ -120,6 +122,8 @@ fn start_life(args: &RunArgs, role: &str, addr: std::net::SocketAddr) -> anyhow:
         signals: Default::default(),
     });
     let mut life_client = None;
+    let interval = Duration::from_millis(args.heartbeat_ms.max(10));
+    let standing = control::heartbeat::Standing::new(interval);
     let beats = if args.healthcheckers.is_empty() {
         None
     } else {
@@ -139,8 +143,9 @@ fn start_life(args: &RunArgs, role: &str, addr: std::net::SocketAddr) -> anyhow:
                 addr: format!("http://{addr}"),
                 parent: args.parent.clone(),
             },
-            Duration::from_millis(args.heartbeat_ms.max(10)),
+            interval,
             vital_rx,
+            standing.clone(),
             stop.clone(),
         );
         Some((stop, task))
@@ -149,12 +154,15 @@ fn start_life(args: &RunArgs, role: &str, addr: std::net::SocketAddr) -> anyhow:
         cell_id,
         vital,
         client: life_client,
+        standing,
         beats,
     })
 }
 
-/// On a stop signal: say "draining" first, give the front doors time to route elsewhere, then
-/// tell the role to drain.
+/// On a stop signal, or when a health checker asks this cell to retire: say "draining" first,
+/// give the front doors time to route elsewhere, then tell the role to drain. When a health
+/// checker says the cell was buried (fenced), it stops at once: it was replaced, and must never
+/// serve or acknowledge work again.
 fn drain_after_notice(
     life: &Life,
     signal: CancellationToken,
@@ -164,8 +172,27 @@ fn drain_after_notice(
     let vital = life.vital.clone();
     let stop = role_stop.clone();
     let has_beats = life.beats.is_some();
+    let standing = life.standing.clone();
     tokio::spawn(async move {
-        signal.cancelled().await;
+        tokio::select! {
+            _ = signal.cancelled() => {}
+            _ = standing.retire_requested().cancelled() => {
+                tracing::info!(reason = ?standing.reason(), "retiring on a health checker's request");
+            }
+            _ = standing.fenced().cancelled() => {
+                tracing::error!(
+                    reason = ?standing.reason(),
+                    "fenced: the registry declared this cell dead and replaced it; exiting now"
+                );
+                std::process::exit(FENCED_EXIT);
+            }
+        }
+        let fenced = standing.fenced().clone();
+        tokio::spawn(async move {
+            fenced.cancelled().await;
+            tracing::error!("fenced while draining; exiting now");
+            std::process::exit(FENCED_EXIT);
+        });
         vital.send_modify(|v| v.state = protocol::control::CellState::Draining);
         if has_beats {
             tokio::time::sleep(notice).await;
@@ -174,6 +201,9 @@ fn drain_after_notice(
     });
     role_stop
 }
+
+/// The exit status of a cell that learnt it was buried (EX_TEMPFAIL: it was replaced).
+pub const FENCED_EXIT: i32 = 75;
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = crate::load_config(args.infra.as_ref())?;
@@ -337,12 +367,13 @@ async fn run_crawler(
     fetch.per_host_concurrency = fetch.per_host_concurrency.div_ceil(share).max(1);
     let per_host = fetch.per_host_concurrency as usize;
     let fetcher = Arc::new(crawler::Fetcher::new(fetch).context("building the fetcher")?);
-    let queue = open_queue(cfg).await?;
     let listen = args.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
     let listener = TcpListener::bind(&listen)
         .await
         .with_context(|| format!("binding the crawler's vitals to {listen}"))?;
     let addr = listener.local_addr()?;
+    let life = start_life(args, "crawler", addr)?;
+    let queue = crate::fence::FencedQueue::wrap(open_queue(cfg).await?, life.standing.clone());
     let ready = vitals::Readiness::default();
     let vitals_router = vitals::router("crawler", ready.clone());
     let vitals_stop = shutdown.clone();
@@ -364,7 +395,6 @@ async fn run_crawler(
         gauges: gauges.clone(),
     };
     ready.set(true);
-    let life = start_life(args, "crawler", addr)?;
     let worker_cfg = cfg.raw.crawler.worker.clone();
     life.report_pressure(args, shutdown.clone(), move || gauges.signals(&worker_cfg));
     let stop = drain_after_notice(&life, shutdown, Duration::ZERO);

@@ -65,8 +65,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     std::fs::write(&effective, cfg.to_toml())
         .with_context(|| format!("writing {}", effective.display()))?;
 
-    // The organism's secret, generated for this run and handed to the cells in the environment.
-    let key = ClusterKey::generate();
+    // The organism's secret: the operator's (HOMEOSTAT_CLUSTER_KEY or _FILE), else generated for
+    // this run; handed to the cells in the environment.
+    let key = if std::env::var_os(control::KEY_ENV).is_some()
+        || std::env::var_os(control::KEY_FILE_ENV).is_some()
+    {
+        ClusterKey::from_env().context("reading the organism's cluster key")?
+    } else {
+        ClusterKey::generate()
+    };
     let factory_addr = fixed_port("127.0.0.1:0")?;
     let hcs = [fixed_port("127.0.0.1:0")?, fixed_port("127.0.0.1:0")?];
     let frontdoors = frontdoor_addresses(&cfg.raw.frontdoor.listen)?;

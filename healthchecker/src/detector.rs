@@ -100,6 +100,14 @@ impl PhiDetector {
         self.last = Some(at);
     }
 
+    /// The observer itself was away (stalled, frozen) until `at`: the silence it saw is its
+    /// own, not the cell's. Restart the clock from `at` without learning the gap as a sample.
+    pub fn resume(&mut self, at: Instant) {
+        if self.last.is_some_and(|last| last < at) {
+            self.last = Some(at);
+        }
+    }
+
     /// When the last heartbeat arrived.
     pub fn last(&self) -> Option<Instant> {
         self.last

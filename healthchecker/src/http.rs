@@ -8,7 +8,7 @@ use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use protocol::control::{CellsResponse, Heartbeat};
+use protocol::control::{CellsResponse, Directive, Heartbeat, HeartbeatReply};
 use protocol::ErrorBody;
 use serde::Deserialize;
 
@@ -26,7 +26,8 @@ pub fn app(state: HealthcheckerState) -> Router {
         .merge(vitals::router("healthchecker", ready))
 }
 
-/// 204 when the heartbeat was taken or was a harmless repeat; the envelope's rejection
+/// 204 when the heartbeat was taken or was a harmless repeat; 200 with a directive when the cell
+/// must act (`fenced`: it was buried; `retire`: it is surplus); the envelope's rejection
 /// (401/409/400/202) when it did not open; 400 when it opened but makes no sense.
 async fn heartbeat(
     State(state): State<HealthcheckerState>,
@@ -47,9 +48,14 @@ async fn heartbeat(
             }
         };
     match state.heartbeat(hb, now()) {
-        Ok(()) | Err(Ignored::Stale { .. } | Ignored::Retired) => {
+        Ok(reply) if reply.directive.is_some() => Json(reply).into_response(),
+        Ok(_) | Err(Ignored::Stale { .. } | Ignored::Retired) => {
             StatusCode::NO_CONTENT.into_response()
         }
+        Err(Ignored::Buried(reason)) => Json(HeartbeatReply {
+            directive: Some(Directive::Fenced { reason }),
+        })
+        .into_response(),
         Err(e @ (Ignored::Invalid(_) | Ignored::Full)) => {
             let status = match e {
                 Ignored::Full => StatusCode::SERVICE_UNAVAILABLE,

@@ -19,6 +19,7 @@ pub mod events;
 mod http;
 pub mod reconcile;
 pub mod registry;
+pub mod surplus;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,7 +27,8 @@ use std::time::Duration;
 
 use control::{ClusterKey, ControlClient, Signer, Verifier};
 use protocol::control::{
-    CellEvent, CellsResponse, EventKind, Heartbeat, ReplaceReply, ReplaceRequest,
+    CellEvent, CellsResponse, Directive, EventKind, Heartbeat, HeartbeatReply, ReplaceReply,
+    ReplaceRequest,
 };
 use tokio::net::TcpListener;
 use tokio::time::MissedTickBehavior;
@@ -38,6 +40,11 @@ pub use http::app;
 use events::EventLog;
 use reconcile::{ReconcileParams, Reconciler};
 use registry::{Departure, Ignored, Now, Registry};
+use surplus::{Member, Surplus};
+
+/// A pause of the checker's own sweeps longer than this means the checker itself was away
+/// (frozen, starved); cells beat through shorter ones, since it is under the detection time.
+pub const OBSERVER_STALL: Duration = Duration::from_millis(250);
 
 /// The factory's endpoint for [`ReplaceRequest`]s.
 pub const REPLACE_PATH: &str = "/control/replace";
@@ -60,10 +67,14 @@ struct Shared {
     counters: Counters,
 }
 
-/// The registry and the reconciler change together, under one lock.
+/// The registry and the controllers change together, under one lock.
 struct Core {
     registry: Registry,
     reconciler: Reconciler,
+    surplus: Surplus,
+    /// When this checker last looked at the registry (sweep or heartbeat), to notice its own
+    /// stalls.
+    last_look: Option<std::time::Instant>,
 }
 
 #[derive(Default)]
@@ -111,6 +122,8 @@ impl HealthcheckerState {
             core: Mutex::new(Core {
                 registry: Registry::new(cfg.phi_params()),
                 reconciler,
+                surplus: Surplus::new(cfg.minimums.clone()),
+                last_look: None,
             }),
             cfg,
             events: Arc::new(EventLog::new(events::DEFAULT_CAPACITY)),
@@ -157,9 +170,12 @@ impl HealthcheckerState {
         self.core().reconciler.outstanding_keys()
     }
 
-    /// Take a heartbeat (already authenticated) received at `now`.
-    pub fn heartbeat(&self, hb: Heartbeat, now: Now) -> Result<(), Ignored> {
+    /// Take a heartbeat (already authenticated) received at `now`; the reply tells the cell
+    /// to retire when it is surplus. A buried cell's heartbeat comes back as
+    /// [`Ignored::Buried`]: the handler answers it with a `fenced` directive.
+    pub fn heartbeat(&self, hb: Heartbeat, now: Now) -> Result<HeartbeatReply, Ignored> {
         let mut core = self.core();
+        self.notice_own_stall(&mut core, now);
         let (cell_id, parent) = (hb.cell_id.clone(), hb.parent.clone());
         let events = match core.registry.observe(hb, now) {
             Ok(events) => events,
@@ -173,6 +189,12 @@ impl HealthcheckerState {
         };
         self.0.counters.heartbeats.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("healthchecker_heartbeats_total").increment(1);
+        let directive = core
+            .surplus
+            .asked_of(&cell_id)
+            .map(|reason| Directive::Retire {
+                reason: reason.to_string(),
+            });
         for event in &events {
             match event.kind {
                 EventKind::Born => core.reconciler.cell_appeared(&cell_id, parent.as_deref()),
@@ -184,13 +206,34 @@ impl HealthcheckerState {
                 _ => {}
             }
         }
+        drop(core);
         self.record(events);
-        Ok(())
+        Ok(HeartbeatReply { directive })
+    }
+
+    /// Lifeguard's local health, reduced to its core: a checker that did not look at the
+    /// registry for longer than [`OBSERVER_STALL`] was itself away (frozen, starved), and the
+    /// silence it would now see is its own. Restart every cell's detector clock instead of
+    /// declaring the organism dead.
+    fn notice_own_stall(&self, core: &mut Core, now: Now) {
+        if let Some(last) = core.last_look {
+            let away = now.at.saturating_duration_since(last);
+            if away > OBSERVER_STALL {
+                core.registry.observer_resumed(now.at);
+                metrics::counter!("healthchecker_stalls_total").increment(1);
+                tracing::warn!(
+                    away_ms = away.as_millis() as u64,
+                    "this health checker stalled; restarting every detector rather than blaming the cells"
+                );
+            }
+        }
+        core.last_look = Some(now.at);
     }
 
     /// Let the detector look at every cell at `now`; returns who left.
     pub fn sweep(&self, now: Now) -> Vec<Departure> {
         let mut core = self.core();
+        self.notice_own_stall(&mut core, now);
         let departures = core.registry.sweep(now);
         for d in &departures {
             if d.dead {
@@ -204,7 +247,47 @@ impl HealthcheckerState {
                 tracing::info!(cell = %d.cell_id, role = %d.role, "cell retired");
             }
         }
-        self.record(departures.iter().map(|d| d.event.clone()).collect());
+        let retirements = {
+            let Core {
+                registry, surplus, ..
+            } = &mut *core;
+            let me = self.0.client.signer().sender();
+            let leader = registry
+                .members()
+                .filter(|(_, role, state, _, _)| {
+                    *role == "healthchecker" && registry::counts_toward_minimum(*state)
+                })
+                .all(|(id, ..)| me <= id);
+            surplus.plan(
+                now.at,
+                leader,
+                registry
+                    .members()
+                    .map(|(cell_id, role, state, pressure, first_seen)| Member {
+                        cell_id,
+                        role,
+                        state,
+                        pressure,
+                        first_seen,
+                    }),
+            )
+        };
+        drop(core);
+        let mut events: Vec<CellEvent> = departures.iter().map(|d| d.event.clone()).collect();
+        for r in retirements {
+            tracing::info!(cell = %r.cell_id, role = %r.role, reason = %r.reason, "retiring a surplus cell");
+            metrics::counter!("healthchecker_retirements_total", "role" => r.role.clone())
+                .increment(1);
+            events.push(CellEvent {
+                kind: EventKind::Draining,
+                cell_id: r.cell_id,
+                role: r.role,
+                at_ms: now.unix_ms,
+                reason: format!("asked to retire: {}", r.reason),
+                parent: None,
+            });
+        }
+        self.record(events);
         departures
     }
 
@@ -215,6 +298,7 @@ impl HealthcheckerState {
             let Core {
                 registry,
                 reconciler,
+                ..
             } = &mut *core;
             reconciler.plan(now().at, &*registry)
         };
@@ -234,6 +318,7 @@ impl HealthcheckerState {
                     let Core {
                         registry,
                         reconciler,
+                        ..
                     } = &mut *core;
                     if let Some(answered) =
                         reconciler.answered(&request, reply, now().at, &*registry)
@@ -376,4 +461,138 @@ pub async fn run(
         }
     }
     served.map_err(|e| anyhow::anyhow!("serving the healthchecker failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use protocol::control::CellState;
+    use std::time::Instant;
+
+    fn beat(id: &str, role: &str, seq: u64, pressure: f64) -> Heartbeat {
+        Heartbeat {
+            cell_id: id.into(),
+            role: role.into(),
+            addr: "http://127.0.0.1:1".into(),
+            state: CellState::Serving,
+            pressure,
+            signals: Default::default(),
+            version: "t".into(),
+            parent: None,
+            seq,
+            interval_ms: 100,
+            pid: None,
+        }
+    }
+
+    fn at(t0: Instant, ms: u64) -> Now {
+        Now::new(t0 + Duration::from_millis(ms), ms as i64)
+    }
+
+    fn state(minimums: &[(&str, u32)]) -> HealthcheckerState {
+        let cfg = HealthcheckerConfig {
+            minimums: minimums.iter().map(|(r, n)| (r.to_string(), *n)).collect(),
+            ..HealthcheckerConfig::default()
+        };
+        HealthcheckerState::new(cfg, ClusterKey::generate(), "hc-a")
+    }
+
+    /// Beats from `ids` every 100 ms with a sweep every 20 ms, from `from` to `to` ms.
+    fn live(s: &HealthcheckerState, t0: Instant, ids: &[(&str, &str)], from: u64, to: u64) {
+        let mut t = from;
+        while t < to {
+            if t % 100 == 0 {
+                for (id, role) in ids {
+                    let _ = s.heartbeat(beat(id, role, t / 100 + 1, 0.0), at(t0, t));
+                }
+            }
+            assert!(s.sweep(at(t0, t)).is_empty(), "nobody dies at {t} ms");
+            t += 20;
+        }
+    }
+
+    #[test]
+    fn a_checker_that_was_frozen_blames_nobody_when_it_thaws() {
+        let t0 = Instant::now();
+        let s = state(&[]);
+        let cells = [("a", "api"), ("c", "crawler"), ("f", "frontdoor")];
+        live(&s, t0, &cells, 0, 2_000);
+        // Frozen for ten seconds: its first sweep after waking declares no death...
+        assert!(s.sweep(at(t0, 12_000)).is_empty());
+        assert_eq!(s.stats().deaths, 0);
+        // ... and the cells, which beat all along, carry on.
+        live(&s, t0, &cells, 12_100, 14_000);
+        // A real death afterwards is still seen within a second.
+        let mut t = 14_000;
+        let dead = loop {
+            let d = s.sweep(at(t0, t));
+            if !d.is_empty() {
+                break d;
+            }
+            t += 20;
+            assert!(t < 15_000, "death not seen within a second");
+        };
+        assert_eq!(dead.len(), 3);
+    }
+
+    #[test]
+    fn a_buried_cell_is_fenced_when_it_comes_back() {
+        let t0 = Instant::now();
+        let s = state(&[]);
+        live(&s, t0, &[("a", "api")], 0, 1_000);
+        // Silent while the checker keeps sweeping: declared dead.
+        let mut t = 1_000;
+        while s.stats().deaths == 0 {
+            s.sweep(at(t0, t));
+            t += 20;
+            assert!(t < 3_000);
+        }
+        // It thaws and beats again: buried, fenced.
+        let back = s.heartbeat(beat("a", "api", 50, 0.0), at(t0, t + 20));
+        assert!(matches!(back, Err(Ignored::Buried(_))), "{back:?}");
+        assert!(s.cells().roles.get("api").is_none_or(|v| v.is_empty()));
+    }
+
+    #[test]
+    fn the_leader_asks_the_youngest_surplus_cell_to_retire_in_its_heartbeat_reply() {
+        let t0 = Instant::now();
+        let s = state(&[("crawler", 1)]);
+        // Two idle crawlers, the second younger; this checker ("hc-a") is the only checker, so
+        // it leads.
+        live(&s, t0, &[("c1", "crawler")], 0, 200);
+        live(&s, t0, &[("c1", "crawler"), ("c2", "crawler")], 200, 4_000);
+        let reply = s
+            .heartbeat(beat("c2", "crawler", 100, 0.0), at(t0, 4_000))
+            .expect("taken");
+        assert!(
+            matches!(&reply.directive, Some(Directive::Retire { reason }) if reason.contains("minimum of 1")),
+            "{reply:?}"
+        );
+        let other = s
+            .heartbeat(beat("c1", "crawler", 100, 0.0), at(t0, 4_000))
+            .expect("taken");
+        assert_eq!(other.directive, None, "the older cell stays");
+    }
+
+    #[test]
+    fn a_checker_that_is_not_the_leader_retires_nobody() {
+        let t0 = Instant::now();
+        let s = state(&[("crawler", 1)]);
+        // "hc-0" sorts before "hc-a": it leads.
+        live(
+            &s,
+            t0,
+            &[
+                ("hc-0", "healthchecker"),
+                ("c1", "crawler"),
+                ("c2", "crawler"),
+            ],
+            0,
+            6_000,
+        );
+        let reply = s
+            .heartbeat(beat("c2", "crawler", 100, 0.0), at(t0, 6_000))
+            .expect("taken");
+        assert_eq!(reply.directive, None);
+    }
 }

@@ -14,10 +14,15 @@
 //!   ends on purpose.
 //! - Cells that left are remembered for a while ([`GONE_KEEP`], at most [`GONE_CAP`]) with their
 //!   last `seq`. A late heartbeat with a `seq` not above it (one that was in flight when the cell
-//!   died) is ignored. A heartbeat with a **newer** `seq` proves the cell is alive, so it comes
-//!   back, with a `born` event that says it was declared dead by mistake: the registry must show
-//!   what exists. A replacement already asked for is not undone; the role is then one cell
-//!   above its minimum until a controller retires one.
+//!   died) is ignored. A cell declared **dead** is buried: a heartbeat from it with a newer `seq`
+//!   (it was frozen, or cut off, and thawed after its replacement was asked for) is refused as
+//!   [`Ignored::Buried`], and the handler answers it with a `fenced` directive, so the cell stops
+//!   at once and never serves or acknowledges work again. The registry never takes a buried
+//!   cell back, so a replacement is never asked for a cell that is back, and the role returns
+//!   to its size when the fenced cell stops.
+//! - A health checker that was itself away (stalled longer than a detection time) does not
+//!   blame the cells for its own silence: [`Registry::observer_resumed`] restarts every
+//!   detector's clock (memberlist's Lifeguard: a slow observer trusts its suspicions less).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -72,6 +77,9 @@ pub enum Ignored {
     /// The registry holds [`MAX_CELLS`] already.
     #[error("the registry is full")]
     Full,
+    /// The cell was declared dead; it is fenced and must stop.
+    #[error("the cell was declared dead and buried: {0}")]
+    Buried(String),
 }
 
 impl Ignored {
@@ -82,6 +90,7 @@ impl Ignored {
             Ignored::Retired => "retired",
             Ignored::Invalid(_) => "invalid",
             Ignored::Full => "full",
+            Ignored::Buried(_) => "buried",
         }
     }
 }
@@ -109,6 +118,8 @@ struct Gone {
     last_seq: u64,
     at: Instant,
     retired: bool,
+    /// Why it was declared dead (for the fenced answer).
+    reason: String,
 }
 
 pub struct Registry {
@@ -164,17 +175,18 @@ impl Registry {
                         last: gone.last_seq,
                     });
                 }
-                if gone.retired && matches!(hb.state, CellState::Retired | CellState::Dead) {
+                if !gone.retired {
+                    let ago = now.at.saturating_duration_since(gone.at).as_millis();
+                    return Err(Ignored::Buried(format!(
+                        "declared dead {ago} ms ago ({})",
+                        gone.reason
+                    )));
+                }
+                if matches!(hb.state, CellState::Retired | CellState::Dead) {
                     return Err(Ignored::Retired);
                 }
                 let ago = now.at.saturating_duration_since(gone.at).as_millis();
-                birth = if gone.retired {
-                    format!("heartbeat again {ago} ms after it retired")
-                } else {
-                    format!(
-                        "heartbeat again {ago} ms after it was declared dead (a false suspicion)"
-                    )
-                };
+                birth = format!("heartbeat again {ago} ms after it retired");
                 self.gone.remove(&hb.cell_id);
             }
             if self.cells.len() >= MAX_CELLS {
@@ -202,7 +214,8 @@ impl Registry {
                 let retired = entry.last.state == CellState::Retired;
                 let seq = entry.last.seq;
                 self.cells.remove(&id);
-                self.remember_gone(id, seq, retired, now.at);
+                let reason = "it reported itself dead".to_string();
+                self.remember_gone(id, seq, retired, reason, now.at);
             }
         }
         Ok(events)
@@ -243,7 +256,13 @@ impl Registry {
                     format!("stopped heartbeating while draining ({ms} ms ago)"),
                 )
             };
-            self.remember_gone(id.clone(), entry.last.seq, !dead, now.at);
+            self.remember_gone(
+                id.clone(),
+                entry.last.seq,
+                !dead,
+                event.reason.clone(),
+                now.at,
+            );
             out.push(Departure {
                 cell_id: id,
                 role: entry.last.role,
@@ -255,6 +274,26 @@ impl Registry {
         }
         self.expire_gone(now.at);
         out
+    }
+
+    /// The observer was away until `now`: restart every cell's detector clock from here.
+    pub fn observer_resumed(&mut self, now: Instant) {
+        for e in self.cells.values_mut() {
+            e.detector.resume(now);
+        }
+    }
+
+    /// Live cells as the surplus controller sees them: (id, role, state, pressure, first seen).
+    pub fn members(&self) -> impl Iterator<Item = (&str, &str, CellState, f64, Instant)> {
+        self.cells.iter().map(|(id, e)| {
+            (
+                id.as_str(),
+                e.last.role.as_str(),
+                e.last.state,
+                e.last.pressure,
+                e.first_seen,
+            )
+        })
     }
 
     /// Live cells (in any state) by role.
@@ -326,7 +365,14 @@ impl Registry {
         self.cells.is_empty()
     }
 
-    fn remember_gone(&mut self, id: String, last_seq: u64, retired: bool, at: Instant) {
+    fn remember_gone(
+        &mut self,
+        id: String,
+        last_seq: u64,
+        retired: bool,
+        reason: String,
+        at: Instant,
+    ) {
         self.gone_order.push_back((at, id.clone()));
         self.gone.insert(
             id,
@@ -334,6 +380,7 @@ impl Registry {
                 last_seq,
                 at,
                 retired,
+                reason,
             },
         );
         while self.gone.len() > GONE_CAP {
@@ -499,7 +546,7 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn silence_is_death_unless_draining_and_a_newer_heartbeat_brings_a_cell_back() {
+    fn silence_is_death_unless_draining_and_a_dead_cell_stays_buried() {
         let t0 = Instant::now();
         let mut r = Registry::new(PhiParams::default());
         for seq in 1..=10 {
@@ -528,17 +575,32 @@ pub(crate) mod tests {
         let late = r.observe(hb("a", "api", 10, CellState::Serving), at(t0, 2010));
         assert_eq!(late, Err(Ignored::Stale { seq: 10, last: 10 }));
         assert!(!r.is_live("a"));
-        // ... a newer one proves it alive: it comes back, said so.
-        let back = r
-            .observe(hb("a", "api", 11, CellState::Serving), at(t0, 2100))
-            .expect("accepted");
-        assert_eq!(kinds(&back), [EventKind::Born, EventKind::Serving]);
+        // ... a newer one (it thawed) is refused: the cell is buried, it must stop.
+        let back = r.observe(hb("a", "api", 11, CellState::Serving), at(t0, 2100));
         assert!(
-            back[0].reason.contains("declared dead"),
-            "{}",
-            back[0].reason
+            matches!(&back, Err(Ignored::Buried(why)) if why.contains("no heartbeat for 1000 ms")),
+            "{back:?}"
         );
-        assert!(r.is_live("a") && !r.is_gone("a"));
+        assert!(!r.is_live("a") && r.is_gone("a"));
+    }
+
+    #[test]
+    fn an_observer_that_was_away_does_not_blame_the_cells() {
+        let t0 = Instant::now();
+        let mut r = Registry::new(PhiParams::default());
+        for seq in 1..=10 {
+            r.observe(hb("a", "api", seq, CellState::Serving), at(t0, seq * 100))
+                .expect("accepted");
+        }
+        // The checker itself was frozen for ten seconds; on waking it restarts the clocks.
+        r.observer_resumed(at(t0, 11_000).at);
+        assert!(r.sweep(at(t0, 11_100)).is_empty(), "no false death");
+        r.observe(hb("a", "api", 11, CellState::Serving), at(t0, 11_050))
+            .expect("accepted");
+        // The ten seconds were not learnt as a heartbeat gap: a real silence is still seen soon.
+        let gone = r.sweep(at(t0, 12_200));
+        assert_eq!(gone.len(), 1);
+        assert!(gone[0].dead);
     }
 
     #[test]

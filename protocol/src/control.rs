@@ -51,6 +51,29 @@ impl Heartbeat {
     pub const KIND: &'static str = "heartbeat";
 }
 
+/// A health checker's answer to a heartbeat: usually nothing to do; sometimes an order about
+/// the cell's life. An older cell that expects an empty answer ignores the body; a directive this
+/// cell does not know decodes as [`Directive::Unknown`] and is ignored (and counted).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    #[serde(default)]
+    pub directive: Option<Directive>,
+}
+
+/// What a health checker tells a cell through its heartbeat answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Directive {
+    /// The registry buried this cell (it was declared dead and replaced): it must never serve or
+    /// acknowledge work again, and it stops at once.
+    Fenced { reason: String },
+    /// The cell is surplus to its role: drain (finish in-flight work) and retire.
+    Retire { reason: String },
+    /// A directive from a newer health checker that this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
 /// Ask the factory for a new cell of `role`. The factory does the work once per `request_key`:
 /// every repeat (another health checker noticing the same death) is a no-op.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
