@@ -97,11 +97,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     };
     let (mut supervisor, mut events) = Supervisor::new(provider);
     let grace = Duration::from_secs(args.grace_secs);
+    // No fixed cell id: each incarnation of the factory is a new cell (a factory that was
+    // declared dead and fenced is buried under its old id; its restart must not be).
     let mut factory_args = vec![
         "--listen".to_string(),
         factory_addr.clone(),
-        "--cell-id".into(),
-        "factory-1".into(),
         "--fixed".into(),
         format!("healthchecker={}", hcs.join(",")),
         "--fixed".into(),

@@ -278,3 +278,80 @@ async fn a_frozen_cell_of_any_role_causes_no_false_death_and_the_organism_return
     assert!(problems.is_empty(), "{problems:#?}");
     org.stop().await;
 }
+
+/// After a storm (here: one crawler too many, as a replacement for a cell that came back would
+/// leave), the leader health checker retires the surplus, youngest first, without a death and
+/// without a failed request, and the role stays at its size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_surplus_cell_is_retired_youngest_first() {
+    let web = serve_web(WebSpec {
+        seed: 44,
+        pages: 50,
+        hosts: 2,
+        latency: Duration::ZERO,
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = control::ClusterKey::generate();
+    let org = Organism::up_with_env(
+        &infra_toml(dir.path(), &web, 200.0, EXTRA),
+        dir,
+        &[(control::KEY_ENV, key.to_hex())],
+    )
+    .await;
+    let deaths = Arc::new(Mutex::new(Vec::new()));
+    let watching = CancellationToken::new();
+    for hc in &org.healthcheckers {
+        watch_deaths(hc.clone(), deaths.clone(), watching.clone());
+    }
+    let cells = registry(&org).await.expect("a registry");
+    let crawlers = cells.roles.get("crawler").map_or(0, Vec::len);
+    let factory = cells
+        .roles
+        .get("factory")
+        .and_then(|v| v.first())
+        .expect("a factory in the registry")
+        .addr
+        .clone();
+    // One crawler more than the minimum and the (idle) load need.
+    let me = control::ControlClient::new(control::Signer::new(key, "test"));
+    let reply: protocol::control::ReplaceReply = me
+        .send(
+            &factory,
+            "/control/replace",
+            protocol::control::ReplaceRequest::KIND,
+            &protocol::control::ReplaceRequest {
+                request_key: "test:one-crawler-too-many".into(),
+                role: "crawler".into(),
+                reason: "the test wants a surplus".into(),
+                parent: None,
+            },
+        )
+        .await
+        .expect("the factory starts a crawler");
+    let extra = reply.cell_id.expect("the factory names its cell");
+    // It joins, then is retired: the role returns to its size, the extra cell gone.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut seen_extra = false;
+    loop {
+        if let Some(cells) = registry(&org).await {
+            let now: Vec<_> = cells.roles.get("crawler").cloned().unwrap_or_default();
+            seen_extra |= now.iter().any(|c| c.cell_id == extra);
+            if seen_extra && now.len() == crawlers && now.iter().all(|c| c.cell_id != extra) {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the surplus crawler {extra} was not retired within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    watching.cancel();
+    assert!(
+        deaths.lock().expect("lock").is_empty(),
+        "a retirement is not a death: {:?}",
+        deaths.lock().expect("lock")
+    );
+    org.stop().await;
+}

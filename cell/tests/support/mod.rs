@@ -95,9 +95,21 @@ total_timeout_ms = 5000
 impl Organism {
     /// `cell up --infra FILE` and wait for its cells.
     pub async fn up(infra: &str, dir: tempfile::TempDir) -> Organism {
+        Self::up_with_env(infra, dir, &[]).await
+    }
+
+    /// The same, with extra environment for `cell up` (e.g. the cluster key, so the test can
+    /// sign control messages).
+    pub async fn up_with_env(
+        infra: &str,
+        dir: tempfile::TempDir,
+        env: &[(&str, String)],
+    ) -> Organism {
         let path = dir.path().join("organism.toml");
         std::fs::write(&path, infra).expect("write infra");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cell"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cell"));
+        child.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+        let mut child = child
             .arg("up")
             .arg("--infra")
             .arg(&path)
