@@ -8,4 +8,6 @@ mod pages;
 mod politeness;
 mod redirects;
 mod robots;
+mod robots_cases;
+mod robots_reference;
 mod ssrf;
