@@ -14,7 +14,8 @@
 //! - `texting_robots` 0.2.2 (the previous choice) passed 166. It matches `User-agent` values
 //!   whole instead of by product token (`User-agent: Foo Bar` or `FooBot/2.1` never name
 //!   `Foo`/`FooBot`; `* everyone` is not `*`), does not treat `index.html` as its directory,
-//!   keeps the fragment in the matched path, does not uppercase `%aa` in rules, reads lines
+//!   keeps the fragment in the matched path, does not uppercase `%aa` in rules, encodes a raw
+//!   non-ASCII URL itself (Google leaves that to the caller, as `url::Url` does), reads lines
 //!   longer than Google's 16 KiB cut, accepts `disallowed:` only as unknown, and keeps rules
 //!   after a broken byte-order mark. Its Crawl-delay also leaks from lines outside any group.
 //! - `robotstxt` 0.3.0 (a port of an older `robots.cc`, last released 2021) passed 180, but
@@ -32,13 +33,12 @@
 //! What it does beyond `robots.cc`: `/robots.txt` is always allowed (RFC 9309 2.2.2), and
 //! `Crawl-delay` is read from the same group(s) the rules come from.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-
-use std::borrow::Cow;
 
 use tokio::time::Instant;
 

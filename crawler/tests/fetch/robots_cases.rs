@@ -80,7 +80,7 @@ pub fn cases() -> Vec<Case> {
     // ID_LineSyntax_Groups
     let s = "ID_LineSyntax_Groups";
     let r = "allow: /foo/bar/\n\nuser-agent: FooBot\ndisallow: /\nallow: /x/\nuser-agent: BarBot\ndisallow: /\nallow: /y/\n\n\nallow: /w/\nuser-agent: BazBot\n\nuser-agent: FooBot\nallow: /z/\ndisallow: /\n";
-    let (w, x, y, z, foo) = (
+    let (w, x, y, z, foo_bar) = (
         "http://foo.bar/w/a",
         "http://foo.bar/x/b",
         "http://foo.bar/y/c",
@@ -94,9 +94,9 @@ pub fn cases() -> Vec<Case> {
     t.add(s, r, "BarBot", w, true);
     t.add(s, r, "BarBot", z, false);
     t.add(s, r, "BazBot", z, true);
-    t.add(s, r, "FooBot", foo, false);
-    t.add(s, r, "BarBot", foo, false);
-    t.add(s, r, "BazBot", foo, false);
+    t.add(s, r, "FooBot", foo_bar, false);
+    t.add(s, r, "BarBot", foo_bar, false);
+    t.add(s, r, "BazBot", foo_bar, false);
 
     // ID_LineSyntax_Groups_OtherRules
     let s = "ID_LineSyntax_Groups_OtherRules";
