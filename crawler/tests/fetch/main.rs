@@ -8,4 +8,8 @@ mod pages;
 mod politeness;
 mod redirects;
 mod robots;
+// The Crawl-delay rows run in the robots module's unit tests only.
+#[allow(dead_code)]
+mod robots_cases;
+mod robots_reference;
 mod ssrf;

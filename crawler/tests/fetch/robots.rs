@@ -1,13 +1,17 @@
 //! robots.txt: what it disallows is never requested; 4xx allows; 5xx and unreachable disallow
 //! for now; Crawl-delay slows the host; one fetch per origin.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use axum::http::StatusCode;
+use axum::http::header::HOST;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, Redirect};
 use axum::routing::get;
 use axum::Router;
-use crawler::FetchConfig;
+use crawler::{CrawlAttempt, FetchConfig};
+use protocol::Outcome;
 use tokio::task::JoinSet;
 
 use crate::harness::{config, dead_addr, failure, fetcher, page, retry, serve};
@@ -182,4 +186,76 @@ async fn crawl_delay_slows_the_host() {
         let gap = pair[1] - pair[0];
         assert!(gap >= floor, "requests {gap:?} apart, Crawl-delay is 250ms");
     }
+}
+
+#[tokio::test]
+async fn rules_match_percent_encoded_paths_after_a_byte_order_mark() {
+    let robots = b"\xEF\xBB\xBFUser-agent: HomeostatBot/2.0\nDisallow: /caf\xC3\xA9\n".to_vec();
+    let server = serve(
+        Router::new()
+            .route("/robots.txt", get(move || async move { robots }))
+            .route("/{*rest}", get(|| async { Html("<title>page</title>") })),
+    )
+    .await;
+    let f = fetcher(config(&server));
+    // The URL reaches the matcher as `/caf%C3%A9`, the rule is encoded the same way.
+    assert_eq!(
+        failure(f.crawl("http://a.test/café").await),
+        "robots.txt disallows"
+    );
+    page(f.crawl("http://a.test/cafe").await);
+    assert_eq!(server.log.paths("a.test"), vec!["/robots.txt", "/cafe"]);
+}
+
+/// Garbage, huge and pathological files give a decision; none crashes the crawl.
+#[tokio::test]
+async fn hostile_robots_files_still_give_a_decision() {
+    let mut state = 0x2545_F491_4F6C_DD1D_u64;
+    let mut garbage = Vec::new();
+    while garbage.len() < 700 * 1024 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        garbage.extend_from_slice(&state.to_le_bytes());
+    }
+    let stars = format!("User-agent: *\nDisallow: /{}$\n", "*p".repeat(8_000)).into_bytes();
+    let long_lines = format!("User-agent: *\nDisallow: /{}\n", "é".repeat(300_000)).into_bytes();
+    let bodies: Arc<HashMap<&'static str, Vec<u8>>> = Arc::new(HashMap::from([
+        ("garbage.test", garbage),
+        ("stars.test", stars),
+        ("long.test", long_lines),
+    ]));
+    let server = serve(
+        Router::new()
+            .route(
+                "/robots.txt",
+                get(move |headers: HeaderMap| {
+                    let bodies = bodies.clone();
+                    async move {
+                        let host = headers
+                            .get(HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .and_then(|h| h.split(':').next())
+                            .unwrap_or_default()
+                            .to_string();
+                        bodies.get(host.as_str()).cloned().unwrap_or_default()
+                    }
+                }),
+            )
+            .route("/{*rest}", get(|| async { Html("<title>page</title>") })),
+    )
+    .await;
+    let f = fetcher(config(&server));
+    for host in ["garbage.test", "stars.test", "long.test"] {
+        let attempt = f.crawl(&format!("http://{host}/p/1")).await;
+        let decided = match &attempt {
+            CrawlAttempt::Done(Outcome::Page(_)) => true,
+            CrawlAttempt::Done(Outcome::Failed { reason }) => reason == "robots.txt disallows",
+            CrawlAttempt::Retry { .. } => false,
+        };
+        assert!(decided, "{host}: {attempt:?}");
+    }
+    // 8,000 `*p` pieces need 8,000 `p`s; this path has them, anchored at its end.
+    let many_p = format!("http://stars.test/{}", "p".repeat(8_000));
+    assert_eq!(failure(f.crawl(&many_p).await), "robots.txt disallows");
 }
