@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use engines::sqlite::{SqliteQueue, SqliteStore};
 use engines::factory_ledger::FactoryLedger;
+use engines::sqlite::{SqliteQueue, SqliteStore};
 use engines::{JobQueue, Store};
 use infra::{Config, EngineUrl};
 

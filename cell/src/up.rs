@@ -82,7 +82,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let hcs = [fixed_port("127.0.0.1:0")?, fixed_port("127.0.0.1:0")?];
     let frontdoors = frontdoor_addresses(&cfg.raw.frontdoor.listen)?;
     let file = OrganismFile {
-        factories: factory_addrs.iter().map(|a| format!("http://{a}")).collect(),
+        factories: factory_addrs
+            .iter()
+            .map(|a| format!("http://{a}"))
+            .collect(),
         healthcheckers: hcs.iter().map(|a| format!("http://{a}")).collect(),
         frontdoors: frontdoors.iter().map(|a| format!("http://{a}")).collect(),
     };

@@ -101,7 +101,11 @@ async fn a_dead_factory_loses_nothing_and_starts_nothing_twice() {
         .iter()
         .filter(|c| c.parent.as_deref() == Some(victim.cell_id.as_str()))
         .collect();
-    assert_eq!(children.len(), 1, "one replacement for one death: {crawlers:?}");
+    assert_eq!(
+        children.len(),
+        1,
+        "one replacement for one death: {crawlers:?}"
+    );
 
     org.wait_drained(Duration::from_secs(120), |_| {}).await;
     let expected = web.web.expect(&seeds, None);
@@ -118,7 +122,10 @@ async fn a_dead_factory_loses_nothing_and_starts_nothing_twice() {
         .await
         .expect("claims")
         .into_iter()
-        .filter(|c| c.request_key.starts_with(&format!("replace:{}", victim.cell_id)))
+        .filter(|c| {
+            c.request_key
+                .starts_with(&format!("replace:{}", victim.cell_id))
+        })
         .collect();
     assert_eq!(claims.len(), 1, "{claims:?}");
     assert_eq!(crawlers.len(), 2, "no surplus crawler: {crawlers:?}");
@@ -169,7 +176,10 @@ async fn a_frozen_cell_is_fenced_and_its_address_reused() {
     // Fenced: the frozen process is gone (it could never have ended by itself while stopped).
     wait_all_gone(&[pid].into(), Duration::from_secs(10)).await;
     let after: BTreeSet<String> = now.into_iter().map(|c| c.addr).collect();
-    assert_eq!(after, before, "the replacement took its predecessor's address");
+    assert_eq!(
+        after, before,
+        "the replacement took its predecessor's address"
+    );
     org.stop().await;
 }
 
@@ -217,7 +227,11 @@ async fn a_killed_harness_leaves_no_process_behind() {
                 if let Ok(resp) = client.get(format!("{hc}/cells")).send().await {
                     if let Ok(cells) = resp.json::<CellsResponse>().await {
                         let n = |r: &str| cells.roles.get(r).map(Vec::len).unwrap_or(0);
-                        if n("api") >= 2 && n("crawler") >= 2 && n("frontdoor") >= 2 && n("factory") >= 2 {
+                        if n("api") >= 2
+                            && n("crawler") >= 2
+                            && n("frontdoor") >= 2
+                            && n("factory") >= 2
+                        {
                             pids.extend(cells.roles.values().flatten().filter_map(|c| c.pid));
                         }
                     }
@@ -227,7 +241,10 @@ async fn a_killed_harness_leaves_no_process_behind() {
         if !pids.is_empty() {
             break pids;
         }
-        assert!(tokio::time::Instant::now() < deadline, "organism not up in 120 s");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "organism not up in 120 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     harness.kill().expect("SIGKILL the harness");

@@ -127,7 +127,10 @@ mod tests {
             start_time: me.start_time + 1,
             ..me
         };
-        assert!(!reused.alive(), "a pid with another start time is not the organism");
+        assert!(
+            !reused.alive(),
+            "a pid with another start time is not the organism"
+        );
         assert!(OrganismLease::parse("12").is_err());
         assert!(OrganismLease::parse("a:1").is_err());
         assert!(OrganismLease::parse("1:").is_err());

@@ -165,8 +165,7 @@ impl FactoryState {
         let outcome = match self.over_maximum(req, &mine).await {
             Err(e) => Err(e),
             Ok(Some(refusal)) => {
-                metrics::counter!("factory_refused_total", "role" => req.role.clone())
-                    .increment(1);
+                metrics::counter!("factory_refused_total", "role" => req.role.clone()).increment(1);
                 tracing::warn!(key = %req.request_key, %refusal, "refusing to start a cell");
                 Ok(FactoryReply {
                     reply: ReplaceReply {
@@ -207,7 +206,11 @@ impl FactoryState {
 
     /// Why `req` would take its role above its maximum, or `None` when it would not. Counts the
     /// role's live cells and the starts claimed before `mine` whose cells are not live yet.
-    async fn over_maximum(&self, req: &ReplaceRequest, mine: &Claim) -> anyhow::Result<Option<String>> {
+    async fn over_maximum(
+        &self,
+        req: &ReplaceRequest,
+        mine: &Claim,
+    ) -> anyhow::Result<Option<String>> {
         let Some(&max) = self.organism.maxima.get(&req.role) else {
             return Ok(None);
         };
@@ -236,6 +239,7 @@ impl FactoryState {
                 .map(|c| c.cell_id.clone())
                 .collect(),
         };
+        let ours: Vec<String> = self.children.lock().await.keys().cloned().collect();
         let now = now_ms();
         let unseen_grace = UNSEEN_GRACE.as_millis() as i64;
         let starting = self
@@ -245,10 +249,14 @@ impl FactoryState {
             .await?
             .into_iter()
             // Earlier claims only: of two concurrent requests at max - 1, the first proceeds.
-            .filter(|c| {
-                (c.claimed_at_ms, &c.request_key) < (mine.claimed_at_ms, &mine.request_key)
-            })
+            .filter(|c| (c.claimed_at_ms, &c.request_key) < (mine.claimed_at_ms, &mine.request_key))
             .filter(|c| !live.contains(&c.cell_id))
+            // A cell of ours that started and exited is neither live nor starting.
+            .filter(|c| {
+                c.factory != self.organism.factory_id
+                    || c.started_at_ms.is_none()
+                    || ours.contains(&c.cell_id)
+            })
             .filter(|c| c.started_at_ms.is_none_or(|at| now - at < unseen_grace))
             .count();
         let count = live.len() + starting;
@@ -281,7 +289,11 @@ impl FactoryState {
     pub async fn fence(&self, dead: &str) -> usize {
         let pids = processes_of_cell(dead);
         for pid in &pids {
-            tracing::warn!(cell_id = dead, pid, "fencing: killing the replaced cell's process");
+            tracing::warn!(
+                cell_id = dead,
+                pid,
+                "fencing: killing the replaced cell's process"
+            );
             let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
         }
         if !pids.is_empty() {

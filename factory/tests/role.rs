@@ -223,12 +223,22 @@ async fn a_sibling_answers_a_key_the_first_factory_served() {
     let (url2, second) = factory_in(&key, dir.path(), "factory-2", BTreeMap::new()).await;
     let hc = ControlClient::new(Signer::new(key.clone(), "hc-1"));
     let a: ReplaceReply = hc
-        .send(&url1, "/control/replace", ReplaceRequest::KIND, &request("replace:crawler-x"))
+        .send(
+            &url1,
+            "/control/replace",
+            ReplaceRequest::KIND,
+            &request("replace:crawler-x"),
+        )
         .await
         .expect("first factory");
     assert!(a.started);
     let b: ReplaceReply = hc
-        .send(&url2, "/control/replace", ReplaceRequest::KIND, &request("replace:crawler-x"))
+        .send(
+            &url2,
+            "/control/replace",
+            ReplaceRequest::KIND,
+            &request("replace:crawler-x"),
+        )
         .await
         .expect("second factory");
     assert!(!b.started, "the sibling starts nothing for a served key");
@@ -247,22 +257,40 @@ async fn a_role_at_its_maximum_is_refused_with_an_answer() {
     let (url, state) = factory_in(&key, dir.path(), "factory-1", maxima).await;
     let hc = ControlClient::new(Signer::new(key.clone(), "hc-1"));
     let first: FactoryReply = hc
-        .send(&url, "/control/replace", ReplaceRequest::KIND, &request("grow:crawler:1"))
+        .send(
+            &url,
+            "/control/replace",
+            ReplaceRequest::KIND,
+            &request("grow:crawler:1"),
+        )
         .await
         .expect("first");
     assert!(first.reply.started && first.refused.is_none());
     let second: FactoryReply = hc
-        .send(&url, "/control/replace", ReplaceRequest::KIND, &request("grow:crawler:2"))
+        .send(
+            &url,
+            "/control/replace",
+            ReplaceRequest::KIND,
+            &request("grow:crawler:2"),
+        )
         .await
         .expect("a refusal is an answer, not an error");
     assert!(!second.reply.started);
     assert_eq!(second.reply.cell_id, None);
     let why = second.refused.expect("refused");
-    assert!(why.contains("crawler") && why.contains("maximum of 1"), "{why}");
+    assert!(
+        why.contains("crawler") && why.contains("maximum of 1"),
+        "{why}"
+    );
     assert_eq!(state.children().await.len(), 1);
     // The protocol's reply type reads the refusal too (the health checker's view).
     let plain: ReplaceReply = hc
-        .send(&url, "/control/replace", ReplaceRequest::KIND, &request("grow:crawler:2"))
+        .send(
+            &url,
+            "/control/replace",
+            ReplaceRequest::KIND,
+            &request("grow:crawler:2"),
+        )
         .await
         .expect("still an answer");
     assert!(!plain.started);
@@ -275,7 +303,12 @@ async fn a_role_at_its_maximum_is_refused_with_an_answer() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let third: FactoryReply = hc
-        .send(&url, "/control/replace", ReplaceRequest::KIND, &request("grow:crawler:2"))
+        .send(
+            &url,
+            "/control/replace",
+            ReplaceRequest::KIND,
+            &request("grow:crawler:2"),
+        )
         .await
         .expect("third");
     assert!(third.reply.started, "{third:?}");
@@ -290,7 +323,14 @@ async fn a_replaced_frozen_cell_is_fenced() {
     let (_dir, url, state) = factory(&key).await;
     let spawn = |cell: &str| {
         std::process::Command::new("sh")
-            .args(["-c", "while :; do sleep 1; done", "run", "crawler", "--cell-id", cell])
+            .args([
+                "-c",
+                "while :; do sleep 1; done",
+                "run",
+                "crawler",
+                "--cell-id",
+                cell,
+            ])
             .spawn()
             .expect("spawn a victim")
     };
@@ -316,7 +356,10 @@ async fn a_replaced_frozen_cell_is_fenced() {
     let status = victim.wait().expect("wait");
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(9), "{status:?}");
-    assert!(bystander.try_wait().expect("try_wait").is_none(), "the bystander still runs");
+    assert!(
+        bystander.try_wait().expect("try_wait").is_none(),
+        "the bystander still runs"
+    );
     let _ = bystander.kill();
     let _ = bystander.wait();
     // A growth request with a parent (a dividing cell) fences nothing.
@@ -334,7 +377,10 @@ async fn a_replaced_frozen_cell_is_fenced() {
         .await
         .expect("divide");
     assert!(grow.started);
-    assert!(parent.try_wait().expect("try_wait").is_none(), "a dividing parent lives");
+    assert!(
+        parent.try_wait().expect("try_wait").is_none(),
+        "a dividing parent lives"
+    );
     let _ = parent.kill();
     let _ = parent.wait();
     kill_children(&state).await;
@@ -348,7 +394,10 @@ async fn a_cell_that_misses_its_ready_timeout_is_killed() {
     let pid_file = dir.path().join("pid");
     std::fs::write(
         &script,
-        format!("#!/bin/sh\necho $$ > {}\nexec sleep 60\n", pid_file.display()),
+        format!(
+            "#!/bin/sh\necho $$ > {}\nexec sleep 60\n",
+            pid_file.display()
+        ),
     )
     .expect("write script");
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -376,5 +425,9 @@ async fn a_cell_that_misses_its_ready_timeout_is_killed() {
         .trim()
         .parse()
         .expect("pid");
-    assert_eq!(factory::lease::start_time(pid), None, "the silent cell still runs");
+    assert_eq!(
+        factory::lease::start_time(pid),
+        None,
+        "the silent cell still runs"
+    );
 }

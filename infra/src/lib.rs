@@ -439,7 +439,8 @@ fn classify(value: &str, key: &str) -> Result<(), String> {
     } else {
         &["amqp", "amqps"]
     };
-    let url = url::Url::parse(value).map_err(|e| format!("{shown:?} is not a URL ({e}): {wanted}"))?;
+    let url =
+        url::Url::parse(value).map_err(|e| format!("{shown:?} is not a URL ({e}): {wanted}"))?;
     if !schemes.contains(&url.scheme()) {
         return Err(format!("{shown:?} is not {wanted}"));
     }
@@ -522,8 +523,8 @@ listen = "everywhere"
 
     #[test]
     fn the_old_minimums_key_is_refused_with_the_way_to_the_new_one() {
-        let err = Config::parse("[healthchecker.minimums]\napi = 3\n", "old.toml")
-            .expect_err("old key");
+        let err =
+            Config::parse("[healthchecker.minimums]\napi = 3\n", "old.toml").expect_err("old key");
         let msg = err.to_string();
         assert!(
             msg.contains("healthchecker.minimums") && msg.contains("[roles.api] min = 3"),

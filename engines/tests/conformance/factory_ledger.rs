@@ -19,7 +19,13 @@ pub fn claim(key: &str, role: &str, factory: &str, cell: &str, at_ms: i64) -> Cl
 /// A key claimed by one factory is held against its sibling, with the first cell's id, also
 /// after the first one's cell started.
 pub async fn second_factory_gets_the_first_cell(ledger: &dyn FactoryLedger) {
-    let first = claim("replace:crawler-1", "crawler", "factory-1", "crawler-a", 1_000);
+    let first = claim(
+        "replace:crawler-1",
+        "crawler",
+        "factory-1",
+        "crawler-a",
+        1_000,
+    );
     assert_eq!(
         ledger.claim(&first, 0).await.expect("claim"),
         ClaimOutcome::Claimed
@@ -28,7 +34,13 @@ pub async fn second_factory_gets_the_first_cell(ledger: &dyn FactoryLedger) {
         .mark_started("replace:crawler-1", "factory-1", 1_200)
         .await
         .expect("started");
-    let second = claim("replace:crawler-1", "crawler", "factory-2", "crawler-b", 1_500);
+    let second = claim(
+        "replace:crawler-1",
+        "crawler",
+        "factory-2",
+        "crawler-b",
+        1_500,
+    );
     match ledger.claim(&second, 0).await.expect("claim") {
         ClaimOutcome::Held(held) => {
             assert_eq!(held.factory, "factory-1");
@@ -48,7 +60,10 @@ pub async fn second_factory_gets_the_first_cell(ledger: &dyn FactoryLedger) {
 /// A failed start gives the key up, only for the claiming factory and only before it started.
 pub async fn release_frees_only_an_unstarted_claim_of_its_owner(ledger: &dyn FactoryLedger) {
     let c = claim("grow:api:2", "api", "factory-1", "api-a", 10);
-    assert_eq!(ledger.claim(&c, 0).await.expect("claim"), ClaimOutcome::Claimed);
+    assert_eq!(
+        ledger.claim(&c, 0).await.expect("claim"),
+        ClaimOutcome::Claimed
+    );
     assert!(!ledger
         .release("grow:api:2", "factory-2")
         .await
@@ -85,9 +100,21 @@ pub async fn release_frees_only_an_unstarted_claim_of_its_owner(ledger: &dyn Fac
 
 /// A claim older than the caller's memory no longer holds its key.
 pub async fn expired_claims_are_replaced(ledger: &dyn FactoryLedger) {
-    let old = claim("grow:crawler:1", "crawler", "factory-1", "crawler-old", 1_000);
+    let old = claim(
+        "grow:crawler:1",
+        "crawler",
+        "factory-1",
+        "crawler-old",
+        1_000,
+    );
     ledger.claim(&old, 0).await.expect("claim");
-    let new = claim("grow:crawler:1", "crawler", "factory-2", "crawler-new", 40_000);
+    let new = claim(
+        "grow:crawler:1",
+        "crawler",
+        "factory-2",
+        "crawler-new",
+        40_000,
+    );
     // Within memory (expire before 900): held.
     assert!(matches!(
         ledger.claim(&new, 900).await.expect("claim"),
@@ -112,7 +139,10 @@ pub async fn claims_by_role_and_forgetting(ledger: &dyn FactoryLedger) {
         ("k4", "api", 400),
     ] {
         ledger
-            .claim(&claim(key, role, "factory-1", &format!("cell-{key}"), at), 0)
+            .claim(
+                &claim(key, role, "factory-1", &format!("cell-{key}"), at),
+                0,
+            )
             .await
             .expect("claim");
     }
@@ -130,7 +160,10 @@ pub async fn claims_by_role_and_forgetting(ledger: &dyn FactoryLedger) {
         .await
         .expect("claims")
         .is_empty());
-    assert_eq!(ledger.claims_of_role("api", 0).await.expect("claims").len(), 2);
+    assert_eq!(
+        ledger.claims_of_role("api", 0).await.expect("claims").len(),
+        2
+    );
 }
 
 /// Many factories claiming one key at once: exactly one wins, the others see its cell.
@@ -159,5 +192,8 @@ pub async fn concurrent_claims_have_one_winner(ledger: Arc<dyn FactoryLedger>) {
     }
     assert_eq!(winners.len(), 1, "winners: {winners:?}");
     let winner_cell = format!("api-from-{}", winners[0]);
-    assert!(held_cells.iter().all(|c| *c == winner_cell), "{held_cells:?}");
+    assert!(
+        held_cells.iter().all(|c| *c == winner_cell),
+        "{held_cells:?}"
+    );
 }
