@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use engines::factory_ledger::FactoryLedger;
 use engines::sqlite::{SqliteQueue, SqliteStore};
 use engines::{JobQueue, Store};
 use infra::{Config, EngineUrl};
@@ -39,13 +40,38 @@ pub async fn open_queue(cfg: &Config) -> anyhow::Result<Arc<dyn JobQueue>> {
             Ok(Arc::new(queue))
         }
         EngineUrl::Amqp(url) => {
-            let queue =
-                engines::rabbitmq::AmqpQueue::connect(&url, &q.name, q.prefetch, q.max_deliveries)
-                    .await
-                    .with_context(|| format!("connecting to RabbitMQ at {}", redact(&url)))?;
+            // A leased job not acknowledged within `[queue].lease_secs` goes back to the broker,
+            // as on the embedded queue.
+            let options = engines::rabbitmq::AmqpOptions {
+                lease: Some(Duration::from_secs(q.lease_secs)),
+                ..engines::rabbitmq::AmqpOptions::new(q.prefetch, q.max_deliveries)
+            };
+            let queue = engines::rabbitmq::AmqpQueue::connect_with(&url, &q.name, options)
+                .await
+                .with_context(|| format!("connecting to RabbitMQ at {}", redact(&url)))?;
             Ok(Arc::new(queue))
         }
         other => anyhow::bail!("engines.queue {other:?} is not a queue engine"),
+    }
+}
+
+/// The factories' shared ledger of request keys, in the store's database.
+pub async fn open_factory_ledger(cfg: &Config) -> anyhow::Result<Arc<dyn FactoryLedger>> {
+    match cfg.database() {
+        EngineUrl::Sqlite(path) => {
+            let path = path.to_string_lossy().to_string();
+            let ledger = engines::sqlite::SqliteFactoryLedger::open(&path)
+                .await
+                .with_context(|| format!("opening the factory ledger at {path}"))?;
+            Ok(Arc::new(ledger))
+        }
+        EngineUrl::Postgres(url) => {
+            let ledger = engines::postgres::PgFactoryLedger::connect(&url)
+                .await
+                .with_context(|| format!("connecting to PostgreSQL at {}", redact(&url)))?;
+            Ok(Arc::new(ledger))
+        }
+        other => anyhow::bail!("engines.database {other:?} is not a store engine"),
     }
 }
 

@@ -43,6 +43,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off")),
         )
         .with_writer(std::io::stderr)
+        // A cell outlives the factory that started it, and with it the pipe its stderr goes to:
+        // a log line that cannot be written is dropped, never reported with eprintln! (which
+        // panics on a closed pipe, killing whatever task logged).
+        .log_internal_errors(false)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

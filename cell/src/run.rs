@@ -209,6 +209,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = crate::load_config(args.infra.as_ref())?;
     let shutdown = CancellationToken::new();
     crate::cancel_on_signals(shutdown.clone());
+    // A cell of an organism ends with it, whoever started the cell.
+    if let Some(lease) = factory::lease::OrganismLease::from_env()? {
+        lease.watch(shutdown.clone());
+    }
     if args.supervised {
         let token = shutdown.clone();
         tokio::spawn(async move {
@@ -228,7 +232,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     match args.role.as_str() {
         "api" => run_api(&cfg, &args, shutdown, grace).await,
         "crawler" => run_crawler(&cfg, &args, shutdown, grace).await,
-        "factory" => run_factory(&args, shutdown, grace).await,
+        "factory" => run_factory(&cfg, &args, shutdown, grace).await,
         "healthchecker" => run_healthchecker(&cfg, &args, shutdown, grace).await,
         "frontdoor" => run_frontdoor(&cfg, &args, shutdown, grace).await,
         other => anyhow::bail!(
@@ -408,6 +412,7 @@ async fn run_crawler(
 }
 
 async fn run_factory(
+    cfg: &infra::Config,
     args: &RunArgs,
     shutdown: CancellationToken,
     grace: Duration,
@@ -444,17 +449,25 @@ async fn run_factory(
     let provider = factory::local::LocalProvider {
         exe: std::env::current_exe().context("locating the cell executable")?,
         common_args: Vec::new(),
-        ready_timeout: Duration::from_secs(30),
+        // Under the factory's key memory, so a start in flight never loses its claim.
+        ready_timeout: Duration::from_secs(20),
         tie_to_parent: false,
         env: Vec::new(),
+    };
+    let life = start_life(args, "factory", addr)?;
+    let organism = factory::role::Organism {
+        ledger: crate::engines_setup::open_factory_ledger(cfg).await?,
+        factory_id: life.cell_id.clone(),
+        maxima: cfg.maxima(),
+        healthcheckers: args.healthcheckers.clone(),
     };
     let state = factory::role::FactoryState::new(
         provider,
         control::Verifier::new(key, Duration::from_secs(30)),
         fixed,
         cell_args,
+        organism,
     );
-    let life = start_life(args, "factory", addr)?;
     announce("factory", addr);
     let stop = drain_after_notice(&life, shutdown, Duration::ZERO);
     let result = factory::role::run(state, listener, stop, grace).await;
@@ -469,12 +482,9 @@ async fn run_healthchecker(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let key = control::ClusterKey::from_env()?;
-    let mut hc = cfg.raw.healthchecker.clone();
+    // Keeps every configured role at its minimum (`[roles.*].min`).
+    let mut hc = cfg.healthchecker();
     hc.factories.extend(args.factories.iter().cloned());
-    // Keep every configured role at its minimum.
-    for (role, bounds) in &cfg.raw.roles {
-        hc.minimums.entry(role.clone()).or_insert(bounds.min);
-    }
     let listen = args.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
     let listener = TcpListener::bind(&listen)
         .await

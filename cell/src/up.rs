@@ -1,8 +1,12 @@
-//! `cell up`: a whole organism on this machine. It starts the factory (supervised: restarted if
-//! it dies) and asks it for two health checkers; the health checkers then grow the organism to
-//! the minimums in `infra/` through the factory (api, crawlers, front doors) and replace any cell
-//! that dies. With `--demo` it also serves the bundled synthetic web and seeds the crawl with it.
-//! Ctrl-C asks every cell to drain.
+//! `cell up`: a whole organism on this machine. It starts two factories (supervised: each
+//! restarted if it dies) and asks one of them for two health checkers; the health checkers then
+//! grow the organism to the minimums in `infra/` through the factories (apis, crawlers, front
+//! doors) and replace any cell that dies. With `--demo` it also serves the bundled synthetic web
+//! and seeds the crawl with it. Ctrl-C asks every cell to drain.
+//!
+//! Every cell carries the organism's lease (this process's pid and start time, see
+//! [`factory::lease`]) and exits when this process is gone, even by SIGKILL; with
+//! `--die-with-parent` this process itself ends when whatever started it does.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -32,6 +36,10 @@ pub struct UpArgs {
     /// How long each cell may take to drain on shutdown, seconds.
     #[arg(long, default_value_t = 20)]
     grace_secs: u64,
+    /// Drain and stop when the process that started `cell up` dies (Linux `PR_SET_PDEATHSIG`;
+    /// for test harnesses and scripts: nothing of the organism outlives them).
+    #[arg(long)]
+    die_with_parent: bool,
 }
 
 /// Where `cell up` records the organism's fixed addresses, for `cell status`.
@@ -39,12 +47,15 @@ pub const ORGANISM_FILE: &str = "organism.json";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OrganismFile {
-    pub factory: String,
+    pub factories: Vec<String>,
     pub healthcheckers: Vec<String>,
     pub frontdoors: Vec<String>,
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    if args.die_with_parent {
+        die_with_parent()?;
+    }
     let mut cfg = crate::load_config(args.infra.as_ref())?;
     if let Some(dir) = &args.data_dir {
         cfg.raw.organism.data_dir = dir.clone();
@@ -74,11 +85,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     } else {
         ClusterKey::generate()
     };
-    let factory_addr = fixed_port("127.0.0.1:0")?;
+    let factory_addrs = [fixed_port("127.0.0.1:0")?, fixed_port("127.0.0.1:0")?];
     let hcs = [fixed_port("127.0.0.1:0")?, fixed_port("127.0.0.1:0")?];
     let frontdoors = frontdoor_addresses(&cfg.raw.frontdoor.listen)?;
     let file = OrganismFile {
-        factory: format!("http://{factory_addr}"),
+        factories: factory_addrs
+            .iter()
+            .map(|a| format!("http://{a}"))
+            .collect(),
         healthcheckers: hcs.iter().map(|a| format!("http://{a}")).collect(),
         frontdoors: frontdoors.iter().map(|a| format!("http://{a}")).collect(),
     };
@@ -95,60 +109,84 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         tie_to_parent: true,
         env: vec![(control::KEY_ENV.to_string(), key.to_hex())],
     };
+    let mut provider = provider;
+    if let Some(lease) = factory::lease::OrganismLease::current() {
+        provider
+            .env
+            .push((factory::lease::LEASE_ENV.to_string(), lease.render()));
+    }
     let (mut supervisor, mut events) = Supervisor::new(provider);
     let grace = Duration::from_secs(args.grace_secs);
-    // No fixed cell id: each incarnation of the factory is a new cell (a factory that was
-    // declared dead and fenced is buried under its old id; its restart must not be).
-    let mut factory_args = vec![
-        "--listen".to_string(),
-        factory_addr.clone(),
-        "--fixed".into(),
-        format!("healthchecker={}", hcs.join(",")),
-        "--fixed".into(),
-        format!("frontdoor={}", frontdoors.join(",")),
-        "--grace-secs".into(),
-        args.grace_secs.to_string(),
-    ];
-    for hc in &file.healthcheckers {
-        factory_args.push("--healthchecker".into());
-        factory_args.push(hc.clone());
+    // Two factories, each told of the other (the cells they start learn both addresses).
+    for (i, addr) in factory_addrs.iter().enumerate() {
+        let name = format!("factory-{}", i + 1);
+        let mut factory_args = vec![
+            // No --cell-id: each generation of a factory is a new cell (factory-PID), so the
+            // registry never mistakes a restarted factory for its buried predecessor.
+            "--listen".to_string(),
+            addr.clone(),
+            "--fixed".into(),
+            format!("healthchecker={}", hcs.join(",")),
+            "--fixed".into(),
+            format!("frontdoor={}", frontdoors.join(",")),
+            "--grace-secs".into(),
+            args.grace_secs.to_string(),
+        ];
+        for hc in &file.healthcheckers {
+            factory_args.push("--healthchecker".into());
+            factory_args.push(hc.clone());
+        }
+        for (j, sibling) in file.factories.iter().enumerate() {
+            if j != i {
+                factory_args.push("--factory".into());
+                factory_args.push(sibling.clone());
+            }
+        }
+        supervisor
+            .add(
+                name,
+                CellSpec {
+                    role: "factory".into(),
+                    args: factory_args,
+                },
+                shutdown.clone(),
+                grace,
+            )
+            .await?;
     }
-    supervisor
-        .add(
-            "factory-1".into(),
-            CellSpec {
-                role: "factory".into(),
-                args: factory_args,
-            },
-            shutdown.clone(),
-            grace,
-        )
-        .await?;
 
     // Two health checkers; they grow the rest.
     let me = ControlClient::new(Signer::new(key.clone(), "cell-up"));
     for i in 1..=2 {
-        let reply: ReplaceReply = me
-            .send(
-                &file.factory,
-                "/control/replace",
-                ReplaceRequest::KIND,
-                &ReplaceRequest {
-                    request_key: format!("grow:healthchecker:{i}"),
-                    role: "healthchecker".into(),
-                    reason: "organism start".into(),
-                    parent: None,
-                },
-            )
-            .await
-            .context("asking the factory for a health checker")?;
-        tracing::debug!(?reply, "health checker requested");
+        let request = ReplaceRequest {
+            request_key: format!("grow:healthchecker:{i}"),
+            role: "healthchecker".into(),
+            reason: "organism start".into(),
+            parent: None,
+        };
+        // Either factory will do: they share their request keys.
+        let mut last = None;
+        for factory in &file.factories {
+            let sent: anyhow::Result<ReplaceReply> = me
+                .send(factory, "/control/replace", ReplaceRequest::KIND, &request)
+                .await;
+            match sent {
+                Ok(reply) => {
+                    tracing::debug!(?reply, "health checker requested");
+                    last = None;
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        if let Some(e) = last {
+            return Err(e.context("asking the factories for a health checker"));
+        }
     }
     let minimums: BTreeMap<String, u32> = cfg
-        .raw
-        .roles
-        .iter()
-        .map(|(r, b)| (r.clone(), b.min))
+        .healthchecker()
+        .minimums
+        .into_iter()
         .filter(|(_, n)| *n > 0)
         .collect();
     let view = wait_for_minimums(&file.healthcheckers, &minimums, &shutdown).await?;
@@ -162,6 +200,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         file.frontdoors.join(" ")
     );
     println!("  healthcheckers {}", file.healthcheckers.join(" "));
+    println!("  factories {}", file.factories.join(" "));
     println!("  crawl:  curl -X POST {front}/crawl -H 'content-type: application/json' -d '{{\"seeds\":[\"https://example.com/\"]}}'");
     println!("  stats:  curl {front}/stats");
     println!("  cells:  curl {}/cells", file.healthcheckers[0]);
@@ -190,7 +229,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             _ = shutdown.cancelled() => break,
             Some(event) = events.recv() => match event {
                 Event::Started(info) if info.generation > 1 => {
-                    eprintln!("factory restarted (pid {})", info.pid);
+                    eprintln!("{} restarted (pid {})", info.name, info.pid);
                 }
                 Event::Started(_) => {}
                 Event::Exited { name, pid, status } => {
@@ -217,6 +256,19 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!("stopped");
+    Ok(())
+}
+
+/// Ask the kernel to SIGTERM this process when its parent dies (then it drains the organism as
+/// on Ctrl-C; a SIGKILL of this process is covered by the cells' lease).
+fn die_with_parent() -> anyhow::Result<()> {
+    let parent = nix::unistd::getppid();
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+        .context("asking to die with the parent process (PR_SET_PDEATHSIG)")?;
+    // The parent may have died before the request took effect.
+    if nix::unistd::getppid() != parent {
+        anyhow::bail!("the parent process is already gone");
+    }
     Ok(())
 }
 

@@ -92,7 +92,7 @@ async fn health_checkers_grow_the_organism_and_replace_the_dead() {
     }
     let hc = format!("http://{h1}");
     let want: BTreeMap<String, usize> = [
-        ("api", 1),
+        ("api", 2),
         ("crawler", 2),
         ("frontdoor", 2),
         ("healthchecker", 2),

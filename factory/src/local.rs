@@ -1,9 +1,11 @@
 //! The local provider: each cell is an OS process running `cell run ROLE ...`.
 //!
 //! A started cell announces itself with one [`vitals::ReadyLine`] on stdout; everything else it
-//! prints is forwarded to this process's stderr, prefixed with the cell's name. A cell's stdin is
-//! a pipe from here: when this process dies, even by SIGKILL, the pipe closes and the cell
-//! drains and exits, so no orphan outlives its organism.
+//! prints is forwarded to this process's stderr, prefixed with the cell's name. A cell that does
+//! not announce itself within the ready timeout is killed. A supervised cell's stdin is a pipe
+//! from here: when this process dies, even by SIGKILL, the pipe closes and the cell drains and
+//! exits. Cells the factory role starts are not tied to the factory that way (they outlive it);
+//! they carry the organism's lease instead ([`crate::lease`]).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -113,7 +115,18 @@ impl LocalProvider {
             anyhow::bail!("{name} exited before it was ready")
         })
         .await
-        .with_context(|| format!("{name} was not ready within {:?}", self.ready_timeout))??;
+        .with_context(|| format!("{name} was not ready within {:?}", self.ready_timeout))
+        .and_then(|r| r);
+        let ready = match ready {
+            Ok(ready) => ready,
+            Err(e) => {
+                // A cell that missed its ready timeout is killed, not left running: it may
+                // still come up later, unsupervised and uncounted.
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(e);
+            }
+        };
         forward(name.to_string(), lines.into_inner());
         Ok(Started {
             child,

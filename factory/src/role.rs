@@ -1,10 +1,24 @@
 //! The factory role: serves replacement and stop requests over the signed control plane, and
 //! starts cells through the local provider.
 //!
-//! Requests are deduplicated by their key: the two health checkers that notice the same death
-//! both ask with `replace:<dead id>`, and one cell is started. A key is remembered for
+//! Every organism runs at least two factories, and a health checker asks them in turn. Requests
+//! are deduplicated by their key across all of them: before it starts a cell, a factory claims
+//! the key in the store's [`FactoryLedger`] (shared by the factories), so the two health checkers
+//! that notice the same death both asking with `replace:<dead id>`, or one asking the second
+//! factory after the first started a cell and died, start one cell. A key is remembered for
 //! [`KEY_MEMORY`], long enough for every repeat of one event, short enough that a later shortfall
 //! asking with the same slot key is served again.
+//!
+//! A factory refuses to start a cell of a role at its maximum (`roles.*.max`): it counts the
+//! role's live cells (a health checker's `GET /cells`) plus the starts it and its siblings have
+//! claimed and not yet seen live, and answers `started: false` with a `refused` reason naming the
+//! role and its maximum, an answer (200), not an error.
+//!
+//! Before it replaces a dead cell (`replace:` keys, `parent` names the dead cell) that is a
+//! process on this machine, a factory SIGKILLs that process (fencing by power-off, as a pool
+//! provider powers a machine off before replacing it): a frozen cell cannot come back, and a
+//! fixed-address replacement can take its predecessor's address. The process is found by the
+//! cell id on its command line, so a reused pid is never killed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,9 +38,42 @@ use protocol::control::{ReplaceReply, ReplaceRequest, StopRequest};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use engines::factory_ledger::{Claim, ClaimOutcome, FactoryLedger};
+use protocol::control::CellsResponse;
+
+use crate::lease::cmdline;
 use crate::local::{CellSpec, LocalProvider};
 
 pub const KEY_MEMORY: Duration = Duration::from_secs(30);
+
+/// How long a fenced process has to disappear after its SIGKILL.
+pub const FENCE_WAIT: Duration = Duration::from_secs(5);
+
+/// A cell started this recently and not yet in the registry is still counted as starting (it has
+/// not heartbeated yet).
+pub const UNSEEN_GRACE: Duration = Duration::from_secs(3);
+
+/// What a factory shares with its siblings and knows of its organism.
+pub struct Organism {
+    /// The request keys of every factory of the organism.
+    pub ledger: Arc<dyn FactoryLedger>,
+    /// This factory's cell id (recorded with its claims).
+    pub factory_id: String,
+    /// Most cells per role (`roles.*.max`); a role not named has no maximum.
+    pub maxima: BTreeMap<String, u32>,
+    /// Health checkers (base URLs), whose `GET /cells` counts a role's live cells.
+    pub healthcheckers: Vec<String>,
+}
+
+/// The factory's answer to a replacement request: the protocol's reply, plus why it started
+/// nothing when it refused (a health checker that does not know the field reads the reply).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct FactoryReply {
+    #[serde(flatten)]
+    pub reply: ReplaceReply,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
 
 /// A cell this factory started.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -48,7 +95,8 @@ pub struct FactoryState {
     /// Arguments every cell this factory starts gets (e.g. `--healthchecker URL ...`).
     pub cell_args: Vec<String>,
     pub ready: vitals::Readiness,
-    requests: Mutex<HashMap<String, (String, Instant)>>,
+    pub organism: Organism,
+    registry_client: reqwest::Client,
     children: Mutex<HashMap<String, Started>>,
     alive: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     counter: AtomicU64,
@@ -60,6 +108,7 @@ impl FactoryState {
         verifier: Verifier,
         fixed: BTreeMap<String, Vec<String>>,
         cell_args: Vec<String>,
+        organism: Organism,
     ) -> Arc<Self> {
         Arc::new(Self {
             provider,
@@ -67,46 +116,206 @@ impl FactoryState {
             fixed,
             cell_args,
             ready: vitals::Readiness::default(),
-            requests: Mutex::new(HashMap::new()),
+            organism,
+            registry_client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(1))
+                .build()
+                .expect("a plain HTTP client always builds"),
             children: Mutex::new(HashMap::new()),
             alive: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
         })
     }
 
-    /// Start a cell for `req` unless its key was already served.
-    pub async fn replace(self: &Arc<Self>, req: &ReplaceRequest) -> anyhow::Result<ReplaceReply> {
-        let cell_id = {
-            let mut requests = self.requests.lock().await;
-            requests.retain(|_, (_, at)| at.elapsed() < KEY_MEMORY);
-            if let Some((id, _)) = requests.get(&req.request_key) {
-                metrics::counter!("factory_duplicate_requests_total").increment(1);
-                return Ok(ReplaceReply {
-                    request_key: req.request_key.clone(),
-                    started: false,
-                    cell_id: Some(id.clone()),
-                });
-            }
-            let n = self.counter.fetch_add(1, Ordering::SeqCst) + 1;
-            let id = format!("{}-{}-{n}", req.role, std::process::id());
-            requests.insert(req.request_key.clone(), (id.clone(), Instant::now()));
-            id
+    /// Start a cell for `req` unless its key was already served (by this factory or a sibling)
+    /// or its role is at its maximum.
+    pub async fn replace(self: &Arc<Self>, req: &ReplaceRequest) -> anyhow::Result<FactoryReply> {
+        let now = now_ms();
+        let memory = KEY_MEMORY.as_millis() as i64;
+        let n = self.counter.fetch_add(1, Ordering::SeqCst) + 1;
+        let mine = Claim {
+            request_key: req.request_key.clone(),
+            role: req.role.clone(),
+            factory: self.organism.factory_id.clone(),
+            cell_id: format!("{}-{}-{n}", req.role, std::process::id()),
+            claimed_at_ms: now,
+            started_at_ms: None,
         };
-        match self.start(&cell_id, req).await {
-            Ok(()) => Ok(ReplaceReply {
-                request_key: req.request_key.clone(),
-                started: true,
-                cell_id: Some(cell_id),
-            }),
-            Err(e) => {
-                // Let the next request with this key try again.
-                self.requests.lock().await.remove(&req.request_key);
-                Err(e)
+        let ledger = &self.organism.ledger;
+        // Now and then, forget what no request will repeat.
+        if n % 64 == 1 {
+            if let Err(e) = ledger.forget_before(now - 2 * memory).await {
+                tracing::warn!(error = %e, "forgetting old request keys failed");
             }
         }
+        match ledger.claim(&mine, now - memory).await? {
+            ClaimOutcome::Held(held) => {
+                metrics::counter!("factory_duplicate_requests_total").increment(1);
+                return Ok(FactoryReply {
+                    reply: ReplaceReply {
+                        request_key: req.request_key.clone(),
+                        started: false,
+                        cell_id: Some(held.cell_id),
+                    },
+                    refused: None,
+                });
+            }
+            ClaimOutcome::Claimed => {}
+        }
+        let outcome = match self.over_maximum(req, &mine).await {
+            Err(e) => Err(e),
+            Ok(Some(refusal)) => {
+                metrics::counter!("factory_refused_total", "role" => req.role.clone()).increment(1);
+                tracing::warn!(key = %req.request_key, %refusal, "refusing to start a cell");
+                Ok(FactoryReply {
+                    reply: ReplaceReply {
+                        request_key: req.request_key.clone(),
+                        started: false,
+                        cell_id: None,
+                    },
+                    refused: Some(refusal),
+                })
+            }
+            Ok(None) => self.start(&mine.cell_id, req).await.map(|()| FactoryReply {
+                reply: ReplaceReply {
+                    request_key: req.request_key.clone(),
+                    started: true,
+                    cell_id: Some(mine.cell_id.clone()),
+                },
+                refused: None,
+            }),
+        };
+        match &outcome {
+            Ok(reply) if reply.reply.started => {
+                if let Err(e) = ledger
+                    .mark_started(&mine.request_key, &mine.factory, now_ms())
+                    .await
+                {
+                    tracing::warn!(error = %e, "recording a started cell in the ledger failed");
+                }
+            }
+            // Nothing started: let the next request with this key try again.
+            _ => {
+                if let Err(e) = ledger.release(&mine.request_key, &mine.factory).await {
+                    tracing::warn!(error = %e, "releasing a request key failed");
+                }
+            }
+        }
+        outcome
+    }
+
+    /// Why `req` would take its role above its maximum, or `None` when it would not. Counts the
+    /// role's live cells and the starts claimed before `mine` whose cells are not live yet.
+    async fn over_maximum(
+        &self,
+        req: &ReplaceRequest,
+        mine: &Claim,
+    ) -> anyhow::Result<Option<String>> {
+        let Some(&max) = self.organism.maxima.get(&req.role) else {
+            return Ok(None);
+        };
+        let registry = self.registry().await;
+        let live: Vec<String> = match &registry {
+            Some(cells) => cells
+                .roles
+                .get(&req.role)
+                .map(|v| {
+                    v.iter()
+                        .filter(|c| c.state != protocol::control::CellState::Retired)
+                        // A dead cell being replaced is not counted, even if still listed.
+                        .filter(|c| req.parent.as_ref() != Some(&c.cell_id) || !is_replacement(req))
+                        .map(|c| c.cell_id.clone())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            // No health checker answers (the organism is starting): count what this factory
+            // knows it runs.
+            None => self
+                .children
+                .lock()
+                .await
+                .values()
+                .filter(|c| c.role == req.role)
+                .map(|c| c.cell_id.clone())
+                .collect(),
+        };
+        let ours: Vec<String> = self.children.lock().await.keys().cloned().collect();
+        let now = now_ms();
+        let unseen_grace = UNSEEN_GRACE.as_millis() as i64;
+        let starting = self
+            .organism
+            .ledger
+            .claims_of_role(&req.role, now - KEY_MEMORY.as_millis() as i64)
+            .await?
+            .into_iter()
+            // Earlier claims only: of two concurrent requests at max - 1, the first proceeds.
+            .filter(|c| (c.claimed_at_ms, &c.request_key) < (mine.claimed_at_ms, &mine.request_key))
+            .filter(|c| !live.contains(&c.cell_id))
+            // A cell of ours that started and exited is neither live nor starting.
+            .filter(|c| {
+                c.factory != self.organism.factory_id
+                    || c.started_at_ms.is_none()
+                    || ours.contains(&c.cell_id)
+            })
+            .filter(|c| c.started_at_ms.is_none_or(|at| now - at < unseen_grace))
+            .count();
+        let count = live.len() + starting;
+        if count as u64 >= u64::from(max) {
+            return Ok(Some(format!(
+                "role {} is at its maximum of {max} cells (roles.{}.max): {} live, {starting} starting",
+                req.role,
+                req.role,
+                live.len()
+            )));
+        }
+        Ok(None)
+    }
+
+    async fn registry(&self) -> Option<CellsResponse> {
+        for hc in &self.organism.healthcheckers {
+            let Ok(resp) = self.registry_client.get(format!("{hc}/cells")).send().await else {
+                continue;
+            };
+            if let Ok(cells) = resp.json::<CellsResponse>().await {
+                return Some(cells);
+            }
+        }
+        None
+    }
+
+    /// SIGKILL the processes on this machine that run cell `dead`, and wait until they are gone.
+    /// Found by `--cell-id DEAD` on their command line (this factory's children and any other),
+    /// so a pid the kernel gave to another process since is never killed.
+    pub async fn fence(&self, dead: &str) -> usize {
+        let pids = processes_of_cell(dead);
+        for pid in &pids {
+            tracing::warn!(
+                cell_id = dead,
+                pid,
+                "fencing: killing the replaced cell's process"
+            );
+            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGKILL);
+        }
+        if !pids.is_empty() {
+            metrics::counter!("factory_fenced_total").increment(pids.len() as u64);
+        }
+        let deadline = Instant::now() + FENCE_WAIT;
+        while Instant::now() < deadline {
+            let still = pids.iter().any(|p| runs_cell(*p, dead));
+            let ours = self.children.lock().await.contains_key(dead);
+            if !still && !ours {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        pids.len()
     }
 
     async fn start(self: &Arc<Self>, cell_id: &str, req: &ReplaceRequest) -> anyhow::Result<()> {
+        // Power the dead cell off first: then its fixed address (if any) is free.
+        if let (Some(dead), true) = (&req.parent, is_replacement(req)) {
+            self.fence(dead).await;
+        }
         let listen = self.free_address(&req.role).await;
         let mut args = vec![
             "--listen".to_string(),
@@ -153,9 +362,12 @@ impl FactoryState {
         };
         let children = self.children.lock().await;
         for addr in fixed {
-            if !children.values().any(|c| &c.listen == addr) {
-                // Not held by a cell of ours; a cell of a previous factory may still hold it, in
-                // which case the new cell fails to bind and the request fails (and is retried).
+            // Not held by a cell of ours, nor by a cell of a sibling or of a previous factory
+            // (a listener there refuses our probe). A process that takes it between the probe and
+            // the cell's bind fails the request, which is asked again.
+            if !children.values().any(|c| &c.listen == addr)
+                && std::net::TcpListener::bind(addr.as_str()).is_ok()
+            {
                 return addr.clone();
             }
         }
@@ -221,6 +433,52 @@ async fn replace(
                 .into_response()
         }
     }
+}
+
+/// A request to replace a dead cell (the health checker's `replace:<dead>` keys), as opposed to
+/// growth or a parent asking to divide: only those fence their `parent`.
+fn is_replacement(req: &ReplaceRequest) -> bool {
+    req.parent.is_some() && req.request_key.starts_with("replace:")
+}
+
+/// Pids of the processes whose command line says they run cell `cell_id`.
+fn processes_of_cell(cell_id: &str) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let me = std::process::id();
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me && runs_cell(*pid, cell_id))
+        .collect()
+}
+
+/// Whether process `pid` runs cell `cell_id` (of this factory's organism, when it has a lease:
+/// another organism on the machine may hold a cell of the same name).
+fn runs_cell(pid: u32, cell_id: &str) -> bool {
+    let args = cmdline(pid);
+    let named = args.iter().any(|a| a == "run")
+        && args
+            .windows(2)
+            .any(|w| w[0] == "--cell-id" && w[1] == cell_id);
+    if !named {
+        return false;
+    }
+    match std::env::var(crate::lease::LEASE_ENV) {
+        Ok(lease) if !lease.is_empty() => {
+            let wanted = format!("{}={lease}", crate::lease::LEASE_ENV);
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| env.split(|b| *b == 0).any(|v| v == wanted.as_bytes()))
+                .unwrap_or(false)
+        }
+        _ => true,
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }
 
 fn infra_role(role: &str) -> bool {

@@ -35,7 +35,10 @@ pub struct HealthcheckerConfig {
     pub message_window_ms: u64,
     /// Base URLs of the factories, tried in order until one answers.
     pub factories: Vec<String>,
-    /// Fewest live cells per role; a shortfall is filled by asking the factory.
+    /// Fewest live cells per role; a shortfall is filled by asking the factory. Not read from
+    /// the organism file: `infra` fills it from `[roles.*].min`, the one setting (and refuses a
+    /// file that still sets `[healthchecker.minimums]`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub minimums: BTreeMap<String, u32>,
 }
 

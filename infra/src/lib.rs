@@ -208,9 +208,10 @@ impl Config {
         let mut problems = Vec::new();
         let mut push = |key: String, reason: String| problems.push(Problem { key, reason });
         // Roles: the two the loop needs must be there; the defaults fill them.
+        // Two apis: a client request passes through an api, so one dying costs no request.
         raw.roles
             .entry("api".into())
-            .or_insert(RoleBounds { min: 1, max: 4 });
+            .or_insert(RoleBounds { min: 2, max: 4 });
         raw.roles
             .entry("crawler".into())
             .or_insert(RoleBounds { min: 2, max: 8 });
@@ -255,6 +256,42 @@ impl Config {
             if let Err(reason) = classify(value, key) {
                 push(key.into(), reason);
             }
+        }
+        // The environment overrides the engines: checked like the file, named by variable.
+        for (var, key) in [
+            ("DATABASE_URL", "engines.database"),
+            ("AMQP_URL", "engines.queue"),
+        ] {
+            if let Some(value) = std::env::var_os(var) {
+                match value.into_string() {
+                    Ok(v) if v.is_empty() => {}
+                    Ok(v) => {
+                        if let Err(reason) = classify(&v, key) {
+                            push(format!("{var} (environment, overrides {key})"), reason);
+                        }
+                    }
+                    Err(_) => push(
+                        format!("{var} (environment, overrides {key})"),
+                        "is not valid UTF-8".into(),
+                    ),
+                }
+            }
+        }
+        if !raw.healthchecker.minimums.is_empty() {
+            let moved: Vec<String> = raw
+                .healthchecker
+                .minimums
+                .iter()
+                .map(|(role, n)| format!("[roles.{role}] min = {n}"))
+                .collect();
+            push(
+                "healthchecker.minimums".into(),
+                format!(
+                    "is no longer read: a role's minimum is one setting, [roles.ROLE].min \
+                     (write {} instead)",
+                    moved.join(", ")
+                ),
+            );
         }
         if raw.queue.lease_secs == 0 {
             push("queue.lease_secs".into(), "must be at least 1".into());
@@ -346,6 +383,27 @@ impl Config {
         toml::to_string(&self.raw).expect("a validated configuration always serializes")
     }
 
+    /// The health checker's settings, with the minimums it keeps: `[roles.*].min`.
+    pub fn healthchecker(&self) -> healthchecker::HealthcheckerConfig {
+        let mut hc = self.raw.healthchecker.clone();
+        hc.minimums = self
+            .raw
+            .roles
+            .iter()
+            .map(|(role, b)| (role.clone(), b.min))
+            .collect();
+        hc
+    }
+
+    /// Most cells per role (`[roles.*].max`).
+    pub fn maxima(&self) -> BTreeMap<String, u32> {
+        self.raw
+            .roles
+            .iter()
+            .map(|(role, b)| (role.clone(), b.max))
+            .collect()
+    }
+
     pub fn bounds(&self, role: &str) -> RoleBounds {
         self.raw
             .roles
@@ -359,22 +417,57 @@ impl Config {
 pub const ROLES: &[&str] = &["api", "crawler", "healthchecker", "frontdoor", "factory"];
 
 fn classify(value: &str, key: &str) -> Result<(), String> {
-    let ok = value == "sqlite"
-        || value.starts_with("sqlite:")
-        || (key == "engines.database"
-            && (value.starts_with("postgres://") || value.starts_with("postgresql://")))
-        || (key == "engines.queue"
-            && (value.starts_with("amqp://") || value.starts_with("amqps://")));
-    if ok {
-        Ok(())
-    } else if key == "engines.database" {
-        Err(format!(
-            "{value:?} is not \"sqlite\", a sqlite: path or a postgres:// URL"
-        ))
+    let shown = redact(value);
+    let wanted = if key == "engines.database" {
+        "\"sqlite\", a sqlite: path or a postgres:// URL"
     } else {
-        Err(format!(
-            "{value:?} is not \"sqlite\", a sqlite: path or an amqp:// URL"
-        ))
+        "\"sqlite\", a sqlite: path or an amqp:// URL"
+    };
+    if value == "sqlite" {
+        return Ok(());
+    }
+    if let Some(path) = value.strip_prefix("sqlite:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        return if path.is_empty() {
+            Err(format!("{shown:?} names no file: {wanted}"))
+        } else {
+            Ok(())
+        };
+    }
+    let schemes: &[&str] = if key == "engines.database" {
+        &["postgres", "postgresql"]
+    } else {
+        &["amqp", "amqps"]
+    };
+    let url =
+        url::Url::parse(value).map_err(|e| format!("{shown:?} is not a URL ({e}): {wanted}"))?;
+    if !schemes.contains(&url.scheme()) {
+        return Err(format!("{shown:?} is not {wanted}"));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{shown:?} names no host: {wanted}"));
+    }
+    Ok(())
+}
+
+/// A URL with its password hidden, for messages.
+pub fn redact(value: &str) -> String {
+    if let Ok(mut u) = url::Url::parse(value) {
+        if u.password().is_some() {
+            let _ = u.set_password(Some("***"));
+            return u.to_string();
+        }
+        if u.has_host() || !value.contains('@') {
+            return value.to_string();
+        }
+    }
+    // Not a URL with a host, yet something@: hide what comes before the '@'.
+    match value.rfind('@') {
+        Some(at) => {
+            let start = value.find("://").map(|s| s + 3).unwrap_or(0).min(at);
+            format!("{}***{}", &value[..start], &value[at..])
+        }
+        None => value.to_string(),
     }
 }
 
@@ -426,6 +519,49 @@ listen = "everywhere"
         ] {
             assert!(msg.contains(needle), "{needle} missing from: {msg}");
         }
+    }
+
+    #[test]
+    fn the_old_minimums_key_is_refused_with_the_way_to_the_new_one() {
+        let err =
+            Config::parse("[healthchecker.minimums]\napi = 3\n", "old.toml").expect_err("old key");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("healthchecker.minimums") && msg.contains("[roles.api] min = 3"),
+            "{msg}"
+        );
+        let cfg = Config::parse("[roles.api]\nmin = 3\nmax = 5\n", "new.toml").expect("valid");
+        assert_eq!(cfg.healthchecker().minimums["api"], 3);
+        assert_eq!(cfg.healthchecker().minimums["crawler"], 2);
+        assert_eq!(cfg.maxima()["api"], 5);
+        // The effective file handed to cells does not write the old key back.
+        assert!(!cfg.to_toml().contains("minimums"), "{}", cfg.to_toml());
+    }
+
+    #[test]
+    fn engine_urls_are_checked_and_secrets_hidden() {
+        for (value, key) in [
+            ("sqlite", "engines.database"),
+            ("sqlite:///tmp/x.db", "engines.database"),
+            ("postgres://u:p@db.example:5432/x", "engines.database"),
+            ("amqps://u:p@mq.example/%2f", "engines.queue"),
+        ] {
+            assert_eq!(classify(value, key), Ok(()), "{value}");
+        }
+        for (value, key) in [
+            ("mysql://u:hunter2@db/x", "engines.database"),
+            ("postgres://", "engines.database"),
+            ("amqp://u:hunter2@", "engines.queue"),
+            ("postgres://u:hunter2@db/x", "engines.queue"),
+            ("sqlite:", "engines.database"),
+            ("not a url", "engines.database"),
+        ] {
+            let reason = classify(value, key).expect_err(value);
+            assert!(!reason.contains("hunter2"), "secret in {reason:?}");
+        }
+        assert_eq!(redact("postgres://u:hunter2@db/x"), "postgres://u:***@db/x");
+        assert!(!redact("u:hunter2@db").contains("hunter2"));
+        assert!(!redact("amqp://u:hunter2@").contains("hunter2"));
     }
 
     #[test]

@@ -8,10 +8,12 @@
 //! retried. Statements are batched (`unnest` arrays), so an ingest costs a fixed number of round
 //! trips whatever the number of links.
 
+mod factory_ledger;
 mod store;
 
 use std::time::Duration;
 
+pub use factory_ledger::PgFactoryLedger;
 pub use store::PgStore;
 
 /// Connection pool settings for [`PgStore::connect_with`].

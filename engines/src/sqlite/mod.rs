@@ -2,6 +2,7 @@
 //! durable job queue. Each lives in its own database file so the queue's writers and the store's
 //! writers do not take the same lock. WAL mode lets the cells of one machine share the files.
 
+mod factory_ledger;
 mod queue;
 mod store;
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 use sqlx::sqlite::SqliteSynchronous;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
+pub use factory_ledger::SqliteFactoryLedger;
 pub use queue::SqliteQueue;
 pub use store::SqliteStore;
 
