@@ -100,8 +100,8 @@ struct LedgerPermit {
 
 impl Drop for LedgerPermit {
     fn drop(&mut self) {
+        // Travels with the next ask (released before it is answered), or within RELEASE_FLUSH.
         lock(&self.shared.releases).push(self.id);
-        self.shared.wake.notify_one();
     }
 }
 

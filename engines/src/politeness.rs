@@ -125,9 +125,12 @@ pub fn block_ms(for_ms: i64) -> i64 {
 pub fn decide(slot: &mut HostSlot, ask: &PermitAsk, now_ms: i64) -> Decision {
     let ask = ask.clamped();
     slot.in_flight.retain(|&expiry| expiry > now_ms);
-    let due = now_ms
-        .max(slot.last_start_ms.saturating_add(ask.gap_ms))
-        .max(slot.blocked_until_ms);
+    // A host never granted (last start 0) is due now.
+    let after_last = match slot.last_start_ms {
+        0 => now_ms,
+        last => last.saturating_add(ask.gap_ms),
+    };
+    let due = now_ms.max(after_last).max(slot.blocked_until_ms);
     if slot.in_flight.len() >= ask.concurrency as usize {
         let first_free = slot.in_flight.iter().copied().min().unwrap_or(now_ms);
         let retry = first_free.min(now_ms + BUSY_RETRY_MS.max(ask.gap_ms.min(1_000)));
@@ -188,19 +191,19 @@ mod tests {
         let mut slot = HostSlot::default();
         let a = ask(200, 10, 1_000);
         let mut starts = Vec::new();
-        for _ in 0..5 {
+        for _ in 0..6 {
             match decide(&mut slot, &a, 10_000) {
                 Decision::Grant { start_ms, .. } => starts.push(start_ms),
                 other => panic!("{other:?}"),
             }
         }
-        assert_eq!(starts, vec![10_000, 10_200, 10_400, 10_600, 10_800]);
+        assert_eq!(starts, vec![10_000, 10_200, 10_400, 10_600, 10_800, 11_000]);
         assert_eq!(
             decide(&mut slot, &a, 10_000),
-            Decision::NotBefore { at_ms: 11_000 },
-            "the sixth start is beyond the horizon"
+            Decision::NotBefore { at_ms: 11_200 },
+            "the seventh start is beyond the horizon"
         );
-        assert_eq!(slot.last_start_ms, 10_800, "a refusal changes nothing");
+        assert_eq!(slot.last_start_ms, 11_000, "a refusal changes nothing");
     }
 
     #[test]
@@ -252,13 +255,16 @@ mod tests {
         // robots.txt fetched at the base rate, then pages at the slower Crawl-delay.
         let mut slot = HostSlot::default();
         assert!(matches!(
-            decide(&mut slot, &ask(10, 4, 5_000), 0),
-            Decision::Grant { start_ms: 0, .. }
+            decide(&mut slot, &ask(10, 4, 5_000), 50_000),
+            Decision::Grant {
+                start_ms: 50_000,
+                ..
+            }
         ));
         assert!(matches!(
-            decide(&mut slot, &ask(1_000, 4, 5_000), 0),
+            decide(&mut slot, &ask(1_000, 4, 5_000), 50_000),
             Decision::Grant {
-                start_ms: 1_000,
+                start_ms: 51_000,
                 ..
             }
         ));
