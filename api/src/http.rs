@@ -75,6 +75,7 @@ pub fn app(state: AppState) -> Router {
             "/internal/ingest",
             post(ingest).layer(DefaultBodyLimit::max(256 * 1024 * 1024)),
         )
+        .route(crate::permits::PATH, post(crate::permits::permits))
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), measure))
         .with_state(state)

@@ -7,6 +7,7 @@
 pub mod config;
 pub mod frontier;
 mod http;
+pub mod permits;
 pub mod publisher;
 pub mod query;
 
@@ -31,6 +32,8 @@ pub struct AppState {
     pub ready: vitals::Readiness,
     /// Requests being served, and the recent latency: the cell's pressure signals.
     pub load: Arc<Load>,
+    /// Checks crawlers' signed permit requests ([`permits`]); `None`: no cluster key, refused.
+    pub permits_verifier: Option<Arc<control::Verifier>>,
 }
 
 /// The api cell's own load, measured by a middleware around every request.
@@ -81,6 +84,7 @@ impl AppState {
             frontier_grew: Arc::new(Notify::new()),
             ready: vitals::Readiness::default(),
             load: Arc::new(Load::default()),
+            permits_verifier: None,
         }
     }
 }

@@ -1,8 +1,11 @@
 //! Hands the frontier to the queue, and brings dead letters back to the frontier as failures.
 //!
-//! Publish first, mark second: a crash between the two publishes a job twice, which idempotent
-//! ingest absorbs; the other order could lose a URL. While the queue is down nothing is marked,
-//! so the frontier keeps what was not yet published.
+//! Claim, publish, mark: `Store::unpublished` claims the entries it returns for
+//! `engines::PUBLISH_CLAIM`, so several api cells publishing one frontier never publish the same
+//! entry (each claims its own). Publish first, mark second: a crash between the two publishes a
+//! job twice once the claim lapses, which idempotent ingest absorbs; the other order could lose a
+//! URL. While the queue is down nothing is marked, so the frontier keeps what was not yet
+//! published, and its claims lapse for whichever api publishes next.
 
 use std::time::Duration;
 

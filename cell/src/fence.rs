@@ -55,6 +55,10 @@ impl JobQueue for FencedQueue {
         self.check("retry")?;
         self.inner.retry(tag, after).await
     }
+    async fn defer(&self, tag: DeliveryTag, after: Duration) -> engines::Result<()> {
+        self.check("deferral")?;
+        self.inner.defer(tag, after).await
+    }
     async fn dead_letter(&self, tag: DeliveryTag, reason: &str) -> engines::Result<()> {
         self.check("dead-lettering")?;
         self.inner.dead_letter(tag, reason).await

@@ -27,10 +27,6 @@ pub struct RunArgs {
     /// Crawler: API base URLs to send results to when a job's own API does not answer.
     #[arg(long = "api")]
     apis: Vec<String>,
-    /// Crawler: how many crawler cells share the per-host politeness limits (0: the crawler
-    /// role's minimum in the configuration).
-    #[arg(long, default_value_t = 0)]
-    crawler_share: u32,
     /// Exit when standard input closes (set by the local provider).
     #[arg(long)]
     supervised: bool,
@@ -290,8 +286,16 @@ async fn run_api(
         .with_context(|| format!("binding the api to {listen}"))?;
     let addr = listener.local_addr()?;
     let advertise = format!("http://{addr}");
-    let state = api::AppState::new(cfg.raw.api.clone(), store, queue);
+    let mut state = api::AppState::new(cfg.raw.api.clone(), store, queue);
     let life = start_life(args, "api", addr)?;
+    if life.client.is_some() {
+        // Crawlers' permit requests are signed with the cluster key.
+        let key = control::ClusterKey::from_env()?;
+        state.permits_verifier = Some(Arc::new(control::Verifier::new(
+            key,
+            Duration::from_secs(30),
+        )));
+    }
     let load = state.load.clone();
     let api_cfg = cfg.raw.api.clone();
     let pressure = life.report_pressure(args, shutdown.clone(), move || load.signals(&api_cfg));
@@ -361,16 +365,9 @@ async fn run_crawler(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<()> {
-    let share = match args.crawler_share {
-        0 => cfg.bounds("crawler").min.max(1),
-        n => n,
-    };
-    let mut fetch = cfg.raw.crawler.fetch.clone();
-    // The configured per-host limits are the organism's; each crawler cell takes its share.
-    fetch.per_host_rate /= f64::from(share);
-    fetch.per_host_concurrency = fetch.per_host_concurrency.div_ceil(share).max(1);
+    let fetch = cfg.raw.crawler.fetch.clone();
     let per_host = fetch.per_host_concurrency as usize;
-    let fetcher = Arc::new(crawler::Fetcher::new(fetch).context("building the fetcher")?);
+    let lease = Duration::from_secs(cfg.raw.queue.lease_secs);
     let listen = args.listen.clone().unwrap_or_else(|| "127.0.0.1:0".into());
     let listener = TcpListener::bind(&listen)
         .await
@@ -388,6 +385,12 @@ async fn run_crawler(
     });
     let (apis_tx, apis) = tokio::sync::watch::channel(args.apis.clone());
     watch_apis(args.healthcheckers.clone(), apis_tx, shutdown.clone());
+    let fetcher = Arc::new(crawler_fetcher(
+        fetch,
+        life.client.clone(),
+        apis.clone(),
+        lease,
+    )?);
     let gauges = Arc::new(crawler::WorkerGauges::default());
     let worker = crawler::Worker {
         cfg: cfg.raw.crawler.worker.clone(),
@@ -396,19 +399,50 @@ async fn run_crawler(
         apis,
         per_host_concurrency: per_host,
         max_deliveries: cfg.raw.queue.max_deliveries,
+        lease,
         gauges: gauges.clone(),
     };
     ready.set(true);
     let worker_cfg = cfg.raw.crawler.worker.clone();
     life.report_pressure(args, shutdown.clone(), move || gauges.signals(&worker_cfg));
     let stop = drain_after_notice(&life, shutdown, Duration::ZERO);
-    tracing::info!(%addr, share, cell_id = %life.cell_id, "crawler cell working");
+    tracing::info!(%addr, cell_id = %life.cell_id, "crawler cell working");
     announce("crawler", addr);
     let result = bounded_drain(&stop, grace, worker.run(stop.clone())).await;
     ready.set(false);
     life.retire().await;
     vitals_task.abort();
     result
+}
+
+/// The fetch stack of a crawler cell: in an organism (a cluster key and apis), per-host
+/// politeness is the host ledger's, through the apis, whatever the number of crawlers; alone,
+/// it is this process's own.
+fn crawler_fetcher(
+    fetch: crawler::FetchConfig,
+    client: Option<Arc<control::ControlClient>>,
+    apis: tokio::sync::watch::Receiver<Vec<String>>,
+    lease: Duration,
+) -> anyhow::Result<crawler::Fetcher> {
+    // A job waits for its host at most a quarter of its lease (and a minute).
+    let horizon = (lease / 4).min(Duration::from_secs(60));
+    let Some(client) = client else {
+        tracing::warn!("no health checkers: per-host politeness is this crawler's alone");
+        let gate = crawler::Politeness::new(
+            fetch.per_host_rate,
+            fetch.per_host_burst,
+            fetch.per_host_concurrency,
+        )
+        .with_horizon(horizon);
+        return crawler::Fetcher::with_gate(fetch, Arc::new(gate)).context("building the fetcher");
+    };
+    let limits = crawler::LedgerLimits {
+        concurrency: fetch.per_host_concurrency,
+        horizon,
+        hold: Duration::from_millis(fetch.total_timeout_ms) + Duration::from_secs(5),
+    };
+    let gate = crawler::LedgerGate::new(apis, client, limits);
+    crawler::Fetcher::with_gate(fetch, Arc::new(gate)).context("building the fetcher")
 }
 
 async fn run_factory(

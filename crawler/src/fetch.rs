@@ -2,8 +2,10 @@
 //! guard, manual redirects, capped and decoded bodies, and the HTML parse.
 //!
 //! Architecture Invariant: no request leaves this module without passing the literal-address
-//! check, the guarded resolver (inside reqwest) and the host's politeness; no page is requested
-//! before its origin's robots.txt allowed it. reqwest never follows redirects or decompresses
+//! check, the guarded resolver (inside reqwest) and the host's politeness gate (robots.txt
+//! requests included); no page is requested before its origin's robots.txt allowed it. The gap a
+//! request asks its gate for is `max(1 / per_host_rate, Crawl-delay)` of the robots group that
+//! applies. reqwest never follows redirects or decompresses
 //! on its own: both happen here, under the same checks and caps.
 
 use std::panic::AssertUnwindSafe;
@@ -23,7 +25,9 @@ use url::Url;
 use crate::body::{self, BodyError, Overflow};
 use crate::config::FetchConfig;
 use crate::parse::{self, Directives, PageLimits};
-use crate::politeness::{parse_retry_after, HostPermit, NotNow, Politeness};
+use crate::politeness::{
+    parse_retry_after, HostGate, HostPermit, NotNow, Politeness, MAX_CRAWL_DELAY,
+};
 use crate::robots::{
     RobotsCache, RobotsVerdict, ROBOTS_MAX_BYTES, ROBOTS_MAX_REDIRECTS, ROBOTS_UNAVAILABLE_TTL,
 };
@@ -41,9 +45,13 @@ const SNIFF_BYTES: usize = 1024;
 pub enum CrawlAttempt {
     /// Final: a page, or a failure/refusal with its reason (stored in the frontier).
     Done(Outcome),
-    /// Transient (timeout, connection error, 5xx, 429/503, robots.txt unreachable, host busy):
-    /// try again later, not before `after`.
+    /// Transient (timeout, connection error, 5xx, 429/503, robots.txt unreachable): try again
+    /// later, not before `after`. The attempt counts.
     Retry { reason: String, after: Duration },
+    /// Not attempted: the host is not due within the gate's horizon (politeness, a back-off it
+    /// asked for), or the gate cannot be asked. Hand the job back, not before `after`, without
+    /// counting the attempt.
+    Defer { reason: String, after: Duration },
 }
 
 /// The fetch stack. Cheap to clone; clones share connections, robots.txt cache and per-host
@@ -57,7 +65,9 @@ struct Inner {
     cfg: FetchConfig,
     client: reqwest::Client,
     policy: Arc<AddressPolicy>,
-    politeness: Politeness,
+    politeness: Arc<dyn HostGate>,
+    /// `1 / per_host_rate`: the shortest gap between two requests to a host.
+    base_gap: Duration,
     robots: RobotsCache,
     limits: PageLimits,
 }
@@ -111,14 +121,17 @@ fn retry(reason: impl Into<String>, after: Duration) -> Ending {
 }
 
 fn not_now(host: &str, n: NotNow) -> Ending {
-    match n {
-        NotNow::BackingOff(after) => {
-            retry(format!("host {host} is backing off (Retry-After)"), after)
-        }
-        NotNow::Busy(after) => retry(
-            format!("host {host} is busy (politeness queue full)"),
+    let (reason, after) = match n {
+        NotNow::BackingOff(after) => (format!("host {host} is backing off (Retry-After)"), after),
+        NotNow::Busy(after) => (format!("host {host} is not due yet (politeness)"), after),
+        NotNow::Unavailable(after) => (
+            format!("the politeness gate for {host} cannot be asked (no api answers)"),
             after,
         ),
+    };
+    Ending {
+        attempt: CrawlAttempt::Defer { reason, after },
+        label: "deferred",
     }
 }
 
@@ -194,7 +207,19 @@ fn sniff_html(body: &[u8]) -> bool {
 }
 
 impl Fetcher {
+    /// A fetch stack with its own, in-process politeness (a crawler alone, tests).
     pub fn new(cfg: FetchConfig) -> anyhow::Result<Self> {
+        let gate = Politeness::new(
+            cfg.per_host_rate,
+            cfg.per_host_burst,
+            cfg.per_host_concurrency,
+        );
+        Self::with_gate(cfg, Arc::new(gate))
+    }
+
+    /// A fetch stack whose per-host politeness is `gate` (the organism's host ledger, in a
+    /// crawler cell).
+    pub fn with_gate(cfg: FetchConfig, gate: Arc<dyn HostGate>) -> anyhow::Result<Self> {
         if let Err(errors) = cfg.validate() {
             let list: Vec<String> = errors.iter().map(|(k, r)| format!("{k}: {r}")).collect();
             anyhow::bail!("invalid fetch configuration: {}", list.join("; "));
@@ -235,13 +260,12 @@ impl Fetcher {
             robots_token: cfg.effective_robots_token(),
             parse_budget: parse::PARSE_BUDGET,
         };
+        let base_gap =
+            Duration::try_from_secs_f64(1.0 / cfg.per_host_rate).unwrap_or(Duration::from_secs(1));
         Ok(Self {
             inner: Arc::new(Inner {
-                politeness: Politeness::new(
-                    cfg.per_host_rate,
-                    cfg.per_host_burst,
-                    cfg.per_host_concurrency,
-                ),
+                politeness: gate,
+                base_gap,
                 robots: RobotsCache::new(Duration::from_secs(cfg.robots_cache_secs)),
                 client,
                 policy,
@@ -284,6 +308,14 @@ impl Fetcher {
                     "crawl to retry"
                 )
             }
+            CrawlAttempt::Defer { reason, after } => {
+                tracing::debug!(
+                    url,
+                    reason,
+                    after_ms = after.as_millis() as u64,
+                    "crawl deferred"
+                )
+            }
         }
         ending.attempt
     }
@@ -304,10 +336,11 @@ impl Inner {
             if let Some(left) = self.politeness.backoff_left(&host) {
                 return not_now(&host, NotNow::BackingOff(left));
             }
-            if let Some(ending) = self.robots_gate(&url, &host).await {
-                return ending;
-            }
-            let (resp, permit) = match self.request(&url).await {
+            let gap = match self.robots_gate(&url, &host).await {
+                Ok(gap) => gap,
+                Err(ending) => return ending,
+            };
+            let (resp, permit) = match self.request(&url, gap).await {
                 Ok(r) => r,
                 Err(e) => return hop_error(&host, e),
             };
@@ -342,8 +375,9 @@ impl Inner {
         }
     }
 
-    /// Consult robots.txt for `url`: `None` when the fetch may go ahead.
-    async fn robots_gate(&self, url: &Url, host: &str) -> Option<Ending> {
+    /// Consult robots.txt for `url`: the gap the fetch must keep from the host's previous
+    /// request when it may go ahead.
+    async fn robots_gate(&self, url: &Url, host: &str) -> Result<Duration, Ending> {
         let origin = url.origin().ascii_serialization();
         let verdict = match self
             .robots
@@ -351,44 +385,47 @@ impl Inner {
             .await
         {
             Ok(v) => v,
-            Err(n) => return Some(not_now(host, n)),
+            Err(n) => return Err(not_now(host, n)),
         };
         match &*verdict {
             RobotsVerdict::Rules(robot) => {
                 let delay = robot
                     .delay
                     .filter(|d| d.is_finite() && *d > 0.0)
-                    .and_then(|d| Duration::try_from_secs_f32(d).ok());
-                self.politeness.set_crawl_delay(host, delay);
+                    .and_then(|d| Duration::try_from_secs_f32(d).ok())
+                    .map(|d| d.min(MAX_CRAWL_DELAY))
+                    .unwrap_or(Duration::ZERO);
                 if robot.allowed(url.as_str()) {
-                    None
+                    Ok(self.base_gap.max(delay))
                 } else {
-                    Some(failed("robots.txt disallows", "robots_disallowed"))
+                    Err(failed("robots.txt disallows", "robots_disallowed"))
                 }
             }
-            RobotsVerdict::AllowAll => {
-                self.politeness.set_crawl_delay(host, None);
-                None
-            }
+            RobotsVerdict::AllowAll => Ok(self.base_gap),
             RobotsVerdict::DisallowAll(why) => {
                 tracing::debug!(origin, why, "robots.txt disallows everything");
-                Some(failed("robots.txt disallows", "robots_disallowed"))
+                Err(failed("robots.txt disallows", "robots_disallowed"))
             }
-            RobotsVerdict::Unavailable(why) => Some(retry(
+            RobotsVerdict::Unavailable(why) => Err(retry(
                 format!("robots.txt unavailable ({why}): disallowed for now"),
                 ROBOTS_UNAVAILABLE_TTL,
             )),
-            RobotsVerdict::Refused(r) => Some(failed(format!("refused: {r}"), "refused")),
+            RobotsVerdict::Refused(r) => Err(failed(format!("refused: {r}"), "refused")),
         }
     }
 
-    /// One request, after the literal-address check and the host's politeness.
-    async fn request(&self, url: &Url) -> Result<(reqwest::Response, HostPermit), HopError> {
+    /// One request, after the literal-address check and the host's politeness (its start at
+    /// least `gap` after the host's previous request).
+    async fn request(
+        &self,
+        url: &Url,
+        gap: Duration,
+    ) -> Result<(reqwest::Response, HostPermit), HopError> {
         check_literal_host(&self.policy, url).map_err(|r| HopError::Refused(r.to_string()))?;
         let host = protocol::urls::host_of(url);
         let permit = self
             .politeness
-            .acquire(&host)
+            .acquire(&host, gap)
             .await
             .map_err(HopError::NotNow)?;
         metrics::counter!("crawler_requests_total").increment(1);
@@ -413,7 +450,8 @@ impl Inner {
             }
         };
         for hop in 0..=ROBOTS_MAX_REDIRECTS {
-            let (resp, permit) = match self.request(&url).await {
+            // Before the host's Crawl-delay is known: the configured rate.
+            let (resp, permit) = match self.request(&url, self.base_gap).await {
                 Ok(r) => r,
                 Err(HopError::Refused(r)) if hop == 0 => return Ok(RobotsVerdict::Refused(r)),
                 Err(HopError::Refused(r)) => {

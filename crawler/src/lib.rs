@@ -5,7 +5,8 @@
 //! - [`config`]: [`FetchConfig`], the fetch stack's settings and their validation.
 //! - [`fetch`]: [`Fetcher::crawl`], URL in, [`CrawlAttempt`] out; the redirect loop.
 //! - `robots`: robots.txt verdicts and their per-origin cache (RFC 9309).
-//! - `politeness`: per-host rate limits, in-flight caps, Crawl-delay and Retry-After back-off.
+//! - [`politeness`]: the per-host gate (rate, in-flight cap, Crawl-delay, Retry-After) in this
+//!   process; [`ledger`]: the same gate kept by the organism's host ledger, through the api.
 //! - `ssrf`: the address policy and the guarded DNS resolver.
 //! - `body`: capped body streaming and content decoding (gzip, br, deflate).
 //! - `charset`: bytes to text (BOM, Content-Type, `<meta>`).
@@ -15,12 +16,15 @@ mod body;
 mod charset;
 pub mod config;
 pub mod fetch;
+pub mod ledger;
 mod parse;
-mod politeness;
+pub mod politeness;
 mod robots;
 mod ssrf;
 pub mod worker;
 
 pub use config::FetchConfig;
 pub use fetch::{CrawlAttempt, Fetcher};
+pub use ledger::{LedgerGate, LedgerLimits};
+pub use politeness::{HostGate, Politeness};
 pub use worker::{Worker, WorkerConfig, WorkerGauges};

@@ -1,5 +1,15 @@
-//! Politeness per host: a rate limiter (governor), a cap on requests in flight, the host's
-//! robots.txt `Crawl-delay`, and a back-off set by `429`/`503` + `Retry-After`.
+//! Politeness per host: the minimum gap between two requests' starts (`max(1 / per_host_rate,
+//! Crawl-delay)`), a cap on requests in flight, and a back-off set by `429`/`503` +
+//! `Retry-After`, behind one trait, [`HostGate`], with two implementations:
+//!
+//! - [`Politeness`], in this process: a rate limiter (governor) and a semaphore per host. For a
+//!   crawler alone (without an api) and the fetch stack's own tests.
+//! - [`crate::ledger::LedgerGate`]: the organism's host ledger, kept by the store and reached
+//!   through the api (`POST /internal/permits`); whatever the number of crawler cells, the host
+//!   sees the configured limits once.
+//!
+//! Either way a request waits for its host at most the gate's horizon; beyond it the gate
+//! answers [`NotNow`] and the job is handed back to the queue without spending a delivery.
 //!
 //! Hosts are independent: each has its own state, and nothing here waits on another host. The
 //! map of hosts forgets hosts that have been idle for a while, so it does not grow without
@@ -20,7 +30,7 @@ pub(crate) const HOST_IDLE_EVICTION: Duration = Duration::from_secs(600);
 /// Beyond this many hosts, the least recently used idle ones are forgotten early.
 pub(crate) const MAX_HOSTS: usize = 50_000;
 /// If a request would queue longer than this behind its host's politeness, the crawl is
-/// handed back as `Retry` instead of holding a worker.
+/// handed back (deferred) instead of holding a worker: the default horizon.
 pub(crate) const MAX_POLITENESS_WAIT: Duration = Duration::from_secs(60);
 /// `Crawl-delay` values above this are capped: a crawler that took one page an hour from a
 /// host would never finish it.
@@ -33,20 +43,50 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Why a request may not go to its host now.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum NotNow {
+pub enum NotNow {
     /// The host asked us to back off (`Retry-After`), for this much longer.
     BackingOff(Duration),
-    /// Too many requests are already queued for the host; try again after about this long.
+    /// The host is not due within the horizon; try again after about this long.
     Busy(Duration),
+    /// The gate itself cannot be asked right now (no api answers); try again after this long.
+    Unavailable(Duration),
 }
 
-pub(crate) struct Politeness {
+/// A turn at a host, held while the request is in flight; dropping it ends the turn.
+pub struct HostPermit {
+    _held: Box<dyn Send + Sync>,
+}
+
+impl HostPermit {
+    pub(crate) fn new(held: impl Send + Sync + 'static) -> Self {
+        Self {
+            _held: Box::new(held),
+        }
+    }
+}
+
+/// Per-host politeness, wherever it is kept.
+#[async_trait::async_trait]
+pub trait HostGate: Send + Sync + 'static {
+    /// Wait for a turn at `host`, its start at least `gap` after the host's previous start (the
+    /// caller's `max(1 / rate, Crawl-delay)`). `NotNow` when the host is not due within the
+    /// gate's horizon, or backs off.
+    async fn acquire(&self, host: &str, gap: Duration) -> Result<HostPermit, NotNow>;
+    /// The host told us to go away for `wait` (429/503 + Retry-After).
+    fn back_off(&self, host: &str, wait: Duration);
+    /// How long `host` is still backing off, as far as this cell knows.
+    fn backoff_left(&self, host: &str) -> Option<Duration>;
+}
+
+/// The in-process [`HostGate`]: this cell's requests only.
+pub struct Politeness {
     hosts: Mutex<HostMap>,
     base_period: Duration,
     burst: NonZeroU32,
     concurrency: usize,
     idle_eviction: Duration,
     max_hosts: usize,
+    horizon: Duration,
 }
 
 struct HostMap {
@@ -69,12 +109,12 @@ struct LimiterSlot {
 }
 
 /// Held while a request to a host is in flight; dropping it frees the slot.
-pub(crate) struct HostPermit {
+struct LocalPermit {
     _permit: OwnedSemaphorePermit,
     host: Arc<HostState>,
 }
 
-impl Drop for HostPermit {
+impl Drop for LocalPermit {
     fn drop(&mut self) {
         *lock(&self.host.last_used) = Instant::now();
     }
@@ -97,7 +137,7 @@ fn limiter(period: Duration, burst: NonZeroU32) -> Arc<DefaultDirectRateLimiter>
 }
 
 impl Politeness {
-    pub(crate) fn new(rate_per_sec: f64, burst: u32, concurrency: u32) -> Self {
+    pub fn new(rate_per_sec: f64, burst: u32, concurrency: u32) -> Self {
         Self::with_limits(
             rate_per_sec,
             burst,
@@ -127,7 +167,14 @@ impl Politeness {
             concurrency: usize::try_from(concurrency).unwrap_or(1).max(1),
             idle_eviction,
             max_hosts,
+            horizon: MAX_POLITENESS_WAIT,
         }
+    }
+
+    /// The longest a request waits for its host before the gate answers `Busy`.
+    pub fn with_horizon(mut self, horizon: Duration) -> Self {
+        self.horizon = horizon;
+        self
     }
 
     #[cfg(test)]
@@ -189,7 +236,7 @@ impl Politeness {
     }
 
     /// Wait for this host's turn: a free in-flight slot, then the rate limiter.
-    pub(crate) async fn acquire(&self, host: &str) -> Result<HostPermit, NotNow> {
+    async fn acquire_local(&self, host: &str) -> Result<LocalPermit, NotNow> {
         let state = self.host(host);
         if let Some(left) = state.backoff_left(Instant::now()) {
             return Err(NotNow::BackingOff(left));
@@ -198,7 +245,7 @@ impl Politeness {
         let _waiting = WaitingGuard(&state.waiting);
         let period = lock(&state.limiter).period;
         let queue_estimate = period.saturating_mul(u32::try_from(ahead).unwrap_or(u32::MAX));
-        if queue_estimate > MAX_POLITENESS_WAIT {
+        if queue_estimate > self.horizon {
             return Err(NotNow::Busy(queue_estimate));
         }
         let permit = state
@@ -213,14 +260,14 @@ impl Politeness {
         if let Some(left) = state.backoff_left(Instant::now()) {
             return Err(NotNow::BackingOff(left));
         }
-        Ok(HostPermit {
+        Ok(LocalPermit {
             _permit: permit,
             host: state.clone(),
         })
     }
 
     /// The host told us to go away for `wait` (429/503 + Retry-After).
-    pub(crate) fn back_off(&self, host: &str, wait: Duration) {
+    fn back_off_local(&self, host: &str, wait: Duration) {
         let state = self.host(host);
         let until = Instant::now() + wait;
         let mut current = lock(&state.backoff_until);
@@ -232,14 +279,14 @@ impl Politeness {
     }
 
     /// How long `host` is still backing off, if it is.
-    pub(crate) fn backoff_left(&self, host: &str) -> Option<Duration> {
+    fn backoff_left_local(&self, host: &str) -> Option<Duration> {
         let state = lock(&self.hosts).hosts.get(host).cloned()?;
         state.backoff_left(Instant::now())
     }
 
     /// Apply a robots.txt `Crawl-delay` (capped): the host's period becomes the slower of the
     /// configured rate and the delay.
-    pub(crate) fn set_crawl_delay(&self, host: &str, delay: Option<Duration>) {
+    fn set_crawl_delay(&self, host: &str, delay: Option<Duration>) {
         let state = self.host(host);
         let delay = delay.map(|d| d.min(MAX_CRAWL_DELAY));
         let (period, burst) = match delay {
@@ -261,6 +308,22 @@ impl Politeness {
                 "host rate changed"
             );
         }
+    }
+}
+
+#[async_trait::async_trait]
+impl HostGate for Politeness {
+    async fn acquire(&self, host: &str, gap: Duration) -> Result<HostPermit, NotNow> {
+        self.set_crawl_delay(host, (gap > self.base_period).then_some(gap));
+        self.acquire_local(host).await.map(HostPermit::new)
+    }
+
+    fn back_off(&self, host: &str, wait: Duration) {
+        self.back_off_local(host, wait)
+    }
+
+    fn backoff_left(&self, host: &str) -> Option<Duration> {
+        self.backoff_left_local(host)
     }
 }
 
@@ -310,30 +373,34 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn backoff_blocks_the_host_until_it_expires() {
         let p = Politeness::new(1000.0, 1, 2);
-        p.back_off("a.test", Duration::from_secs(5));
+        p.back_off_local("a.test", Duration::from_secs(5));
         assert!(
-            matches!(p.acquire("a.test").await, Err(NotNow::BackingOff(d)) if d == Duration::from_secs(5))
+            matches!(p.acquire_local("a.test").await, Err(NotNow::BackingOff(d)) if d == Duration::from_secs(5))
         );
         assert!(
-            p.acquire("b.test").await.is_ok(),
+            p.acquire_local("b.test").await.is_ok(),
             "other hosts are not affected"
         );
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(p.acquire("a.test").await.is_ok());
-        assert_eq!(p.backoff_left("a.test"), None);
+        assert!(p.acquire_local("a.test").await.is_ok());
+        assert_eq!(p.backoff_left_local("a.test"), None);
     }
 
     #[tokio::test(start_paused = true)]
     async fn idle_hosts_are_forgotten() {
         let p = Politeness::with_limits(1000.0, 1, 2, Duration::from_secs(600), 1_000);
         for i in 0..10 {
-            drop(p.acquire(&format!("h{i}.test")).await.expect("permit"));
+            drop(
+                p.acquire_local(&format!("h{i}.test"))
+                    .await
+                    .expect("permit"),
+            );
         }
-        let held = p.acquire("held.test").await.expect("permit");
-        p.back_off("slow.test", Duration::from_secs(3_600));
+        let held = p.acquire_local("held.test").await.expect("permit");
+        p.back_off_local("slow.test", Duration::from_secs(3_600));
         assert_eq!(p.tracked_hosts(), 12);
         tokio::time::advance(Duration::from_secs(601)).await;
-        drop(p.acquire("new.test").await.expect("permit"));
+        drop(p.acquire_local("new.test").await.expect("permit"));
         // The held host and the backing-off one survive; the idle ones are gone.
         assert_eq!(p.tracked_hosts(), 3);
         drop(held);
@@ -343,7 +410,11 @@ mod tests {
     async fn the_map_is_capped() {
         let p = Politeness::with_limits(1000.0, 1, 2, Duration::from_secs(600), 100);
         for i in 0..1_000 {
-            drop(p.acquire(&format!("h{i}.test")).await.expect("permit"));
+            drop(
+                p.acquire_local(&format!("h{i}.test"))
+                    .await
+                    .expect("permit"),
+            );
         }
         assert!(p.tracked_hosts() <= 100, "{}", p.tracked_hosts());
     }
@@ -352,17 +423,20 @@ mod tests {
     async fn a_queue_too_long_is_refused_as_busy() {
         // One request a minute: the second request in line would wait a whole period.
         let p = Politeness::new(1.0 / 120.0, 1, 1);
-        let first = p.acquire("a.test").await.expect("first is immediate");
+        let first = p.acquire_local("a.test").await.expect("first is immediate");
         let p = Arc::new(p);
         let waiter = {
             let p = p.clone();
-            tokio::spawn(async move { p.acquire("a.test").await.map(drop) })
+            tokio::spawn(async move { p.acquire_local("a.test").await.map(drop) })
         };
         // Wait until the second request is queued behind the first.
         while p.host("a.test").waiting.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
-        assert!(matches!(p.acquire("a.test").await, Err(NotNow::Busy(_))));
+        assert!(matches!(
+            p.acquire_local("a.test").await,
+            Err(NotNow::Busy(_))
+        ));
         waiter.abort();
         drop(first);
     }

@@ -5,6 +5,11 @@
 //! host gets at most `per_host_concurrency` slots, the rest go to other hosts. A transient
 //! failure goes back to the queue with a delay until its deliveries run out, then it is recorded
 //! as failed. Results wait in a bounded buffer while no API answers; leasing stops meanwhile.
+//!
+//! Waiting for a host never spends a delivery and never outlives a lease: a job whose host is
+//! not due within the politeness gate's horizon is deferred (`JobQueue::defer`), and so are the
+//! host's other jobs waiting here; a job that waited here for a slot longer than a quarter of
+//! its lease is deferred too, to be leased again when there is room.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -106,6 +111,8 @@ pub struct Worker {
     pub per_host_concurrency: usize,
     /// The queue's delivery limit: the last delivery of a transient failure records it as failed.
     pub max_deliveries: u32,
+    /// The queue's lease: a job waits here for a fetch slot at most a quarter of it.
+    pub lease: Duration,
     /// Updated every turn of the loop.
     pub gauges: Arc<WorkerGauges>,
 }
@@ -120,11 +127,20 @@ struct Job {
     tag: DeliveryTag,
     job: CrawlJob,
     deliveries: u32,
+    leased_at: tokio::time::Instant,
 }
 
 enum Done {
     Result(Pending),
-    Retry { tag: DeliveryTag, after: Duration },
+    Retry {
+        tag: DeliveryTag,
+        after: Duration,
+    },
+    /// Not attempted: back to the queue without spending the delivery.
+    Defer {
+        tag: DeliveryTag,
+        after: Duration,
+    },
 }
 
 impl Worker {
@@ -180,6 +196,30 @@ impl Worker {
                     Err(e) => {
                         tracing::warn!(error = %e, "leasing jobs failed");
                         metrics::counter!("crawler_lease_errors_total").increment(1);
+                    }
+                }
+            }
+
+            // 2a. Jobs that waited here too long for a slot go back, free of charge.
+            let max_buffered = self.lease / 4;
+            if buffered > 0 && !draining {
+                let now = tokio::time::Instant::now();
+                let mut stale = Vec::new();
+                for q in waiting.values_mut() {
+                    while q
+                        .front()
+                        .is_some_and(|j| now.duration_since(j.leased_at) >= max_buffered)
+                    {
+                        stale.extend(q.pop_front().map(|j| j.tag));
+                    }
+                }
+                waiting.retain(|_, q| !q.is_empty());
+                buffered -= stale.len();
+                for tag in stale {
+                    metrics::counter!("crawler_jobs_deferred_total", "why" => "buffered")
+                        .increment(1);
+                    if let Err(e) = self.queue.defer(tag, Duration::ZERO).await {
+                        tracing::warn!(error = %e, "deferring a job failed; its lease will expire");
                     }
                 }
             }
@@ -293,6 +333,20 @@ impl Worker {
                                             tracing::warn!(error = %e, "returning a job to the queue failed; its lease will expire");
                                         }
                                     }
+                                    Done::Defer { tag, after } => {
+                                        // The host's other waiting jobs would hear the same.
+                                        let mut tags = vec![tag];
+                                        if let Some(q) = waiting.remove(&host) {
+                                            buffered -= q.len();
+                                            tags.extend(q.into_iter().map(|j| j.tag));
+                                        }
+                                        metrics::counter!("crawler_jobs_deferred_total", "why" => "host").increment(tags.len() as u64);
+                                        for tag in tags {
+                                            if let Err(e) = self.queue.defer(tag, after).await {
+                                                tracing::warn!(error = %e, "deferring a job failed; its lease will expire");
+                                            }
+                                        }
+                                    }
                                 }
                             }
                             Err(e) => {
@@ -325,7 +379,7 @@ impl Worker {
                     // Jobs not started go straight back so another crawler can take them now.
                     for (_, q) in waiting.drain() {
                         for job in q {
-                            if let Err(e) = self.queue.retry(job.tag, Duration::ZERO).await {
+                            if let Err(e) = self.queue.defer(job.tag, Duration::ZERO).await {
                                 tracing::warn!(error = %e, "releasing a job failed; its lease will expire");
                             }
                         }
@@ -361,6 +415,7 @@ impl Worker {
                 tag: d.tag,
                 job,
                 deliveries: d.deliveries,
+                leased_at: tokio::time::Instant::now(),
             },
         ))
     }
@@ -369,6 +424,12 @@ impl Worker {
 async fn crawl_one(fetcher: &Fetcher, job: Job, max_deliveries: u32) -> Done {
     let outcome = match fetcher.crawl(&job.job.url).await {
         CrawlAttempt::Done(outcome) => outcome,
+        CrawlAttempt::Defer { after, .. } => {
+            return Done::Defer {
+                tag: job.tag,
+                after,
+            }
+        }
         CrawlAttempt::Retry { reason, after } => {
             if job.deliveries >= max_deliveries {
                 Outcome::Failed {

@@ -15,6 +15,9 @@ use async_trait::async_trait;
 use protocol::{CrawlJob, Stats};
 
 pub mod factory_ledger;
+pub use politeness::HostLedger;
+
+pub mod politeness;
 pub mod postgres;
 pub mod rabbitmq;
 mod snippet;
@@ -97,6 +100,9 @@ pub struct IngestReport {
     pub unknown: usize,
 }
 
+/// How long a publisher's claim on frontier entries lasts ([`Store::unpublished`]).
+pub const PUBLISH_CLAIM: Duration = Duration::from_secs(30);
+
 /// A frontier entry ready to be published as a job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unpublished {
@@ -119,9 +125,10 @@ pub struct SearchResults {
     pub hits: Vec<protocol::SearchHit>,
 }
 
-/// Pages, frontier and full-text index. Every method is atomic; ingest is idempotent.
+/// Pages, frontier and full-text index. Every method is atomic; ingest is idempotent. The store
+/// also keeps the organism's [`HostLedger`] (per-host politeness across every crawler).
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: HostLedger + Send + Sync + 'static {
     /// Record a crawl request; returns its id.
     async fn create_crawl(&self, spec: CrawlSpec) -> Result<i64>;
     /// Offer seeds (depth 0) to the frontier under `crawl_id`.
@@ -135,7 +142,10 @@ pub trait Store: Send + Sync + 'static {
     /// inside the crawl's depth and page limits and the per-host budget). Results for URLs
     /// already crawled or failed change nothing.
     async fn ingest(&self, items: &[IngestItem], host_budget: u64) -> Result<IngestReport>;
-    /// Frontier entries accepted but not yet handed to the queue, oldest first.
+    /// Claim frontier entries accepted but not yet handed to the queue, oldest first: each is
+    /// claimed by one caller at a time (several apis publish the same frontier), for
+    /// [`PUBLISH_CLAIM`]; a claim not followed by [`Store::mark_published`] in that time (its
+    /// api died) lapses and the entry is claimed again.
     async fn unpublished(&self, limit: u32) -> Result<Vec<Unpublished>>;
     /// Mark entries as handed to the queue (only those still pending).
     async fn mark_published(&self, urls: &[String]) -> Result<()>;
@@ -179,6 +189,9 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn ack(&self, tags: &[DeliveryTag]) -> Result<()>;
     /// Give a job back to be delivered again, not before `after`.
     async fn retry(&self, tag: DeliveryTag, after: Duration) -> Result<()>;
+    /// Give a job back untouched, to be delivered again not before `after`, without counting
+    /// this delivery: for a job that waited for its host and was never attempted.
+    async fn defer(&self, tag: DeliveryTag, after: Duration) -> Result<()>;
     /// Move a job to the dead-letter queue now (a poison or malformed message).
     async fn dead_letter(&self, tag: DeliveryTag, reason: &str) -> Result<()>;
     /// Take up to `max` dead-lettered jobs, with the reason they died.

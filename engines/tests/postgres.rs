@@ -124,6 +124,16 @@ macro_rules! conformance_test {
             db.finish(store).await;
         }
     };
+    ($name:ident, $module:ident) => {
+        #[tokio::test]
+        async fn $name() {
+            let _server = SERVER.read().await;
+            let db = TestDb::create().await;
+            let store = db.store().await;
+            conformance::$module::$name(&store).await;
+            db.finish(store).await;
+        }
+    };
 }
 
 conformance_test!(frontier_invariant);
@@ -517,4 +527,55 @@ async fn ingest_throughput() {
         .expect("search");
     eprintln!("search over {} matches took {:?}", res.total, t.elapsed());
     db.finish(store).await;
+}
+
+// The host ledger and the publisher's claims (engines/tests/conformance/politeness.rs).
+
+conformance_test!(ledger_spacing_concurrency_and_blocks, politeness);
+conformance_test!(ledger_permits_lapse, politeness);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_concurrent_askers() {
+    let _server = SERVER.read().await;
+    let db = TestDb::create().await;
+    // Three stores: three api cells on one database.
+    let (a, b, c) = (db.store().await, db.store().await, db.store().await);
+    let (a, b, c) = (Arc::new(a), Arc::new(b), Arc::new(c));
+    conformance::politeness::ledger_concurrent_askers(vec![a.clone(), b.clone(), c.clone()]).await;
+    drop((b, c));
+    let a = Arc::try_unwrap(a).unwrap_or_else(|_| panic!("askers finished"));
+    db.finish(a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn publisher_claims_do_not_overlap_and_expire() {
+    let _server = SERVER.read().await;
+    let db = TestDb::create().await;
+    let a = Arc::new(db.store().await);
+    let b = Arc::new(db.store().await);
+    conformance::politeness::publisher_claims_do_not_overlap(a.clone(), b.clone()).await;
+    // A claim whose api died: claimed, never marked; once it expires another api takes it.
+    let crawl = a
+        .create_crawl(CrawlSpec {
+            max_depth: None,
+            max_pages: None,
+        })
+        .await
+        .expect("crawl");
+    a.admit_seeds(crawl, &[conformance::cand("http://died.test/")], 10)
+        .await
+        .expect("seed");
+    assert_eq!(a.unpublished(10).await.expect("claim").len(), 1);
+    assert!(b.unpublished(10).await.expect("claim").is_empty());
+    sqlx::query("UPDATE frontier SET claimed_until_ms = claimed_until_ms - $1")
+        .bind(engines::PUBLISH_CLAIM.as_millis() as i64 + 1)
+        .execute(a.pool())
+        .await
+        .expect("age the claim");
+    let taken = b.unpublished(10).await.expect("claim");
+    assert_eq!(taken.len(), 1, "the expired claim is taken over");
+    assert_eq!(taken[0].url, "http://died.test/");
+    drop(b);
+    let a = Arc::try_unwrap(a).unwrap_or_else(|_| panic!("claims finished"));
+    db.finish(a).await;
 }

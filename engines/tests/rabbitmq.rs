@@ -68,7 +68,11 @@ async fn side_connection() -> Connection {
 
 async fn delete_queues(name: &str) {
     let conn = side_connection().await;
-    for q in [name.to_string(), format!("{name}.dead")] {
+    let waits = engines::rabbitmq::WAIT_BUCKETS_MS.map(|ms| format!("{name}.wait.{ms}"));
+    for q in [name.to_string(), format!("{name}.dead")]
+        .into_iter()
+        .chain(waits)
+    {
         let channel = conn.create_channel().await.expect("channel");
         let _ = channel
             .queue_delete(&q, QueueDeleteOptions::default())
@@ -78,13 +82,13 @@ async fn delete_queues(name: &str) {
 }
 
 macro_rules! conformance_test {
-    ($name:ident, $test:ident, $options:expr) => {
+    ($name:ident, $($test:ident)::+, $options:expr) => {
         #[tokio::test]
         async fn $name() {
             let _broker = BROKER.read().await;
             let name = queue_name();
             let q = queue_with(&name, $options).await;
-            conformance::$test(&q).await;
+            conformance::$($test)::+(&q).await;
             q.close().await;
             delete_queues(&name).await;
         }
@@ -99,6 +103,16 @@ conformance_test!(
     options()
 );
 conformance_test!(retry_redelivers, retry_redelivers, options());
+conformance_test!(
+    defer_spends_no_delivery,
+    politeness::defer_spends_no_delivery,
+    options()
+);
+conformance_test!(
+    classic_defer_spends_no_delivery,
+    politeness::defer_spends_no_delivery,
+    classic()
+);
 
 /// Classic durable queues (for brokers without quorum queues): the queue counts deliveries and
 /// dead-letters by itself, and passes the same suite.

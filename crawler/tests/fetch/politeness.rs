@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::http::{header::RETRY_AFTER, StatusCode};
 use axum::response::{Html, IntoResponse};
@@ -13,6 +13,14 @@ use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::harness::{config, fetcher, page, retry, serve};
+
+/// The reason and delay of a deferred crawl (never attempted: its host was not due).
+fn deferred(attempt: crawler::CrawlAttempt) -> (String, Duration) {
+    match attempt {
+        crawler::CrawlAttempt::Defer { reason, after } => (reason, after),
+        other => panic!("expected a deferral, got {other:?}"),
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_to_a_host_are_spaced_and_hosts_progress_together() {
@@ -175,8 +183,9 @@ async fn retry_after_backs_the_whole_host_off() {
     assert!(reason.contains("429"), "{reason}");
     assert_eq!(after, Duration::from_secs(1));
 
-    // The whole host waits, without a request being sent; other hosts do not.
-    let (reason, left) = retry(f.crawl("http://a.test/other").await);
+    // The whole host waits, without a request being sent; other hosts do not. The job was never
+    // attempted: it is deferred (handed back without spending a delivery), not retried.
+    let (reason, left) = deferred(f.crawl("http://a.test/other").await);
     assert!(reason.contains("backing off"), "{reason}");
     assert!(
         left <= Duration::from_secs(1) && left > Duration::ZERO,
@@ -216,4 +225,134 @@ async fn retry_after_dates_are_honoured_and_capped() {
         Duration::from_secs(2),
         "capped by max_retry_after_secs"
     );
+}
+
+/// An api cell with a SQLite store, serving `/internal/permits` with `key`.
+async fn ledger_api(key: &control::ClusterKey) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store =
+        engines::sqlite::SqliteStore::open(dir.path().join("store.db").to_str().expect("utf-8"))
+            .await
+            .expect("store");
+    let queue = engines::sqlite::SqliteQueue::open(
+        dir.path().join("queue.db").to_str().expect("utf-8"),
+        Duration::from_secs(30),
+        3,
+    )
+    .await
+    .expect("queue");
+    let mut state = api::AppState::new(api::ApiConfig::default(), Arc::new(store), Arc::new(queue));
+    state.permits_verifier = Some(Arc::new(control::Verifier::new(
+        key.clone(),
+        Duration::from_secs(30),
+    )));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind api");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, api::app(state)).await;
+    });
+    (dir, format!("http://{addr}"))
+}
+
+fn ledger_fetcher(
+    cfg: FetchConfig,
+    api: &str,
+    key: &control::ClusterKey,
+    id: &str,
+) -> crawler::Fetcher {
+    // The receiver keeps the last list after the sender is gone.
+    let (_, apis) = watch::channel(vec![api.to_string()]);
+    let client = Arc::new(control::ControlClient::new(control::Signer::new(
+        key.clone(),
+        id,
+    )));
+    let limits = crawler::LedgerLimits {
+        concurrency: cfg.per_host_concurrency,
+        horizon: Duration::from_secs(10),
+        hold: Duration::from_secs(10),
+    };
+    let gate = crawler::LedgerGate::new(apis, client, limits);
+    crawler::Fetcher::with_gate(cfg, Arc::new(gate)).expect("fetcher")
+}
+
+/// Two crawlers (two fetch stacks) on one host, through the api's host ledger: the host's
+/// Crawl-delay holds between them, as if there were one crawler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_crawlers_share_a_hosts_crawl_delay_through_the_ledger() {
+    let server = serve(
+        Router::new()
+            .route(
+                "/robots.txt",
+                get(|| async { "User-agent: *\nCrawl-delay: 0.3\n" }),
+            )
+            .route("/p/{n}", get(|| async { Html("<p>page</p>") })),
+    )
+    .await;
+    let key = control::ClusterKey::generate();
+    let (_dir, api) = ledger_api(&key).await;
+    let cfg = FetchConfig {
+        per_host_rate: 100.0,
+        per_host_concurrency: 4,
+        ..config(&server)
+    };
+    let a = ledger_fetcher(cfg.clone(), &api, &key, "crawler-a");
+    let b = ledger_fetcher(cfg, &api, &key, "crawler-b");
+    let mut tasks = JoinSet::new();
+    for i in 0..8 {
+        let f = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.spawn(async move {
+            loop {
+                match f.crawl(&format!("http://a.test/p/{i}")).await {
+                    crawler::CrawlAttempt::Defer { after, .. } => tokio::time::sleep(after).await,
+                    other => return other,
+                }
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        page(done.expect("crawl task"));
+    }
+    let hits = server.log.hits();
+    let mut pages: Vec<Instant> = hits
+        .iter()
+        .filter(|h| h.host == "a.test" && h.path.starts_with("/p/"))
+        .map(|h| h.at)
+        .collect();
+    pages.sort();
+    assert_eq!(pages.len(), 8, "each page fetched once");
+    for pair in pages.windows(2) {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= Duration::from_millis(300),
+            "two page requests {gap:?} apart from two crawlers; Crawl-delay 0.3 s"
+        );
+    }
+}
+
+/// The permits endpoint refuses unsigned and forged requests.
+#[tokio::test]
+async fn the_permits_endpoint_refuses_unsigned_requests() {
+    let key = control::ClusterKey::generate();
+    let (_dir, api) = ledger_api(&key).await;
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({"asks": [{"host": "a.test", "gap_ms": 0, "concurrency": 1, "horizon_ms": 0, "hold_ms": 1000}]});
+    let unsigned = http
+        .post(format!("{api}/internal/permits"))
+        .json(&body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(unsigned.status(), 401);
+    let forged =
+        control::Signer::new(control::ClusterKey::generate(), "intruder").seal("permits", &body);
+    let forged = http
+        .post(format!("{api}/internal/permits"))
+        .header(control::SIGNATURE_HEADER, forged.signature)
+        .body(forged.bytes)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(forged.status(), 401);
 }

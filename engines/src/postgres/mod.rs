@@ -9,6 +9,7 @@
 //! trips whatever the number of links.
 
 mod factory_ledger;
+mod politeness;
 mod store;
 
 use std::time::Duration;

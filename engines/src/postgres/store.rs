@@ -546,16 +546,43 @@ impl Budgets {
         }
     }
 
-    /// Lock and read the crawl rows (sorted, so concurrent transactions cannot deadlock here).
+    /// Read the crawl rows; lock (sorted, so concurrent transactions cannot deadlock here) only
+    /// those with a page limit, whose count this transaction may change. A crawl without a page
+    /// limit keeps no count: every api's ingest would otherwise queue on its one row.
     async fn lock_crawls(&mut self, tx: &mut PgConnection, ids: &[i64]) -> Result<()> {
         if ids.is_empty() {
+            return Ok(());
+        }
+        let limited: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM crawls WHERE id = ANY($1) AND max_pages IS NOT NULL ORDER BY id",
+        )
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        let unlimited = sqlx::query(
+            "SELECT id, max_depth FROM crawls WHERE id = ANY($1) AND max_pages IS NULL",
+        )
+        .bind(ids)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in unlimited {
+            self.crawls.insert(
+                row.get(0),
+                CrawlLimits {
+                    max_depth: row.get(1),
+                    max_pages: None,
+                    counter: Counter::default(),
+                },
+            );
+        }
+        if limited.is_empty() {
             return Ok(());
         }
         let rows = sqlx::query(
             "SELECT id, max_depth, max_pages, admitted FROM crawls WHERE id = ANY($1) \
              ORDER BY id FOR UPDATE",
         )
-        .bind(ids)
+        .bind(&limited)
         .fetch_all(&mut *tx)
         .await?;
         for row in rows {
@@ -638,7 +665,7 @@ impl Budgets {
     }
 
     fn count(&mut self, id: i64, host: &str, n: i64) {
-        if let Some(c) = self.crawls.get_mut(&id) {
+        if let Some(c) = self.crawls.get_mut(&id).filter(|c| c.max_pages.is_some()) {
             c.counter.added += n;
         }
         self.hosts.entry(host.to_string()).or_default().added += n;
@@ -704,7 +731,7 @@ fn pg_url(s: &str) -> Cow<'_, str> {
 
 /// Run a write transaction again when PostgreSQL aborted it to break a deadlock or a
 /// serialization conflict with another cell; the transaction had no effect.
-async fn retry_conflicts<T, F, Fut>(what: &str, mut op: F) -> Result<T>
+pub(super) async fn retry_conflicts<T, F, Fut>(what: &str, mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T>>,
@@ -764,19 +791,38 @@ impl Store for PgStore {
     }
 
     async fn unpublished(&self, limit: u32) -> Result<Vec<Unpublished>> {
-        let rows = sqlx::query(
-            "SELECT url, depth FROM frontier WHERE state = 'pending' ORDER BY updated_ms LIMIT $1",
-        )
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| Unpublished {
-                url: r.get(0),
-                depth: r.get::<i32, _>(1).max(0) as u32,
-            })
-            .collect())
+        // A claim: rows another api is claiming right now are skipped, not waited for, and the
+        // claim keeps them this caller's until it runs out.
+        retry_conflicts("claim unpublished", || async move {
+            let now = now_ms();
+            let rows = sqlx::query(
+                "UPDATE frontier f SET claimed_until_ms = $1 FROM (\
+                     SELECT url FROM frontier \
+                     WHERE state = 'pending' AND claimed_until_ms <= $2 \
+                     ORDER BY updated_ms LIMIT $3 FOR UPDATE SKIP LOCKED) c \
+                 WHERE f.url = c.url RETURNING f.url, f.depth, f.updated_ms",
+            )
+            .bind(now + crate::PUBLISH_CLAIM.as_millis() as i64)
+            .bind(now)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+            let mut rows: Vec<(i64, Unpublished)> = rows
+                .into_iter()
+                .map(|r| {
+                    (
+                        r.get::<i64, _>(2),
+                        Unpublished {
+                            url: r.get(0),
+                            depth: r.get::<i32, _>(1).max(0) as u32,
+                        },
+                    )
+                })
+                .collect();
+            rows.sort_by_key(|(updated, _)| *updated);
+            Ok(rows.into_iter().map(|(_, u)| u).collect())
+        })
+        .await
     }
 
     async fn mark_published(&self, urls: &[String]) -> Result<()> {

@@ -13,6 +13,12 @@
 //!   redelivers an unacknowledged job only when its channel closes (or after the broker's
 //!   `consumer_timeout`). [`AmqpQueue::abandon_leases`] closes the consumer's channel, which gives
 //!   every job it holds back at once.
+//! - `defer` (a job that waited for its host, never attempted) publishes a copy that carries
+//!   the deliveries so far minus this one, with confirms, then acks the original: the wait costs
+//!   no delivery. RabbitMQ has no delay without plugins, so a delayed copy waits in a wait queue
+//!   `<name>.wait.<ms>` (classic, durable, a per-queue message TTL, dead-lettering back to the
+//!   job queue when the TTL runs out); the delay is rounded up to one of [`WAIT_BUCKETS_MS`].
+//!   Nothing is held in the crawler meanwhile: a crawler that dies loses none of them.
 //! - `deliveries` is the quorum queue's `x-delivery-count` + 1; the broker dead-letters a job
 //!   once it was delivered `max_deliveries` times.
 //! - A broker that refuses quorum queues gets classic durable queues; the queue then counts
@@ -51,6 +57,22 @@ const REASON_HEADER: &str = "x-homeostat-reason";
 /// Header the queue writes when it re-publishes a job itself (classic queues, dead letters):
 /// how many times it was delivered so far.
 const DELIVERIES_HEADER: &str = "x-homeostat-deliveries";
+
+/// The delays a deferred job can wait, ms: a defer waits the first bucket at least as long as
+/// asked (the last one when asked for more).
+pub const WAIT_BUCKETS_MS: [u64; 12] = [
+    100, 250, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 30_000, 60_000, 120_000, 300_000,
+];
+
+/// The wait bucket for a delay: never shorter than asked, unless asked beyond the last bucket.
+pub fn wait_bucket(after: Duration) -> u64 {
+    let ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+    WAIT_BUCKETS_MS
+        .iter()
+        .copied()
+        .find(|&b| b >= ms)
+        .unwrap_or(WAIT_BUCKETS_MS[WAIT_BUCKETS_MS.len() - 1])
+}
 
 /// Settings of an [`AmqpQueue`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -364,6 +386,31 @@ impl Shared {
         Ok(())
     }
 
+    /// Hand a job back without counting its delivery: a copy carrying the deliveries before this
+    /// one goes to the job queue (or, with a delay, to a wait queue that dead-letters it back),
+    /// confirmed, then the original is acknowledged.
+    async fn defer_held(&self, h: &Held, after: Duration) -> Result<()> {
+        let Some(session) = self.current() else {
+            return Err(EngineError::Unavailable("not connected to RabbitMQ".into()));
+        };
+        if h.generation != session.generation || !h.acker.usable() {
+            return Ok(()); // its channel is gone: the broker has it back already
+        }
+        let mut headers = FieldTable::default();
+        headers.insert(
+            DELIVERIES_HEADER.into(),
+            AMQPValue::LongLongInt(i64::from(h.deliveries.saturating_sub(1))),
+        );
+        let target = if after.is_zero() {
+            self.queue.clone()
+        } else {
+            session.wait_queue(&self.queue, wait_bucket(after)).await?
+        };
+        session.publish(&target, &h.body, headers).await?;
+        h.acker.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+
     /// Publish a copy of a job to the dead-letter queue with its reason, then drop the original.
     async fn send_to_dead(&self, session: &Session, h: &Held, reason: &str) -> Result<()> {
         let mut headers = FieldTable::default();
@@ -614,6 +661,20 @@ impl JobQueue for AmqpQueue {
             }
             delayed.fetch_sub(1, Ordering::SeqCst);
         });
+        Ok(())
+    }
+
+    async fn defer(&self, tag: DeliveryTag, after: Duration) -> Result<()> {
+        let s = &self.shared;
+        let Some(h) = s.held().remove(&tag.0) else {
+            return Ok(()); // stale or settled already
+        };
+        if let Err(e) = s.defer_held(&h, after).await {
+            // Still leased: the caller may try again, or the lease runs out.
+            s.held().insert(tag.0, h);
+            s.wake.notify_one();
+            return Err(e);
+        }
         Ok(())
     }
 

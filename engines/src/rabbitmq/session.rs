@@ -1,9 +1,10 @@
 //! One AMQP connection and its channels: a confirm-mode channel for publishing, a channel for
 //! the dead-letter queue, and (once `lease` is called) a consumer's channel.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::options::{
@@ -50,7 +51,14 @@ pub(super) struct Session {
     /// The queues are quorum queues (the broker counts deliveries and dead-letters).
     pub(super) quorum: bool,
     broken: AtomicBool,
+    /// Wait queues declared on this connection, by delay, and when.
+    waits: std::sync::Mutex<HashMap<u64, Instant>>,
 }
+
+/// A wait queue unused for this long is deleted by the broker (its messages have long gone back:
+/// the longest wait is 5 minutes). It is declared again before use after [`WAIT_REDECLARE`].
+const WAIT_EXPIRES_MS: i64 = 60 * 60 * 1000;
+const WAIT_REDECLARE: Duration = Duration::from_secs(600);
 
 pub(super) struct Consuming {
     channel: Channel,
@@ -120,6 +128,7 @@ impl Session {
             consumer: Mutex::new(None),
             quorum,
             broken: AtomicBool::new(false),
+            waits: std::sync::Mutex::new(HashMap::new()),
         };
         if shared.consuming.load(Ordering::SeqCst) {
             let consuming = session
@@ -220,6 +229,48 @@ impl Session {
             ))
         })??;
         check_confirms(routing_key, bodies.len(), confirmed)
+    }
+
+    /// The wait queue of `queue` for a delay of `ms`, declared if this connection has not done
+    /// so lately: a classic durable queue whose messages go back to `queue` after `ms`.
+    pub(super) async fn wait_queue(&self, queue: &str, ms: u64) -> Result<String> {
+        let name = format!("{queue}.wait.{ms}");
+        let fresh = {
+            let waits = self.waits.lock().unwrap_or_else(|e| e.into_inner());
+            waits
+                .get(&ms)
+                .is_some_and(|at| at.elapsed() < WAIT_REDECLARE)
+        };
+        if fresh {
+            return Ok(name);
+        }
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
+        );
+        args.insert("x-expires".into(), AMQPValue::LongLongInt(WAIT_EXPIRES_MS));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(queue.into()),
+        );
+        // A refused declare closes its channel: use a throwaway one.
+        let channel = self.conn.create_channel().await?;
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel.queue_declare(&name, durable, args).await?;
+        let _ = channel.close(200, "declared").await;
+        self.waits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(ms, Instant::now());
+        Ok(name)
     }
 
     /// Ready messages in the job queue and in its dead-letter queue.

@@ -3,6 +3,7 @@
 //! A lease moves a job's `visible_ms` into the future and counts the delivery; an ack deletes it;
 //! a lease that runs out makes the job deliverable again (at-least-once). A job delivered
 //! `max_deliveries` times without an ack is moved to the dead-letter table at the next lease.
+//! `defer` hands a job back and takes back the delivery its lease counted.
 
 use std::time::Duration;
 
@@ -133,6 +134,19 @@ impl JobQueue for SqliteQueue {
             .bind(tag.0 as i64)
             .execute(&self.pool)
             .await?;
+        Ok(())
+    }
+
+    async fn defer(&self, tag: DeliveryTag, after: Duration) -> Result<()> {
+        // The lease counted this delivery; taking it back makes the wait free.
+        sqlx::query(
+            "UPDATE jobs SET visible_ms = ?, leased = 0, deliveries = max(deliveries - 1, 0) \
+             WHERE id = ? AND leased = 1",
+        )
+        .bind(now_ms() + after.as_millis().min(i64::MAX as u128) as i64)
+        .bind(tag.0 as i64)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

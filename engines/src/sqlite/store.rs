@@ -41,7 +41,7 @@ impl SqliteStore {
         Ok(Self { pool })
     }
 
-    async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
+    pub(super) async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
         Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
     }
 }
@@ -362,19 +362,35 @@ impl Store for SqliteStore {
     }
 
     async fn unpublished(&self, limit: u32) -> Result<Vec<Unpublished>> {
+        // A claim: the entries are this caller's to publish until the claim runs out.
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
         let rows = sqlx::query(
-            "SELECT url, depth FROM frontier WHERE state = 'pending' ORDER BY updated_ms LIMIT ?",
+            "UPDATE frontier SET claimed_until_ms = ? WHERE url IN (\
+                 SELECT url FROM frontier WHERE state = 'pending' AND claimed_until_ms <= ? \
+                 ORDER BY updated_ms LIMIT ?) \
+             RETURNING url, depth, updated_ms",
         )
+        .bind(now + crate::PUBLISH_CLAIM.as_millis() as i64)
+        .bind(now)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        Ok(rows
+        tx.commit().await?;
+        let mut rows: Vec<(i64, Unpublished)> = rows
             .into_iter()
-            .map(|r| Unpublished {
-                url: r.get(0),
-                depth: r.get::<i64, _>(1) as u32,
+            .map(|r| {
+                (
+                    r.get::<i64, _>(2),
+                    Unpublished {
+                        url: r.get(0),
+                        depth: r.get::<i64, _>(1) as u32,
+                    },
+                )
             })
-            .collect())
+            .collect();
+        rows.sort_by_key(|(updated, _)| *updated);
+        Ok(rows.into_iter().map(|(_, u)| u).collect())
     }
 
     async fn mark_published(&self, urls: &[String]) -> Result<()> {

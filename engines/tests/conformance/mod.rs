@@ -437,3 +437,10 @@ async fn wait_dead(queue: &dyn JobQueue) -> (engines::Delivery, String) {
     }
     panic!("nothing dead-lettered within 10 s");
 }
+
+pub mod politeness;
+
+/// [`wait_lease`] for the submodules.
+pub async fn wait_lease_pub(queue: &dyn JobQueue) -> engines::Delivery {
+    wait_lease(queue).await
+}

@@ -1,0 +1,164 @@
+//! [`HostLedger`] on PostgreSQL: one transaction per request; each host's ledger row is locked
+//! (`SELECT ... FOR UPDATE`, hosts in sorted order so that two apis never deadlock) while
+//! [`politeness::decide`] runs on it. Time is the database's clock, so apis on machines whose
+//! clocks disagree still space a host's requests correctly.
+
+use std::collections::{BTreeSet, HashMap};
+
+use async_trait::async_trait;
+use sqlx::{PgConnection, Row};
+
+use super::store::{retry_conflicts, PgStore};
+use crate::politeness::{self, HostLedger, HostSlot, PermitReply, PermitRequest};
+use crate::Result;
+
+async fn permits_once(conn: &mut PgConnection, request: &PermitRequest) -> Result<PermitReply> {
+    let now: i64 =
+        sqlx::query_scalar("SELECT (extract(epoch from clock_timestamp()) * 1000)::bigint")
+            .fetch_one(&mut *conn)
+            .await?;
+    if !request.releases.is_empty() {
+        sqlx::query("DELETE FROM host_permits WHERE id = ANY($1)")
+            .bind(&request.releases)
+            .execute(&mut *conn)
+            .await?;
+    }
+    // Every host this request touches, locked in one order.
+    let hosts: BTreeSet<&str> = request
+        .blocks
+        .iter()
+        .map(|b| b.host.as_str())
+        .chain(request.asks.iter().map(|a| a.host.as_str()))
+        .collect();
+    let hosts: Vec<&str> = hosts.into_iter().collect();
+    sqlx::query(
+        "INSERT INTO host_ledger (host) SELECT unnest($1::text[]) ORDER BY 1 \
+         ON CONFLICT (host) DO NOTHING",
+    )
+    .bind(&hosts)
+    .execute(&mut *conn)
+    .await?;
+    let rows = sqlx::query(
+        "SELECT host, last_start_ms, blocked_until_ms FROM host_ledger \
+         WHERE host = ANY($1) ORDER BY host FOR UPDATE",
+    )
+    .bind(&hosts)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut slots: HashMap<String, HostSlot> = HashMap::new();
+    for r in rows {
+        slots.insert(
+            r.get(0),
+            HostSlot {
+                last_start_ms: r.get(1),
+                blocked_until_ms: r.get(2),
+                in_flight: Vec::new(),
+            },
+        );
+    }
+    sqlx::query("DELETE FROM host_permits WHERE host = ANY($1) AND expires_ms <= $2")
+        .bind(&hosts)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    let permits = sqlx::query("SELECT host, expires_ms FROM host_permits WHERE host = ANY($1)")
+        .bind(&hosts)
+        .fetch_all(&mut *conn)
+        .await?;
+    for r in permits {
+        if let Some(slot) = slots.get_mut(r.get::<&str, _>(0)) {
+            slot.in_flight.push(r.get(1));
+        }
+    }
+    let mut blocked: HashMap<&str, i64> = HashMap::new();
+    for block in &request.blocks {
+        let until = now + politeness::block_ms(block.for_ms);
+        if let Some(slot) = slots.get_mut(block.host.as_str()) {
+            if until > slot.blocked_until_ms {
+                slot.blocked_until_ms = until;
+                blocked.insert(&block.host, until);
+            }
+        }
+    }
+    let mut answers = Vec::with_capacity(request.asks.len());
+    let mut granted: Vec<(&str, i64)> = Vec::new();
+    for ask in &request.asks {
+        let Some(slot) = slots.get_mut(ask.host.as_str()) else {
+            continue; // every host was inserted above
+        };
+        let decision = politeness::decide(slot, ask, now);
+        if let politeness::Decision::Grant { expires_ms, .. } = decision {
+            granted.push((&ask.host, expires_ms));
+        }
+        answers.push((decision, granted.len()));
+    }
+    let (grant_hosts, grant_expiries): (Vec<&str>, Vec<i64>) = granted.iter().copied().unzip();
+    // Ids are drawn first so that each grant knows its own (RETURNING promises no order).
+    let ids: Vec<i64> = if granted.is_empty() {
+        Vec::new()
+    } else {
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "SELECT nextval(pg_get_serial_sequence('host_permits', 'id')) \
+             FROM generate_series(1, $1)",
+        )
+        .bind(granted.len() as i64)
+        .fetch_all(&mut *conn)
+        .await?;
+        sqlx::query(
+            "INSERT INTO host_permits (id, host, expires_ms) \
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[])",
+        )
+        .bind(&ids)
+        .bind(&grant_hosts)
+        .bind(&grant_expiries)
+        .execute(&mut *conn)
+        .await?;
+        ids
+    };
+    let (touched, starts, blocks): (Vec<&str>, Vec<i64>, Vec<i64>) = {
+        let mut t = Vec::new();
+        let mut s = Vec::new();
+        let mut b = Vec::new();
+        for (host, slot) in &slots {
+            t.push(host.as_str());
+            s.push(slot.last_start_ms);
+            b.push(slot.blocked_until_ms);
+        }
+        (t, s, b)
+    };
+    if !granted.is_empty() || !blocked.is_empty() {
+        sqlx::query(
+            "UPDATE host_ledger l SET last_start_ms = u.s, blocked_until_ms = u.b \
+             FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(h, s, b) WHERE l.host = u.h",
+        )
+        .bind(&touched)
+        .bind(&starts)
+        .bind(&blocks)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let answers = answers
+        .into_iter()
+        .map(|(decision, n)| {
+            let permit = match decision {
+                politeness::Decision::Grant { .. } => ids.get(n - 1).copied().unwrap_or(0),
+                politeness::Decision::NotBefore { .. } => 0,
+            };
+            politeness::answer(decision, permit, now)
+        })
+        .collect();
+    Ok(PermitReply { answers })
+}
+
+#[async_trait]
+impl HostLedger for PgStore {
+    async fn permits(&self, request: &PermitRequest) -> Result<PermitReply> {
+        retry_conflicts("permits", || async move {
+            let mut tx = self.pool().begin().await?;
+            let reply = permits_once(&mut tx, request).await?;
+            tx.commit().await?;
+            Ok(reply)
+        })
+        .await
+    }
+}
