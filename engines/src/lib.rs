@@ -14,6 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use protocol::{CrawlJob, Stats};
 
+pub mod idempotency;
 pub mod postgres;
 pub mod rabbitmq;
 mod snippet;

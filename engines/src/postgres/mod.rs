@@ -8,6 +8,7 @@
 //! retried. Statements are batched (`unnest` arrays), so an ingest costs a fixed number of round
 //! trips whatever the number of links.
 
+mod idempotency;
 mod store;
 
 use std::time::Duration;

@@ -2,6 +2,7 @@
 //! durable job queue. Each lives in its own database file so the queue's writers and the store's
 //! writers do not take the same lock. WAL mode lets the cells of one machine share the files.
 
+mod idempotency;
 mod queue;
 mod store;
 
