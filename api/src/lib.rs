@@ -1,6 +1,11 @@
 //! The api role: the search API, the ingest endpoint crawlers answer to, and the owner of the
 //! frontier (what is accepted, at what depth, under which budget) and of publishing it as jobs.
 //!
+//! `POST /internal/ingest` takes only a control envelope signed with the cluster key (kind
+//! `ingest`, addressed to this cell, fresh, never seen): anything else is refused and counted,
+//! and nothing is stored. `POST /crawl` with an `Idempotency-Key` is exactly-once across api
+//! cells: the first answer is kept in the store and given to every repeat.
+//!
 //! Entry points: [`app`] builds the axum `Router` (tested with `oneshot`, no socket); [`run`]
 //! serves it on a bound listener until a shutdown signal and runs the [`publisher`] beside it.
 
@@ -13,6 +18,7 @@ pub mod query;
 
 use std::sync::Arc;
 
+use engines::idempotency::IdempotencyStore;
 use engines::{JobQueue, Store};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -26,7 +32,11 @@ pub use http::app;
 pub struct AppState {
     pub cfg: Arc<ApiConfig>,
     pub store: Arc<dyn Store>,
+    /// Idempotency keys of `POST /crawl` (the same database as `store`).
+    pub keys: Arc<dyn IdempotencyStore>,
     pub queue: Arc<dyn JobQueue>,
+    /// Opens the crawlers' signed ingest batches.
+    pub verifier: Arc<control::Verifier>,
     /// Wakes the publisher when the frontier grows.
     pub frontier_grew: Arc<Notify>,
     pub ready: vitals::Readiness,
@@ -45,6 +55,14 @@ pub struct Load {
 }
 
 impl Load {
+    /// Count a request in flight until the returned guard is dropped: when the request is
+    /// answered, and also when it is cancelled (the client went away, a timeout fired).
+    pub fn enter(self: &Arc<Self>) -> InFlight {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
     pub fn record(&self, took: std::time::Duration) {
         use std::sync::atomic::Ordering::Relaxed;
         let sample = took.as_micros().min(u128::from(u64::MAX)) as u64;
@@ -75,12 +93,34 @@ impl Load {
     }
 }
 
+/// One request in flight; dropping it ends the count.
+#[derive(Debug)]
+pub struct InFlight(Arc<Load>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 impl AppState {
-    pub fn new(cfg: ApiConfig, store: Arc<dyn Store>, queue: Arc<dyn JobQueue>) -> Self {
+    /// `verifier` opens ingest batches: build it before binding the listener, and tell it the
+    /// address this cell advertises ([`control::Verifier::answer_to`]).
+    pub fn new(
+        cfg: ApiConfig,
+        store: Arc<dyn Store>,
+        keys: Arc<dyn IdempotencyStore>,
+        queue: Arc<dyn JobQueue>,
+        verifier: Arc<control::Verifier>,
+    ) -> Self {
         Self {
             cfg: Arc::new(cfg),
             store,
+            keys,
             queue,
+            verifier,
             frontier_grew: Arc::new(Notify::new()),
             ready: vitals::Readiness::default(),
             load: Arc::new(Load::default()),

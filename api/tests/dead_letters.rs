@@ -16,11 +16,12 @@ const MAX_DELIVERIES: u32 = 3;
 
 async fn poison_job_is_dead_lettered_and_failed(queue: Arc<dyn JobQueue>) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store: Arc<dyn Store> = Arc::new(
+    let sqlite = Arc::new(
         SqliteStore::open(dir.path().join("s.db").to_str().expect("utf-8"))
             .await
             .expect("store"),
     );
+    let store: Arc<dyn Store> = sqlite.clone();
     let url = "http://poison.test/";
     let crawl = store
         .create_crawl(CrawlSpec {
@@ -40,7 +41,17 @@ async fn poison_job_is_dead_lettered_and_failed(queue: Arc<dyn JobQueue>) {
         )
         .await
         .expect("admit");
-    let state = AppState::new(ApiConfig::default(), store.clone(), queue.clone());
+    let verifier = Arc::new(control::Verifier::new(
+        control::ClusterKey::generate(),
+        Duration::from_secs(30),
+    ));
+    let state = AppState::new(
+        ApiConfig::default(),
+        store.clone(),
+        sqlite,
+        queue.clone(),
+        verifier,
+    );
     let stop = CancellationToken::new();
     let publisher = tokio::spawn(api::publisher::run(
         state.clone(),

@@ -107,11 +107,23 @@ impl Life {
     }
 }
 
-fn start_life(args: &RunArgs, role: &str, addr: std::net::SocketAddr) -> anyhow::Result<Life> {
-    let cell_id = args
-        .cell_id
+fn cell_id(args: &RunArgs, role: &str) -> String {
+    args.cell_id
         .clone()
-        .unwrap_or_else(|| format!("{role}-{}", std::process::id()));
+        .unwrap_or_else(|| format!("{role}-{}", std::process::id()))
+}
+
+/// Cluster mode: the organism runs on the cluster engines (PostgreSQL or RabbitMQ), its cells
+/// are reachable beyond this machine, and the endpoints that show its topology (`/cells`,
+/// `/events`, `/children`) take the read token. On the embedded engines everything is on
+/// loopback and they stay open.
+fn cluster_mode(cfg: &infra::Config) -> bool {
+    !matches!(cfg.database(), infra::EngineUrl::Sqlite(_))
+        || !matches!(cfg.queue(), infra::EngineUrl::Sqlite(_))
+}
+
+fn start_life(args: &RunArgs, role: &str, addr: std::net::SocketAddr) -> anyhow::Result<Life> {
+    let cell_id = cell_id(args, role);
     let (vital, vital_rx) = tokio::sync::watch::channel(control::heartbeat::Vital {
         state: protocol::control::CellState::Serving,
         pressure: 0.0,
@@ -279,23 +291,22 @@ async fn run_api(
         .listen
         .clone()
         .unwrap_or_else(|| cfg.raw.api.listen.clone());
-    let store = open_store(cfg).await?;
+    let (store, keys) = open_store_and_keys(cfg).await?;
     let queue = open_queue(cfg).await?;
+    // Ingest takes only batches signed with the cluster key; the verifier exists before the
+    // listener, so nothing sealed before this cell started is accepted.
+    let key = control::ClusterKey::from_env()?;
+    let verifier = Arc::new(control::Verifier::new(key, Duration::from_secs(30)));
     let listener = TcpListener::bind(&listen)
         .await
         .with_context(|| format!("binding the api to {listen}"))?;
     let addr = listener.local_addr()?;
     let advertise = format!("http://{addr}");
-    let mut state = api::AppState::new(cfg.raw.api.clone(), store, queue);
+    verifier.answer_to([&advertise]);
+    let mut state = api::AppState::new(cfg.raw.api.clone(), store, keys, queue, verifier.clone());
     let life = start_life(args, "api", addr)?;
-    if life.client.is_some() {
-        // Crawlers' permit requests are signed with the cluster key.
-        let key = control::ClusterKey::from_env()?;
-        state.permits_verifier = Some(Arc::new(control::Verifier::new(
-            key,
-            Duration::from_secs(30),
-        )));
-    }
+    // Crawlers' permit requests are signed with the cluster key, like their results.
+    state.permits_verifier = Some(verifier);
     let load = state.load.clone();
     let api_cfg = cfg.raw.api.clone();
     let pressure = life.report_pressure(args, shutdown.clone(), move || load.signals(&api_cfg));
@@ -320,6 +331,35 @@ async fn run_api(
     .await;
     life.retire().await;
     result
+}
+
+/// The store, and the same database as the keeper of `POST /crawl`'s idempotency keys.
+async fn open_store_and_keys(
+    cfg: &infra::Config,
+) -> anyhow::Result<(
+    Arc<dyn engines::Store>,
+    Arc<dyn engines::idempotency::IdempotencyStore>,
+)> {
+    match cfg.database() {
+        infra::EngineUrl::Sqlite(path) => {
+            let path = path.to_string_lossy().to_string();
+            let store = Arc::new(
+                engines::sqlite::SqliteStore::open(&path)
+                    .await
+                    .with_context(|| format!("opening the store at {path}"))?,
+            );
+            Ok((store.clone(), store))
+        }
+        infra::EngineUrl::Postgres(url) => {
+            let store = Arc::new(
+                engines::postgres::PgStore::connect(&url)
+                    .await
+                    .context("connecting to the PostgreSQL store (engines.database)")?,
+            );
+            Ok((store.clone(), store))
+        }
+        other => anyhow::bail!("engines.database {other:?} is not a store engine"),
+    }
 }
 
 /// How long a draining cell keeps serving so that front doors notice it is draining.
@@ -392,6 +432,13 @@ async fn run_crawler(
         lease,
     )?);
     let gauges = Arc::new(crawler::WorkerGauges::default());
+    // Results go to the apis signed; a job's reply_to is trusted only when the registry lists
+    // it (when this cell follows health checkers).
+    let ingest = Arc::new(crawler::worker::IngestSender::new(
+        control::ClusterKey::from_env()?,
+        cell_id(args, "crawler"),
+        !args.healthcheckers.is_empty(),
+    ));
     let worker = crawler::Worker {
         cfg: cfg.raw.crawler.worker.clone(),
         fetcher,
@@ -401,6 +448,7 @@ async fn run_crawler(
         max_deliveries: cfg.raw.queue.max_deliveries,
         lease,
         gauges: gauges.clone(),
+        ingest,
     };
     ready.set(true);
     let worker_cfg = cfg.raw.crawler.worker.clone();
@@ -452,6 +500,8 @@ async fn run_factory(
     grace: Duration,
 ) -> anyhow::Result<()> {
     let key = control::ClusterKey::from_env()?;
+    let verifier = control::Verifier::new(key, Duration::from_secs(30));
+    verifier.guard_reads(cluster_mode(cfg));
     let mut fixed = std::collections::BTreeMap::new();
     for spec in &args.fixed {
         let (role, addrs) = spec
@@ -476,6 +526,7 @@ async fn run_factory(
         .await
         .with_context(|| format!("binding the factory to {listen}"))?;
     let addr = listener.local_addr()?;
+    verifier.answer_to([format!("http://{addr}")]);
     for f in std::iter::once(format!("http://{addr}")).chain(args.factories.iter().cloned()) {
         cell_args.push("--factory".into());
         cell_args.push(f);
@@ -497,7 +548,7 @@ async fn run_factory(
     };
     let state = factory::role::FactoryState::new(
         provider,
-        control::Verifier::new(key, Duration::from_secs(30)),
+        verifier,
         fixed,
         cell_args,
         organism,
@@ -526,6 +577,8 @@ async fn run_healthchecker(
     let addr = listener.local_addr()?;
     let life = start_life(args, "healthchecker", addr)?;
     let state = healthchecker::HealthcheckerState::new(hc, key, life.cell_id.clone());
+    state.verifier().answer_to([format!("http://{addr}")]);
+    state.verifier().guard_reads(cluster_mode(cfg));
     announce("healthchecker", addr);
     let stop = drain_after_notice(&life, shutdown, Duration::ZERO);
     let result = bounded_drain(
@@ -554,6 +607,7 @@ async fn run_frontdoor(
         .with_context(|| format!("binding the frontdoor to {listen}"))?;
     let addr = listener.local_addr()?;
     let verifier = Arc::new(control::Verifier::new(key, Duration::from_secs(30)));
+    verifier.answer_to([format!("http://{addr}")]);
     let state = frontdoor::AppState::new(fd, verifier)?;
     let life = start_life(args, "frontdoor", addr)?;
     announce("frontdoor", addr);

@@ -31,8 +31,11 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     })?;
     let organism: OrganismFile =
         serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?;
+    // In cluster mode the registry answers only with the read token (from the cluster key in
+    // the environment, as every cell of the organism has it).
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
+        .default_headers(crate::registry::read_headers())
         .build()?;
     let view = crate::registry::read(&client, &organism.healthcheckers)
         .await

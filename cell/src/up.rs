@@ -76,15 +76,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     std::fs::write(&effective, cfg.to_toml())
         .with_context(|| format!("writing {}", effective.display()))?;
 
-    // The organism's secret: the operator's (HOMEOSTAT_CLUSTER_KEY or _FILE), else generated for
-    // this run; handed to the cells in the environment.
-    let key = if std::env::var_os(control::KEY_ENV).is_some()
-        || std::env::var_os(control::KEY_FILE_ENV).is_some()
-    {
-        ClusterKey::from_env().context("reading the organism's cluster key")?
+    // The organism's secret, handed to the cells in the environment: the operator's own
+    // (HOMEOSTAT_CLUSTER_KEY[_FILE], so cells elsewhere and `cell status` share it), else one
+    // generated for this run.
+    let operator_key = std::env::var_os(control::KEY_ENV).is_some()
+        || std::env::var_os(control::KEY_FILE_ENV).is_some();
+    let key = if operator_key {
+        ClusterKey::from_env()?
     } else {
         ClusterKey::generate()
     };
+    crate::registry::use_key(&key);
     let factory_addrs = [fixed_port("127.0.0.1:0")?, fixed_port("127.0.0.1:0")?];
     let hcs = [fixed_port("127.0.0.1:0")?, fixed_port("127.0.0.1:0")?];
     let frontdoors = frontdoor_addresses(&cfg.raw.frontdoor.listen)?;

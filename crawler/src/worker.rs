@@ -115,6 +115,31 @@ pub struct Worker {
     pub lease: Duration,
     /// Updated every turn of the loop.
     pub gauges: Arc<WorkerGauges>,
+    /// Sends results to the apis, signed.
+    pub ingest: Arc<IngestSender>,
+}
+
+/// How results reach an api: in a control envelope signed with the cluster key and addressed
+/// to that api (its `/internal/ingest` takes nothing else), and only to an api the registry
+/// lists as live: a job's `reply_to` is text from the queue, not an address to trust.
+pub struct IngestSender {
+    client: control::ControlClient,
+    /// `Worker::apis` is the registry's list of live apis (the cell follows health checkers):
+    /// a `reply_to` not in it is not contacted. False: `reply_to` is trusted as today.
+    registry: bool,
+}
+
+impl IngestSender {
+    /// Signs as `cell_id` with `key`; `registry` as in [`IngestSender::registry`].
+    pub fn new(key: control::ClusterKey, cell_id: impl Into<String>, registry: bool) -> Self {
+        // Ingest batches are large and the api stores them before it answers: the timeout of
+        // a result batch, not of a heartbeat.
+        let client = control::ControlClient::with_timeout(
+            control::Signer::new(key, cell_id),
+            Duration::from_secs(30),
+        );
+        Self { client, registry }
+    }
 }
 
 struct Pending {
@@ -146,10 +171,7 @@ enum Done {
 impl Worker {
     /// Run until `shutdown`, then drain: no new leases, finish fetches, send results, ack.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(30))
-            .build()?;
+        let client = self.ingest.clone();
         let per_host = self.per_host_concurrency.max(1);
         let mut waiting: HashMap<String, VecDeque<Job>> = HashMap::new();
         let mut host_order: VecDeque<String> = VecDeque::new();
@@ -457,7 +479,7 @@ async fn crawl_one(fetcher: &Fetcher, job: Job, max_deliveries: u32) -> Done {
 
 /// Send a batch to the API named in its jobs (falling back to the others), then ack the jobs.
 async fn send_and_ack(
-    client: &reqwest::Client,
+    client: &IngestSender,
     apis: &[String],
     queue: &dyn JobQueue,
     batch: &[Pending],
@@ -474,8 +496,19 @@ async fn send_and_ack(
             v: WIRE_VERSION,
             results: group.iter().map(|p| p.result.clone()).collect(),
         };
-        let mut targets: Vec<&str> = vec![reply_to];
+        let mut targets: Vec<&str> = Vec::new();
+        if !client.registry || is_live(apis, reply_to) {
+            targets.push(reply_to);
+        } else {
+            metrics::counter!("crawler_reply_to_refused_total").increment(1);
+            tracing::warn!(%reply_to, "a job's reply_to is not a live api: not contacted");
+        }
         targets.extend(apis.iter().map(String::as_str).filter(|a| *a != reply_to));
+        if targets.is_empty() {
+            last_err = Some(anyhow::anyhow!(
+                "no live api to send results to ({reply_to} is not one)"
+            ));
+        }
         let mut sent = false;
         for target in targets {
             match post_ingest(client, target, &body).await {
@@ -503,17 +536,33 @@ async fn send_and_ack(
     }
 }
 
+/// Whether `addr` is among the live apis (compared as normalized base URLs).
+fn is_live(apis: &[String], addr: &str) -> bool {
+    let addr = control::normalize_address(addr);
+    apis.iter().any(|a| control::normalize_address(a) == addr)
+}
+
 async fn post_ingest(
-    client: &reqwest::Client,
+    client: &IngestSender,
     api: &str,
     body: &IngestBatch,
 ) -> anyhow::Result<IngestReply> {
-    let url = format!("{}/internal/ingest", api.trim_end_matches('/'));
-    let resp = client.post(&url).json(body).send().await?;
-    let status = resp.status();
-    if !status.is_success() {
-        let text = resp.text().await.unwrap_or_default();
-        anyhow::bail!("{url} answered {status}: {text}");
+    client
+        .client
+        .send(api, "/internal/ingest", IngestBatch::KIND, body)
+        .await
+}
+
+#[cfg(test)]
+mod ingest_tests {
+    use super::is_live;
+
+    #[test]
+    fn reply_to_is_live_only_when_the_registry_lists_it() {
+        let apis = vec!["http://127.0.0.1:7001".to_string()];
+        assert!(is_live(&apis, "http://127.0.0.1:7001/"));
+        assert!(!is_live(&apis, "http://127.0.0.1:7002"));
+        assert!(!is_live(&apis, "http://attacker.example:7001"));
+        assert!(!is_live(&[], "http://127.0.0.1:7001"));
     }
-    Ok(resp.json().await?)
 }

@@ -18,6 +18,7 @@ pub mod factory_ledger;
 pub use politeness::HostLedger;
 
 pub mod politeness;
+pub mod idempotency;
 pub mod postgres;
 pub mod rabbitmq;
 mod snippet;

@@ -140,6 +140,17 @@ conformance_test!(frontier_invariant);
 conformance_test!(idempotent_ingest);
 conformance_test!(limits);
 conformance_test!(search_ranking_and_snippets);
+conformance_test!(idempotency_keys);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idempotency_one_holder() {
+    let _server = SERVER.read().await;
+    let db = TestDb::create().await;
+    let store = Arc::new(db.store().await);
+    conformance::idempotency_one_holder(store.clone()).await;
+    let store = Arc::try_unwrap(store).unwrap_or_else(|_| panic!("claims finished"));
+    db.finish(store).await;
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers() {

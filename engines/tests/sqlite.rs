@@ -58,6 +58,18 @@ async fn concurrent_writers() {
 }
 
 #[tokio::test]
+async fn idempotency_keys() {
+    let (_d, s) = store().await;
+    conformance::idempotency_keys(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idempotency_one_holder() {
+    let (_d, s) = store().await;
+    conformance::idempotency_one_holder(Arc::new(s)).await;
+}
+
+#[tokio::test]
 async fn queue_basics() {
     let (_d, q) = queue().await;
     conformance::queue_basics(&q).await;

@@ -494,8 +494,13 @@ async fn stop(State(state): State<Arc<FactoryState>>, headers: HeaderMap, body: 
     }
 }
 
-async fn children(State(state): State<Arc<FactoryState>>) -> impl IntoResponse {
-    Json(state.children().await)
+/// The cells this factory started, with their pids: in cluster mode only for a reader with
+/// the organism's read token (`control::Verifier::check_read`).
+async fn children(State(state): State<Arc<FactoryState>>, headers: HeaderMap) -> Response {
+    if let Err(rejection) = state.verifier.check_read(&headers) {
+        return rejection.into_response();
+    }
+    Json(state.children().await).into_response()
 }
 
 /// Serve until `shutdown`; then stop every cell this factory started.

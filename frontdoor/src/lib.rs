@@ -1,6 +1,9 @@
-//! The frontdoor role: the clients' entry point. It forwards `/search`, `/stats` and `/crawl`
-//! to a live api cell chosen by weight and pressure, retries on another api cell when one does
-//! not answer, ejects cells that keep failing, and answers a clear 503 when no api cell is live.
+//! The frontdoor role: the clients' entry point. It forwards its public routes only (`GET
+//! /search`, `GET /stats`, `POST /crawl`, matched after normalizing the path: `paths`) to a live
+//! api cell chosen by weight and pressure, retries on another api cell when one does not answer
+//! (a `POST /crawl` only under an `Idempotency-Key`, which it adds when the client sent none),
+//! ejects cells that keep failing, and answers a clear 503 when no api cell is live. Anything
+//! else is 404 at the door: no spelling of a path reaches the api's internal endpoints.
 //!
 //! Entry points: [`app`] builds the axum `Router` (tested without a socket); [`run`] serves it
 //! on a bound listener until a shutdown signal, with the [`registry::RegistryPoller`] beside it.
@@ -8,6 +11,7 @@
 //! - [`registry`]: the live api cells, from the health checkers' `GET /cells`, as a `watch`
 //!   channel (the seam where tests feed a list by hand);
 //! - [`balancer`]: the weighted choice and the outlier detector;
+//! - `paths`: path normalization and the public routes;
 //! - `proxy`: forwarding, retries, the error answers;
 //! - `weights`: `POST /control/weight`, signed weight requests from api cells.
 //!
@@ -17,6 +21,7 @@
 
 pub mod balancer;
 pub mod config;
+pub mod paths;
 mod proxy;
 pub mod registry;
 mod weights;
@@ -27,7 +32,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{any, post};
+use axum::handler::Handler as _;
+use axum::routing::post;
 use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -35,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use balancer::{BackendStatus, Balancer};
 pub use config::FrontdoorConfig;
+pub use proxy::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
 pub use registry::{Backend, RegistryPoller};
 
 /// The response header naming the api cell (its cell id) that answered.
@@ -163,21 +170,14 @@ impl AppState {
 pub fn app(state: AppState) -> Router {
     let vitals = vitals::router("frontdoor", state.ready.clone());
     let limit = DefaultBodyLimit::max(state.cfg.max_body_bytes);
-    let mut router = Router::new();
-    for prefix in ["/search", "/stats", "/crawl"] {
-        router = router
-            .route(prefix, any(proxy::forward).layer(limit))
-            .route(
-                &format!("{prefix}/{{*rest}}"),
-                any(proxy::forward).layer(limit),
-            );
-    }
-    router
+    // Public routes are matched by `proxy::forward` on the normalized path, not by the router
+    // on the raw one: `/x/../search` is `/search`, `/crawl/%2e%2e/internal/ingest` is refused.
+    Router::new()
         .route(
             "/control/weight",
             post(weights::receive).layer(DefaultBodyLimit::max(MAX_CONTROL_BYTES)),
         )
-        .fallback(proxy::not_found)
+        .fallback(proxy::forward.layer(limit))
         .with_state(state)
         .merge(vitals)
 }
@@ -198,7 +198,8 @@ pub async fn run(
             state.client.clone(),
             state.cfg.healthcheckers.clone(),
             Duration::from_millis(state.cfg.registry_poll_ms),
-        );
+        )
+        .with_authorization(state.verifier.read_authorization());
         tasks.spawn(poller.run(feed, background.clone()));
     }
     tasks.spawn(forget_departed(state.clone(), background.clone()));

@@ -12,17 +12,28 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use protocol::ErrorBody;
 
+use crate::paths::{self, Refusal};
 use crate::registry::Backend;
 use crate::{AppState, Counters, BACKEND_HEADER};
 
+/// The header that makes `POST /crawl` exactly-once (the api keeps the first answer per key).
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Set on an answer that is the stored first answer to an earlier request with the same key.
+pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
 /// Request headers passed on to the api cell. Hop-by-hop and connection headers are not;
 /// `accept-encoding` is not either, so answers come back as the client can read them.
-const FORWARDED_REQUEST_HEADERS: [HeaderName; 2] = [header::CONTENT_TYPE, header::ACCEPT];
+const FORWARDED_REQUEST_HEADERS: [HeaderName; 3] = [
+    header::CONTENT_TYPE,
+    header::ACCEPT,
+    HeaderName::from_static(IDEMPOTENCY_KEY),
+];
 /// Answer headers passed back to the client.
-const FORWARDED_RESPONSE_HEADERS: [HeaderName; 3] = [
+const FORWARDED_RESPONSE_HEADERS: [HeaderName; 4] = [
     header::CONTENT_TYPE,
     header::RETRY_AFTER,
     header::CACHE_CONTROL,
+    HeaderName::from_static(IDEMPOTENT_REPLAYED),
 ];
 
 /// An api cell's answer, read whole.
@@ -89,23 +100,24 @@ impl AttemptError {
     }
 }
 
-/// True when sending the request twice does the same as sending it once. `POST /crawl` is:
-/// the api's frontier deduplicates seeds (by normalized URL), so seeds accepted by an api cell
-/// that then failed to answer are not crawled twice when another api cell accepts them again.
-fn idempotent(method: &Method, path: &str) -> bool {
+/// True when sending the request twice does the same as sending it once: reads, and a
+/// `POST /crawl` that carries an `Idempotency-Key` (the api answers every repeat of a key with
+/// the first answer and admits the seeds once, across api cells). The front door gives every
+/// `POST /crawl` a key when the client sent none, so its own retry is exactly-once too.
+fn idempotent(method: &Method, path: &str, headers: &HeaderMap) -> bool {
     match *method {
         Method::GET | Method::HEAD | Method::OPTIONS => true,
-        Method::POST => path == "/crawl",
+        Method::POST => path == "/crawl" && headers.contains_key(IDEMPOTENCY_KEY),
         _ => false,
     }
 }
 
-/// The first path segment, as the latency histogram's `route` label (bounded set).
-fn route_label(path: &str) -> &'static str {
-    match path.trim_start_matches('/').split('/').next() {
-        Some("search") => "search",
-        Some("stats") => "stats",
-        Some("crawl") => "crawl",
+/// The route, as the latency histogram's `route` label (bounded set).
+fn route_label(route: &str) -> &'static str {
+    match route {
+        "/search" => "search",
+        "/stats" => "stats",
+        "/crawl" => "crawl",
         _ => "other",
     }
 }
@@ -122,14 +134,42 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     }
 }
 
-pub(crate) async fn not_found(uri: Uri) -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        format!(
-            "no route for {}; the frontdoor serves /search, /stats and /crawl",
-            uri.path()
+/// The front door's answer to a request it does not forward: 404 for a path that is not a
+/// public route (whatever its spelling), 405 for a public route with another method.
+fn refused(method: &Method, raw: &str, refusal: Refusal) -> Response {
+    let reason = match &refusal {
+        Refusal::Ambiguous(_) => "ambiguous",
+        Refusal::NotPublic(_) => "not_public",
+        Refusal::Method { .. } => "method",
+    };
+    metrics::counter!("frontdoor_refused_total", "reason" => reason).increment(1);
+    let served = "the front door serves GET /search, GET /stats and POST /crawl";
+    match refusal {
+        Refusal::Ambiguous(what) => error(
+            StatusCode::NOT_FOUND,
+            format!("no route for {raw}: the path holds {what}; {served}"),
         ),
-    )
+        Refusal::NotPublic(path) if path == raw => error(
+            StatusCode::NOT_FOUND,
+            format!("no route for {raw}; {served}"),
+        ),
+        Refusal::NotPublic(path) => error(
+            StatusCode::NOT_FOUND,
+            format!("no route for {raw} (read as {path}); {served}"),
+        ),
+        Refusal::Method { path, allowed } => {
+            let allow: Vec<&str> = allowed.iter().map(Method::as_str).collect();
+            let allow = allow.join(", ");
+            let mut response = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not served on {path}; use {allow}"),
+            );
+            if let Ok(value) = HeaderValue::from_str(&allow) {
+                response.headers_mut().insert(header::ALLOW, value);
+            }
+            response
+        }
+    }
 }
 
 fn finish(started: Instant, route: &'static str, outcome: &'static str, counters: &Counters) {
@@ -139,16 +179,25 @@ fn finish(started: Instant, route: &'static str, outcome: &'static str, counters
         .record(started.elapsed().as_secs_f64());
 }
 
-/// Every proxied route: choose an api cell, forward, retry elsewhere when that may help.
+/// Every request the front door does not answer itself: a public route (after normalizing its
+/// path) is forwarded to an api cell, retried elsewhere when that may help; anything else is
+/// refused here.
 pub(crate) async fn forward(
     State(state): State<AppState>,
     method: Method,
     uri: Uri,
-    headers: HeaderMap,
+    mut headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
-    let path = uri.path();
+    let path = match paths::public_route(&method, uri.path()) {
+        Ok(path) => path,
+        Err(refusal) => {
+            finish(started, "other", "refused", &state.counters);
+            tracing::debug!(%method, path = uri.path(), ?refusal, "request refused at the door");
+            return refused(&method, uri.path(), refusal);
+        }
+    };
     let route = route_label(path);
     let body = match body {
         Ok(body) => body,
@@ -161,10 +210,20 @@ pub(crate) async fn forward(
             );
         }
     };
-    let target = uri
-        .path_and_query()
-        .map_or(path.to_string(), |pq| pq.as_str().to_string());
-    let idempotent = idempotent(&method, path);
+    // The route's own path, never the client's spelling of it.
+    let target = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_string(),
+    };
+    if method == Method::POST && path == "/crawl" && !headers.contains_key(IDEMPOTENCY_KEY) {
+        // The front door's own key: a retry on another api cell cannot admit the seeds twice.
+        let key = format!("frontdoor-{:032x}", rand::random::<u128>());
+        headers.insert(
+            IDEMPOTENCY_KEY,
+            HeaderValue::from_str(&key).expect("hex is a valid header value"),
+        );
+    }
+    let idempotent = idempotent(&method, path, &headers);
     // The registry already keeps only routable cells; a list fed some other way may not.
     let live: Vec<Backend> = state
         .backends()
@@ -353,12 +412,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn idempotence_by_method_and_path() {
-        assert!(idempotent(&Method::GET, "/search"));
-        assert!(idempotent(&Method::POST, "/crawl"));
-        assert!(!idempotent(&Method::POST, "/crawl/other"));
-        assert!(!idempotent(&Method::POST, "/search"));
-        assert!(!idempotent(&Method::DELETE, "/crawl"));
+    fn idempotence_by_method_path_and_key() {
+        let none = HeaderMap::new();
+        let mut keyed = HeaderMap::new();
+        keyed.insert(IDEMPOTENCY_KEY, HeaderValue::from_static("k1"));
+        assert!(idempotent(&Method::GET, "/search", &none));
+        assert!(idempotent(&Method::POST, "/crawl", &keyed));
+        assert!(!idempotent(&Method::POST, "/crawl", &none), "no key: once");
+        assert!(!idempotent(&Method::POST, "/crawl/other", &keyed));
+        assert!(!idempotent(&Method::POST, "/search", &keyed));
+        assert!(!idempotent(&Method::DELETE, "/crawl", &keyed));
     }
 
     #[test]

@@ -91,6 +91,8 @@ pub struct RegistryPoller {
     client: reqwest::Client,
     healthcheckers: Vec<String>,
     every: Duration,
+    /// `Bearer <read token>`: in cluster mode `/cells` answers no one else.
+    authorization: Option<String>,
 }
 
 impl RegistryPoller {
@@ -99,17 +101,28 @@ impl RegistryPoller {
             client,
             healthcheckers,
             every,
+            authorization: None,
         }
+    }
+
+    /// Present `authorization` (the organism's read token) with every poll.
+    pub fn with_authorization(mut self, authorization: String) -> Self {
+        self.authorization = Some(authorization);
+        self
     }
 
     /// Ask one health checker for its cells.
     pub async fn fetch(
         client: &reqwest::Client,
         healthchecker: &str,
+        authorization: Option<&str>,
     ) -> Result<CellsResponse, reqwest::Error> {
         let url = format!("{}/cells", healthchecker.trim_end_matches('/'));
-        client
-            .get(url)
+        let mut request = client.get(url);
+        if let Some(authorization) = authorization {
+            request = request.header(reqwest::header::AUTHORIZATION, authorization);
+        }
+        request
             .timeout(POLL_TIMEOUT)
             .send()
             .await?
@@ -134,6 +147,7 @@ impl RegistryPoller {
             let feed = feed.clone();
             let shutdown = shutdown.clone();
             let every = self.every;
+            let authorization = self.authorization.clone();
             loops.spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -145,7 +159,7 @@ impl RegistryPoller {
                     }
                     let answer = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        a = Self::fetch(&client, &hc) => a,
+                        a = Self::fetch(&client, &hc, authorization.as_deref()) => a,
                     };
                     let answer = match answer {
                         Ok(view) => {

@@ -1,6 +1,7 @@
-//! `POST /control/weight`: an api cell (or a controller speaking for it) asks for a lower or
-//! restored share of traffic, in a signed envelope. Anything unsigned, forged, stale, replayed
-//! or malformed is refused and counted, and changes nothing.
+//! `POST /control/weight`: an api cell asks for a lower or restored share of traffic, in a
+//! signed envelope. Anything unsigned, forged, stale, replayed, misdirected or malformed is
+//! refused and counted, and changes nothing; so is a request about another cell than its
+//! sender (an api speaks only for itself: one cell cannot starve or flood a sibling).
 
 use axum::body::Bytes;
 use axum::extract::State;
@@ -43,6 +44,22 @@ pub(crate) async fn receive(
                 error: format!(
                     "a weight request names a cell and a weight within 0.0..=1.0; got cell {:?}, weight {}",
                     request.cell_id, request.weight
+                ),
+            }),
+        )
+            .into_response();
+    }
+    if request.cell_id != envelope.sender {
+        Counters::bump(&state.counters.control_rejected);
+        metrics::counter!("frontdoor_weight_requests_total", "outcome" => "not_own").increment(1);
+        tracing::warn!(sender = %envelope.sender, cell_id = %request.cell_id,
+            "weight request about another cell refused");
+        return (
+            StatusCode::FORBIDDEN,
+            Json(ErrorBody {
+                error: format!(
+                    "a weight request is accepted only from the api it concerns: {:?} asked for {:?}",
+                    envelope.sender, request.cell_id
                 ),
             }),
         )

@@ -139,7 +139,7 @@ impl Api {
         let router = Router::new()
             .route("/search", get(fake_search))
             .route("/crawl", any(fake_crawl))
-            .route("/stats/{*rest}", get(fake_stats))
+            .route("/stats", get(fake_stats))
             .with_state(state);
         Self {
             name,
@@ -301,8 +301,8 @@ async fn requests_spread_over_healthy_apis_and_answers_come_back_unchanged() {
         r#"{"seeds":["http://a.test/"]}"#
     );
 
-    // Any path under a proxied prefix, with whatever status the api chose.
-    let resp = fetch(&format!("{}/stats/hosts", door.base)).await;
+    // A public route, with whatever status the api chose.
+    let resp = fetch(&format!("{}/stats", door.base)).await;
     assert_eq!(resp.status(), StatusCode::IM_A_TEAPOT);
     assert_eq!(resp.headers()["content-type"], "text/x-stats");
     assert!(resp
@@ -311,9 +311,14 @@ async fn requests_spread_over_healthy_apis_and_answers_come_back_unchanged() {
         .expect("body")
         .starts_with("stats of api-"));
 
+    // Not public: 404 at the door, whatever is under a public prefix.
+    let stats_hits = a.hits() + b.hits();
+    for path in ["/internal/ingest", "/stats/hosts", "/search/x"] {
+        let resp = fetch(&format!("{}{path}", door.base)).await;
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{path}");
+    }
+    assert_eq!(a.hits() + b.hits(), stats_hits, "no api saw them");
     // The frontdoor's own routes.
-    let resp = fetch(&format!("{}/internal/ingest", door.base)).await;
-    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
     let resp = fetch(&format!("{}/readyz", door.base)).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(door.state.counters.retries(), 0);
@@ -591,6 +596,20 @@ async fn signed_weight_requests_move_traffic_and_forged_ones_change_nothing() {
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     assert_eq!(door.state.balancer.status("api-a").base_weight, 1.0);
 
+    // Signed by api-b, about api-a: an api speaks only for itself. 403, counted, no change.
+    let rejected = door.state.counters.control_rejected();
+    let sibling = Signer::new(key(), "api-b");
+    let resp = send_weight(&door.base, Some(&sibling), None, &zero_a).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let body: ErrorBody = resp.json().await.expect("json");
+    assert!(
+        body.error.contains("only from the api it concerns"),
+        "{}",
+        body.error
+    );
+    assert_eq!(door.state.counters.control_rejected(), rejected + 1);
+    assert_eq!(door.state.balancer.status("api-a").base_weight, 1.0);
+
     // Signed, weight 0: all traffic goes to b.
     let resp = send_weight(&door.base, Some(&insider), None, &zero_a).await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
@@ -721,4 +740,201 @@ async fn shutdown_finishes_requests_in_flight() {
         .send()
         .await;
     assert!(refused.is_err(), "no longer accepting");
+}
+
+/// Send `method target` to `base` over a raw socket, the request target exactly as written (an
+/// HTTP client would resolve the dot segments before sending). Returns the status and body.
+async fn raw_request(base: &str, method: &str, target: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.expect("read");
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}
+
+/// Every path trick aimed at an api's internal endpoints, sent to a front door whose api
+/// answers anything it receives: each is refused at the door (404 naming the path, or 400 for a
+/// target no HTTP server takes) and the api sees none of them. The public routes, however
+/// spelled, reach the api as their own literal path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_spelling_of_a_path_reaches_an_internal_endpoint() {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let server = FakeServer::start(Router::new().fallback(
+        move |method: axum::http::Method, uri: axum::http::Uri| {
+            let log = log.clone();
+            async move {
+                log.lock().expect("log").push(format!("{method} {uri}"));
+                (StatusCode::OK, "the api took it")
+            }
+        },
+    ));
+    let door = door(
+        vec![Backend::new("api-a", server.base.clone())],
+        test_config(),
+    )
+    .await;
+    let batch = r#"{"v":1,"results":[{"url":"http://a.test/","depth":0,"outcome":{"failed":{"reason":"x"}}}]}"#;
+    let attacks = [
+        "/internal/ingest",
+        "/crawl/../internal/ingest",
+        "/crawl/%2e%2e/internal/ingest",
+        "/crawl/%2E%2E/internal/ingest",
+        "/crawl/.%2e/internal/ingest",
+        "/crawl/%2e./internal/ingest",
+        "/crawl/..%2finternal/ingest",
+        "/crawl/..%2Finternal%2Fingest",
+        "/crawl/%2e%2e%2finternal%2fingest",
+        "/crawl/..%5cinternal%5cingest",
+        "/crawl/..\\internal\\ingest",
+        "/crawl\\..\\internal\\ingest",
+        "/crawl//../internal/ingest",
+        "//internal/ingest",
+        "///internal//ingest",
+        "/crawl/./../internal/./ingest",
+        "/crawl/x/../../internal/ingest",
+        "/search/../../../internal/ingest",
+        "/crawl/%252e%252e/internal/ingest",
+        "/crawl/%00/../../internal/ingest",
+        "/crawl/%c0%ae%c0%ae/internal/ingest",
+        "/crawl;/../internal/ingest",
+        "/%69nternal/ingest",
+        "/internal/ingest/",
+        "/internal/ingest?x=/crawl",
+        "/crawl/../control/weight",
+        "/crawl/../control/heartbeat",
+        "/crawl/../control/replace",
+        "/stats/../metrics",
+        "/crawl/../cells",
+        "http://evil.test/internal/ingest",
+    ];
+    for target in attacks {
+        let (status, body) = raw_request(&door.base, "POST", target, batch).await;
+        assert!(status == 404 || status == 400, "{target}: {status} {body}");
+        if status == 404 {
+            let error: ErrorBody = serde_json::from_str(&body).expect("a JSON error");
+            assert!(
+                error.error.contains("no route for"),
+                "{target}: {}",
+                error.error
+            );
+        }
+    }
+    assert_eq!(
+        *seen.lock().expect("log"),
+        Vec::<String>::new(),
+        "no attack reached the api"
+    );
+
+    // The public routes, however spelled, go through as their own literal path.
+    for (method, target, forwarded) in [
+        ("POST", "/crawl", "POST /crawl"),
+        ("POST", "/x/../crawl", "POST /crawl"),
+        ("POST", "/internal/../crawl/", "POST /crawl"),
+        ("POST", "/%63rawl", "POST /crawl"),
+        ("GET", "//search?q=a/../b", "GET /search?q=a/../b"),
+        ("GET", "/stats/.", "GET /stats"),
+        // A fragment is no part of the path: the server drops it.
+        ("POST", "/crawl#/../../internal/ingest", "POST /crawl"),
+    ] {
+        let (status, body) = raw_request(&door.base, method, target, "{}").await;
+        assert_eq!(status, 200, "{target}: {body}");
+        let last = seen.lock().expect("log").pop();
+        assert_eq!(last.as_deref(), Some(forwarded), "{target}");
+    }
+    // A public route with another method: 405 at the door, naming what is served.
+    let (status, body) = raw_request(&door.base, "DELETE", "/crawl", "").await;
+    assert_eq!(status, 405, "{body}");
+    assert!(seen.lock().expect("log").is_empty());
+    door.stop().await;
+}
+
+/// `POST /crawl` is retried on another api only under an Idempotency-Key: the client's, or
+/// one the front door adds, the same on every attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crawl_is_retried_under_one_idempotency_key() {
+    let keys: Arc<Mutex<Vec<(String, String)>>> = Arc::new(Mutex::new(Vec::new()));
+    let fake = |name: &'static str, status: StatusCode| {
+        let keys = keys.clone();
+        FakeServer::start(Router::new().route(
+            "/crawl",
+            any(move |headers: HeaderMap| {
+                let keys = keys.clone();
+                async move {
+                    let key = headers
+                        .get("idempotency-key")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("none")
+                        .to_string();
+                    keys.lock().expect("keys").push((name.to_string(), key));
+                    (status, Json(serde_json::json!({ "by": name })))
+                }
+            }),
+        ))
+    };
+    let failing = fake("api-a", StatusCode::SERVICE_UNAVAILABLE);
+    let good = fake("api-b", StatusCode::ACCEPTED);
+    let cfg = FrontdoorConfig {
+        // One failure must not eject: every request tries api-a first or second.
+        eject_after_failures: 100,
+        ..test_config()
+    };
+    let door = door(
+        vec![
+            Backend::new("api-a", failing.base.clone()),
+            Backend::new("api-b", good.base.clone()),
+        ],
+        cfg,
+    )
+    .await;
+    for client_key in [None, Some("client-key-1")] {
+        for _ in 0..8 {
+            keys.lock().expect("keys").clear();
+            let mut post = client()
+                .post(format!("{}/crawl", door.base))
+                .header("content-type", "application/json")
+                .body(r#"{"seeds":["http://a.test/"]}"#);
+            if let Some(k) = client_key {
+                post = post.header("idempotency-key", k);
+            }
+            let resp = post.send().await.expect("answers");
+            assert_eq!(
+                resp.status(),
+                StatusCode::ACCEPTED,
+                "api-b answers in the end"
+            );
+            let seen = keys.lock().expect("keys").clone();
+            let distinct: std::collections::BTreeSet<&str> =
+                seen.iter().map(|(_, k)| k.as_str()).collect();
+            assert_eq!(distinct.len(), 1, "one key on every attempt: {seen:?}");
+            let key = *distinct.first().expect("a key");
+            match client_key {
+                Some(k) => assert_eq!(key, k),
+                None => assert!(key.starts_with("frontdoor-"), "{key}"),
+            }
+        }
+    }
+    assert!(
+        door.state.counters.retries() > 0,
+        "api-a was tried and failed over"
+    );
+    door.stop().await;
 }

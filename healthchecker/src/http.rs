@@ -1,5 +1,9 @@
 //! The healthchecker's HTTP surface: `POST /control/heartbeat` (signed), `GET /cells`,
 //! `GET /events` (Server-Sent Events), plus the vitals every cell serves.
+//!
+//! `/cells` and `/events` show the organism's topology (addresses, pids, lineage): in cluster
+//! mode ([`control::Verifier::guard_reads`]) they answer only a reader presenting the read token
+//! (`Authorization: Bearer`, derived from the cluster key); on loopback they are open.
 
 use axum::body::Bytes;
 use axum::extract::{Query, State};
@@ -24,6 +28,14 @@ pub fn app(state: HealthcheckerState) -> Router {
         .route("/events", get(events))
         .with_state(state)
         .merge(vitals::router("healthchecker", ready))
+}
+
+impl HealthcheckerState {
+    /// The verifier of this checker's control messages: where the cell tells it the addresses
+    /// it answers to and whether reads take the read token.
+    pub fn verifier(&self) -> &control::Verifier {
+        &self.0.verifier
+    }
 }
 
 /// 204 when the heartbeat was taken or was a harmless repeat; 200 with a directive when the cell
@@ -72,8 +84,11 @@ async fn heartbeat(
     }
 }
 
-async fn cells(State(state): State<HealthcheckerState>) -> Json<CellsResponse> {
-    Json(state.cells())
+async fn cells(State(state): State<HealthcheckerState>, headers: HeaderMap) -> Response {
+    if let Err(rejection) = state.0.verifier.check_read(&headers) {
+        return rejection.into_response();
+    }
+    Json(state.cells()).into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,7 +104,10 @@ async fn events(
     State(state): State<HealthcheckerState>,
     Query(q): Query<EventsQuery>,
     headers: HeaderMap,
-) -> impl IntoResponse {
+) -> Response {
+    if let Err(rejection) = state.0.verifier.check_read(&headers) {
+        return rejection.into_response();
+    }
     let resume = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -103,7 +121,9 @@ async fn events(
         Some(n) => n,
         None => latest,
     };
-    Sse::new(log.stream(after, state.0.streams.clone())).keep_alive(KeepAlive::default())
+    Sse::new(log.stream(after, state.0.streams.clone()))
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 #[cfg(test)]
@@ -234,6 +254,50 @@ mod tests {
             )
             .await
             .expect("answer");
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn topology_takes_the_read_token_in_cluster_mode_only() {
+        let key = ClusterKey::generate();
+        let state = HealthcheckerState::new(HealthcheckerConfig::default(), key.clone(), "hc");
+        let app = app(state.clone());
+        let get = |path: &str, auth: Option<String>| {
+            let mut req = Request::get(path);
+            if let Some(auth) = auth {
+                req = req.header(http::header::AUTHORIZATION, auth);
+            }
+            req.body(Body::empty()).expect("request")
+        };
+        for path in ["/cells", "/events"] {
+            // Embedded mode: open.
+            let resp = app.clone().oneshot(get(path, None)).await.expect("answer");
+            assert_eq!(resp.status(), StatusCode::OK, "{path} open on loopback");
+        }
+        state.verifier().guard_reads(true);
+        for path in ["/cells", "/events"] {
+            let resp = app.clone().oneshot(get(path, None)).await.expect("answer");
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{path} anonymous");
+            let wrong = ClusterKey::generate().read_authorization();
+            let resp = app
+                .clone()
+                .oneshot(get(path, Some(wrong)))
+                .await
+                .expect("answer");
+            assert_eq!(
+                resp.status(),
+                StatusCode::UNAUTHORIZED,
+                "{path} wrong token"
+            );
+            let resp = app
+                .clone()
+                .oneshot(get(path, Some(key.read_authorization())))
+                .await
+                .expect("answer");
+            assert_eq!(resp.status(), StatusCode::OK, "{path} with the token");
+        }
+        // Vitals stay open: a supervisor probes them without the key.
+        let resp = app.oneshot(get("/healthz", None)).await.expect("answer");
         assert_eq!(resp.status(), StatusCode::OK);
     }
 

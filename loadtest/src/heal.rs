@@ -299,6 +299,8 @@ impl Bench<'_> {
     async fn run(&self, up: &mut Up) -> anyhow::Result<()> {
         let http = reqwest::Client::builder()
             .no_proxy()
+            // In cluster mode `/cells` and `/events` take the read token.
+            .default_headers(control::read_headers_from_env())
             .timeout(Duration::from_secs(2))
             .build()
             .context("building the HTTP client")?;
@@ -744,6 +746,8 @@ impl Killer<'_> {
 async fn watch_events(source: usize, url: String, watch: Arc<Watch>, stop: CancellationToken) {
     let client = match reqwest::Client::builder()
         .no_proxy()
+        // In cluster mode `/cells` and `/events` take the read token.
+        .default_headers(control::read_headers_from_env())
         .connect_timeout(Duration::from_secs(1))
         .build()
     {
@@ -968,6 +972,8 @@ impl Up {
 async fn registry_pids(hcs: &[String]) -> Vec<u32> {
     let Ok(client) = reqwest::Client::builder()
         .no_proxy()
+        // In cluster mode `/cells` and `/events` take the read token.
+        .default_headers(control::read_headers_from_env())
         .timeout(Duration::from_secs(1))
         .build()
     else {

@@ -94,6 +94,11 @@ pub struct IngestBatch {
     pub results: Vec<CrawlResult>,
 }
 
+impl IngestBatch {
+    /// The control envelope kind an ingest batch travels in (signed with the cluster key).
+    pub const KIND: &'static str = "ingest";
+}
+
 /// API -> crawler: the batch was stored; the crawler may now acknowledge the jobs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct IngestReply {

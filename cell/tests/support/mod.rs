@@ -92,6 +92,26 @@ total_timeout_ms = 5000
     )
 }
 
+/// The cluster key the test organisms run with (given to `cell up` in its environment), so the
+/// tests can sign as a cell would and read the registry with the read token in cluster mode.
+pub fn test_key() -> control::ClusterKey {
+    control::ClusterKey::new(b"homeostat cell tests' cluster key".to_vec())
+}
+
+/// A client that presents the organism's read token.
+pub fn reading_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&test_key().read_authorization())
+            .expect("hex is a header value"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client")
+}
+
 impl Organism {
     /// `cell up --infra FILE` and wait for its cells.
     pub async fn up(infra: &str, dir: tempfile::TempDir) -> Organism {
@@ -116,6 +136,8 @@ impl Organism {
             .arg("--grace-secs")
             .arg("5")
             .env("HOMEOSTAT_LOG", "warn")
+            .env(control::KEY_ENV, test_key().to_hex())
+            .env_remove(control::KEY_FILE_ENV)
             // The test's infra file names the engines; the environment must not redirect them.
             .env_remove("DATABASE_URL")
             .env_remove("AMQP_URL")
@@ -154,7 +176,7 @@ impl Organism {
             api: frontdoors[0].clone(),
             frontdoors,
             healthcheckers,
-            client: reqwest::Client::new(),
+            client: reading_client(),
         }
     }
 

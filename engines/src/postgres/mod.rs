@@ -10,6 +10,7 @@
 
 mod factory_ledger;
 mod politeness;
+mod idempotency;
 mod store;
 
 use std::time::Duration;

@@ -36,7 +36,7 @@ fn headline_options() -> String {
 const CONFLICT_RETRIES: u32 = 8;
 
 pub struct PgStore {
-    pool: PgPool,
+    pub(super) pool: PgPool,
 }
 
 impl PgStore {

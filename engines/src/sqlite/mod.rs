@@ -4,6 +4,7 @@
 
 mod factory_ledger;
 mod politeness;
+mod idempotency;
 mod queue;
 mod store;
 

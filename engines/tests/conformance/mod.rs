@@ -2,6 +2,9 @@
 //! store and queue. Every function starts from an empty store/queue.
 #![allow(dead_code)] // each backend's test binary uses the whole suite, but rustc checks per file
 
+mod idempotency;
+pub use idempotency::{idempotency_keys, idempotency_one_holder};
+
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;

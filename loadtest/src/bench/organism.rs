@@ -148,6 +148,8 @@ impl Organism {
             seen: BTreeMap::new(),
             client: reqwest::Client::builder()
                 .no_proxy()
+                // In cluster mode `/cells` takes the read token.
+                .default_headers(control::read_headers_from_env())
                 .timeout(Duration::from_secs(2))
                 .build()
                 .context("building the HTTP client")?,
