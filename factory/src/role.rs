@@ -15,10 +15,11 @@
 //! role and its maximum, an answer (200), not an error.
 //!
 //! Before it replaces a dead cell (`replace:` keys, `parent` names the dead cell) that is a
-//! process on this machine, a factory SIGKILLs that process (fencing by power-off, as a pool
-//! provider powers a machine off before replacing it): a frozen cell cannot come back, and a
-//! fixed-address replacement can take its predecessor's address. The process is found by the
-//! cell id on its command line, so a reused pid is never killed.
+//! process on this machine, a factory SIGKILLs that process if it is stopped or holds a fixed
+//! address (fencing by power-off, as a pool provider powers a machine off before replacing it):
+//! a frozen cell cannot come back, and a fixed-address replacement can take its predecessor's
+//! address. A running cell that merely missed heartbeats is left to retire itself. The process
+//! is found by the cell id on its command line, so a reused pid is never killed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -286,8 +287,27 @@ impl FactoryState {
     /// SIGKILL the processes on this machine that run cell `dead`, and wait until they are gone.
     /// Found by `--cell-id DEAD` on their command line (this factory's children and any other),
     /// so a pid the kernel gave to another process since is never killed.
-    pub async fn fence(&self, dead: &str) -> usize {
-        let pids = processes_of_cell(dead);
+    ///
+    /// Only a process that cannot fence itself is powered off: one that is stopped (frozen), or
+    /// one of a role with fixed addresses (its replacement needs the address). A running process
+    /// that merely missed its heartbeats (a busy or draining cell) is left to learn from the
+    /// registry that it was replaced and retire; killing it would cut its in-flight requests.
+    pub async fn fence(&self, dead: &str, role: &str) -> usize {
+        let fixed = self.fixed.contains_key(role);
+        let pids: Vec<u32> = processes_of_cell(dead)
+            .into_iter()
+            .filter(|pid| {
+                let stopped = stopped(*pid);
+                if !stopped && !fixed {
+                    tracing::info!(
+                        cell_id = dead,
+                        pid,
+                        "not fencing a running cell: it retires itself"
+                    );
+                }
+                stopped || fixed
+            })
+            .collect();
         for pid in &pids {
             tracing::warn!(
                 cell_id = dead,
@@ -314,7 +334,7 @@ impl FactoryState {
     async fn start(self: &Arc<Self>, cell_id: &str, req: &ReplaceRequest) -> anyhow::Result<()> {
         // Power the dead cell off first: then its fixed address (if any) is free.
         if let (Some(dead), true) = (&req.parent, is_replacement(req)) {
-            self.fence(dead).await;
+            self.fence(dead, &req.role).await;
         }
         let listen = self.free_address(&req.role).await;
         let mut args = vec![
@@ -450,6 +470,17 @@ fn processes_of_cell(cell_id: &str) -> Vec<u32> {
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| *pid != me && runs_cell(*pid, cell_id))
         .collect()
+}
+
+/// Whether process `pid` is stopped (SIGSTOP, or traced): it cannot act, not even to retire.
+fn stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            rest.split_whitespace().next().map(|s| s == "T" || s == "t")
+        })
+        .unwrap_or(false)
 }
 
 /// Whether process `pid` runs cell `cell_id` (of this factory's organism, when it has a lease:
