@@ -17,8 +17,8 @@ use protocol::{CrawlJob, Stats};
 pub mod factory_ledger;
 pub use politeness::HostLedger;
 
-pub mod politeness;
 pub mod idempotency;
+pub mod politeness;
 pub mod postgres;
 pub mod rabbitmq;
 mod snippet;

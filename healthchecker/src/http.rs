@@ -12,7 +12,7 @@ use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use protocol::control::{CellsResponse, Directive, Heartbeat, HeartbeatReply};
+use protocol::control::{Directive, Heartbeat, HeartbeatReply};
 use protocol::ErrorBody;
 use serde::Deserialize;
 
@@ -134,6 +134,7 @@ mod tests {
     use control::{ClusterKey, Signer, SIGNATURE_HEADER};
     use http::Request;
     use protocol::control::CellState;
+    use protocol::control::CellsResponse;
     use std::collections::BTreeMap;
     use tower::ServiceExt;
 

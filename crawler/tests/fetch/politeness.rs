@@ -241,11 +241,16 @@ async fn ledger_api(key: &control::ClusterKey) -> (tempfile::TempDir, String) {
     )
     .await
     .expect("queue");
-    let mut state = api::AppState::new(api::ApiConfig::default(), Arc::new(store), Arc::new(queue));
-    state.permits_verifier = Some(Arc::new(control::Verifier::new(
-        key.clone(),
-        Duration::from_secs(30),
-    )));
+    let store = Arc::new(store);
+    let verifier = Arc::new(control::Verifier::new(key.clone(), Duration::from_secs(30)));
+    let mut state = api::AppState::new(
+        api::ApiConfig::default(),
+        store.clone(),
+        store,
+        Arc::new(queue),
+        verifier.clone(),
+    );
+    state.permits_verifier = Some(verifier);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind api");

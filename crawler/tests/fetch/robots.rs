@@ -251,7 +251,7 @@ async fn hostile_robots_files_still_give_a_decision() {
         let decided = match &attempt {
             CrawlAttempt::Done(Outcome::Page(_)) => true,
             CrawlAttempt::Done(Outcome::Failed { reason }) => reason == "robots.txt disallows",
-            CrawlAttempt::Retry { .. } => false,
+            CrawlAttempt::Retry { .. } | CrawlAttempt::Defer { .. } => false,
         };
         assert!(decided, "{host}: {attempt:?}");
     }

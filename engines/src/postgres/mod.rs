@@ -9,8 +9,8 @@
 //! trips whatever the number of links.
 
 mod factory_ledger;
-mod politeness;
 mod idempotency;
+mod politeness;
 mod store;
 
 use std::time::Duration;

@@ -3,8 +3,8 @@
 //! writers do not take the same lock. WAL mode lets the cells of one machine share the files.
 
 mod factory_ledger;
-mod politeness;
 mod idempotency;
+mod politeness;
 mod queue;
 mod store;
 
