@@ -29,10 +29,12 @@ const CONCURRENCY: usize = 2;
 /// and the concurrency limit is what holds them back.
 const PAGE_LATENCY: Duration = Duration::from_millis(350);
 
+/// One request the host saw: path, start, end.
+type Request = (String, Instant, Option<Instant>);
+
 #[derive(Clone, Default)]
 struct HostLog {
-    /// (path, start, end) of every request.
-    requests: Arc<Mutex<Vec<(String, Instant, Option<Instant>)>>>,
+    requests: Arc<Mutex<Vec<Request>>>,
 }
 
 impl HostLog {
