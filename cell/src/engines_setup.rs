@@ -4,24 +4,32 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use engines::idempotency::IdempotencyStore;
 use engines::sqlite::{SqliteQueue, SqliteStore};
 use engines::{JobQueue, Store};
 use infra::{Config, EngineUrl};
 
-pub async fn open_store(cfg: &Config) -> anyhow::Result<Arc<dyn Store>> {
+/// The store, and the same database as the keeper of `POST /crawl`'s idempotency keys.
+pub async fn open_store_and_keys(
+    cfg: &Config,
+) -> anyhow::Result<(Arc<dyn Store>, Arc<dyn IdempotencyStore>)> {
     match cfg.database() {
         EngineUrl::Sqlite(path) => {
             let path = path.to_string_lossy().to_string();
-            let store = SqliteStore::open(&path)
-                .await
-                .with_context(|| format!("opening the store at {path}"))?;
-            Ok(Arc::new(store))
+            let store = Arc::new(
+                SqliteStore::open(&path)
+                    .await
+                    .with_context(|| format!("opening the store at {path}"))?,
+            );
+            Ok((store.clone(), store))
         }
         EngineUrl::Postgres(url) => {
-            let store = engines::postgres::PgStore::connect(&url)
-                .await
-                .with_context(|| format!("connecting to PostgreSQL at {}", redact(&url)))?;
-            Ok(Arc::new(store))
+            let store = Arc::new(
+                engines::postgres::PgStore::connect(&url)
+                    .await
+                    .with_context(|| format!("connecting to PostgreSQL at {}", redact(&url)))?,
+            );
+            Ok((store.clone(), store))
         }
         other => anyhow::bail!("engines.database {other:?} is not a store engine"),
     }

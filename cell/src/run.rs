@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use vitals::ReadyLine;
 
-use crate::engines_setup::{open_queue, open_store};
+use crate::engines_setup::{open_queue, open_store_and_keys};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -299,35 +299,6 @@ async fn run_api(
     .await;
     life.retire().await;
     result
-}
-
-/// The store, and the same database as the keeper of `POST /crawl`'s idempotency keys.
-async fn open_store_and_keys(
-    cfg: &infra::Config,
-) -> anyhow::Result<(
-    Arc<dyn engines::Store>,
-    Arc<dyn engines::idempotency::IdempotencyStore>,
-)> {
-    match cfg.database() {
-        infra::EngineUrl::Sqlite(path) => {
-            let path = path.to_string_lossy().to_string();
-            let store = Arc::new(
-                engines::sqlite::SqliteStore::open(&path)
-                    .await
-                    .with_context(|| format!("opening the store at {path}"))?,
-            );
-            Ok((store.clone(), store))
-        }
-        infra::EngineUrl::Postgres(url) => {
-            let store = Arc::new(
-                engines::postgres::PgStore::connect(&url)
-                    .await
-                    .context("connecting to the PostgreSQL store (engines.database)")?,
-            );
-            Ok((store.clone(), store))
-        }
-        other => anyhow::bail!("engines.database {other:?} is not a store engine"),
-    }
 }
 
 /// How long a draining cell keeps serving so that front doors notice it is draining.

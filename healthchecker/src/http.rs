@@ -12,7 +12,7 @@ use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use protocol::control::{CellsResponse, Heartbeat};
+use protocol::control::Heartbeat;
 use protocol::ErrorBody;
 use serde::Deserialize;
 
@@ -127,7 +127,7 @@ mod tests {
     use axum::body::Body;
     use control::{ClusterKey, Signer, SIGNATURE_HEADER};
     use http::Request;
-    use protocol::control::CellState;
+    use protocol::control::{CellState, CellsResponse};
     use std::collections::BTreeMap;
     use tower::ServiceExt;
 
