@@ -10,7 +10,7 @@ use engines::sqlite::{SqliteQueue, SqliteStore};
 use engines::{JobQueue, Store};
 use infra::{Config, EngineUrl};
 
-/// The store, and the same store as the keeper of `Idempotency-Key`s.
+/// The store, and the same database as the keeper of `POST /crawl`'s idempotency keys.
 pub async fn open_store_and_keys(
     cfg: &Config,
 ) -> anyhow::Result<(Arc<dyn Store>, Arc<dyn IdempotencyStore>)> {

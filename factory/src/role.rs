@@ -118,8 +118,10 @@ impl FactoryState {
             cell_args,
             ready: vitals::Readiness::default(),
             organism,
+            // In cluster mode `/cells` answers only holders of the read token.
             registry_client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(1))
+                .default_headers(control::read_headers_from_env())
                 .build()
                 .expect("a plain HTTP client always builds"),
             children: Mutex::new(HashMap::new()),

@@ -133,8 +133,7 @@ mod tests {
     use axum::body::Body;
     use control::{ClusterKey, Signer, SIGNATURE_HEADER};
     use http::Request;
-    use protocol::control::CellState;
-    use protocol::control::CellsResponse;
+    use protocol::control::{CellState, CellsResponse};
     use std::collections::BTreeMap;
     use tower::ServiceExt;
 
