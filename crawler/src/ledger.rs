@@ -325,7 +325,7 @@ async fn send(
     let first = next_api.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     for i in 0..apis.len() {
         let api = &apis[(first + i) % apis.len()];
-        let sealed = client.signer().seal(PERMITS_KIND, request);
+        let sealed = client.signer().seal_to(PERMITS_KIND, api, request);
         let url = format!("{}{PERMITS_PATH}", api.trim_end_matches('/'));
         let sent = http
             .post(&url)
