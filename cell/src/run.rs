@@ -303,10 +303,13 @@ async fn run_api(
     let addr = listener.local_addr()?;
     let advertise = format!("http://{addr}");
     verifier.answer_to([&advertise]);
-    let mut state = api::AppState::new(cfg.raw.api.clone(), store, keys, queue, verifier.clone());
+    let mut state = api::AppState::new(cfg.raw.api.clone(), store, keys, queue, verifier);
     let life = start_life(args, "api", addr)?;
-    // Crawlers' permit requests are signed with the cluster key, like their results.
-    state.permits_verifier = Some(verifier);
+    // Crawlers' permit requests are signed with the cluster key, like their results, but by
+    // another signer of the same cell (its own sequence numbers): a verifier of their own.
+    let permits = control::Verifier::new(control::ClusterKey::from_env()?, Duration::from_secs(30));
+    permits.answer_to([&advertise]);
+    state.permits_verifier = Some(Arc::new(permits));
     let load = state.load.clone();
     let api_cfg = cfg.raw.api.clone();
     let pressure = life.report_pressure(args, shutdown.clone(), move || load.signals(&api_cfg));
