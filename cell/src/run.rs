@@ -169,8 +169,10 @@ fn start_life(args: &RunArgs, role: &str, addr: std::net::SocketAddr) -> anyhow:
 
 /// On a stop signal, or when a health checker asks this cell to retire: say "draining" first,
 /// give the front doors time to route elsewhere, then tell the role to drain. When a health
-/// checker says the cell was buried (fenced), it stops at once: it was replaced, and must never
-/// serve or acknowledge work again.
+/// checker says the cell was buried (fenced), the role stops taking work at once, with no notice
+/// (it was replaced; nothing routes to it any more): what it is doing finishes within the grace
+/// period, so no client request is cut, and a crawler acknowledges nothing (its queue asks the
+/// cell's standing), so jobs that moved to another crawler are not touched.
 fn drain_after_notice(
     life: &Life,
     signal: CancellationToken,
@@ -182,36 +184,35 @@ fn drain_after_notice(
     let has_beats = life.beats.is_some();
     let standing = life.standing.clone();
     tokio::spawn(async move {
-        tokio::select! {
-            _ = signal.cancelled() => {}
+        let fenced_now = tokio::select! {
+            _ = signal.cancelled() => false,
             _ = standing.retire_requested().cancelled() => {
                 tracing::info!(reason = ?standing.reason(), "retiring on a health checker's request");
+                false
             }
-            _ = standing.fenced().cancelled() => {
-                tracing::error!(
-                    reason = ?standing.reason(),
-                    "fenced: the registry declared this cell dead and replaced it; exiting now"
-                );
-                std::process::exit(FENCED_EXIT);
-            }
-        }
-        let fenced = standing.fenced().clone();
-        tokio::spawn(async move {
-            fenced.cancelled().await;
-            tracing::error!("fenced while draining; exiting now");
-            std::process::exit(FENCED_EXIT);
-        });
+            _ = standing.fenced().cancelled() => true,
+        };
         vital.send_modify(|v| v.state = protocol::control::CellState::Draining);
+        if fenced_now {
+            tracing::error!(
+                reason = ?standing.reason(),
+                "fenced: the registry declared this cell dead and replaced it; stopping now"
+            );
+            stop.cancel();
+            return;
+        }
         if has_beats {
-            tokio::time::sleep(notice).await;
+            tokio::select! {
+                _ = tokio::time::sleep(notice) => {}
+                _ = standing.fenced().cancelled() => {
+                    tracing::error!(reason = ?standing.reason(), "fenced while draining; stopping now");
+                }
+            }
         }
         stop.cancel();
     });
     role_stop
 }
-
-/// The exit status of a cell that learnt it was buried (EX_TEMPFAIL: it was replaced).
-pub const FENCED_EXIT: i32 = 75;
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let cfg = crate::load_config(args.infra.as_ref())?;

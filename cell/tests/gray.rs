@@ -292,13 +292,9 @@ async fn a_surplus_cell_is_retired_youngest_first() {
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let key = control::ClusterKey::generate();
-    let org = Organism::up_with_env(
-        &infra_toml(dir.path(), &web, 200.0, EXTRA),
-        dir,
-        &[(control::KEY_ENV, key.to_hex())],
-    )
-    .await;
+    // The test organisms run with the support's cluster key: the test signs with it too.
+    let key = support::test_key();
+    let org = Organism::up(&infra_toml(dir.path(), &web, 200.0, EXTRA), dir).await;
     let deaths = Arc::new(Mutex::new(Vec::new()));
     let watching = CancellationToken::new();
     for hc in &org.healthcheckers {

@@ -115,27 +115,18 @@ pub fn reading_client() -> reqwest::Client {
 impl Organism {
     /// `cell up --infra FILE` and wait for its cells.
     pub async fn up(infra: &str, dir: tempfile::TempDir) -> Organism {
-        Self::up_with_env(infra, dir, &[]).await
-    }
-
-    /// The same, with extra environment for `cell up` (e.g. the cluster key, so the test can
-    /// sign control messages).
-    pub async fn up_with_env(
-        infra: &str,
-        dir: tempfile::TempDir,
-        env: &[(&str, String)],
-    ) -> Organism {
         let path = dir.path().join("organism.toml");
         std::fs::write(&path, infra).expect("write infra");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cell"));
-        child.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
-        let mut child = child
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cell"))
             .arg("up")
             .arg("--infra")
             .arg(&path)
             .arg("--grace-secs")
             .arg("5")
-            .env("HOMEOSTAT_LOG", "warn")
+            .env(
+                "HOMEOSTAT_LOG",
+                std::env::var("HOMEOSTAT_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env(control::KEY_ENV, test_key().to_hex())
             .env_remove(control::KEY_FILE_ENV)
             // The test's infra file names the engines; the environment must not redirect them.
