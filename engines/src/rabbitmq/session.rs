@@ -258,6 +258,21 @@ impl Session {
             "x-dead-letter-routing-key".into(),
             AMQPValue::LongString(queue.into()),
         );
+        // A quorum queue with at-least-once dead-lettering: a classic queue dead-letters at most
+        // once, so a copy whose wait ended while the job queue had no leader yet (just after a
+        // broker restart) was dropped, and its URL stayed in flight for good.
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert(
+            "x-dead-letter-strategy".into(),
+            AMQPValue::LongString("at-least-once".into()),
+        );
+        args.insert(
+            "x-overflow".into(),
+            AMQPValue::LongString("reject-publish".into()),
+        );
         // A refused declare closes its channel: use a throwaway one.
         let channel = self.conn.create_channel().await?;
         let durable = QueueDeclareOptions {
