@@ -334,11 +334,17 @@ impl FactoryState {
     }
 
     async fn start(self: &Arc<Self>, cell_id: &str, req: &ReplaceRequest) -> anyhow::Result<()> {
-        // Power the dead cell off first: then its fixed address (if any) is free.
+        // Power the dead cell off first: then its fixed address (if any) is free, and the
+        // replacement takes that same address (clients know the front doors by address).
+        let mut predecessor = None;
         if let (Some(dead), true) = (&req.parent, is_replacement(req)) {
+            predecessor = self.fixed_address_of(dead, &req.role).await;
             self.fence(dead, &req.role).await;
         }
-        let listen = self.free_address(&req.role).await;
+        let listen = match predecessor {
+            Some(addr) if address_frees(&addr).await => addr,
+            _ => self.free_address(&req.role).await,
+        };
         let mut args = vec![
             "--listen".to_string(),
             listen.clone(),
@@ -376,6 +382,27 @@ impl FactoryState {
         });
         self.alive.lock().await.insert(cell_id.to_string(), reaper);
         Ok(())
+    }
+
+    /// The fixed address a (dead) cell of `role` listened on: from this factory's own record,
+    /// or from the command line of its process on this machine.
+    async fn fixed_address_of(&self, dead: &str, role: &str) -> Option<String> {
+        let fixed = self.fixed.get(role)?;
+        let ours = self
+            .children
+            .lock()
+            .await
+            .get(dead)
+            .map(|c| c.listen.clone());
+        let listen = ours.or_else(|| {
+            processes_of_cell(dead).into_iter().find_map(|pid| {
+                cmdline(pid)
+                    .windows(2)
+                    .find(|w| w[0] == "--listen")
+                    .map(|w| w[1].clone())
+            })
+        })?;
+        fixed.contains(&listen).then_some(listen)
     }
 
     async fn free_address(&self, role: &str) -> String {
@@ -561,4 +588,19 @@ pub async fn run(
         let _ = kill(Pid::from_raw(c.pid as i32), Signal::SIGKILL);
     }
     Ok(())
+}
+
+/// Whether `addr` can be bound within a second (the killed predecessor's socket is released as
+/// the kernel reaps it).
+async fn address_frees(addr: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
