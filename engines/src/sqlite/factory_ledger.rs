@@ -1,7 +1,5 @@
 //! The factories' ledger in the store's SQLite database (see [`crate::factory_ledger`]).
 
-use std::time::Duration;
-
 use async_trait::async_trait;
 use sqlx::sqlite::SqlitePool;
 use sqlx::Row;
@@ -10,10 +8,8 @@ use super::open_pool;
 use crate::factory_ledger::{Claim, ClaimOutcome, FactoryLedger};
 use crate::Result;
 
-/// The store's migrations: the ledger's table lives in the store's database, so the factories of
-/// one machine share it with each other (and the store's file) through WAL.
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite_store");
-
+/// The ledger's table lives in the store's database (its migrations are the store's), so the
+/// factories of one machine share it with each other through WAL.
 pub struct SqliteFactoryLedger {
     pool: SqlitePool,
 }
@@ -23,19 +19,7 @@ impl SqliteFactoryLedger {
     /// to date.
     pub async fn open(url_or_path: &str) -> Result<Self> {
         let pool = open_pool(url_or_path, 2).await?;
-        // The api cells may migrate the same file at this moment; a lost race is retried.
-        let mut attempt = 0;
-        loop {
-            match MIGRATOR.run(&pool).await {
-                Ok(()) => break,
-                Err(e) if attempt < 5 => {
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, "ledger migration failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        super::store::migrate(&pool).await?;
         Ok(Self { pool })
     }
 }

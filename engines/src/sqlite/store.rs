@@ -21,23 +21,28 @@ pub struct SqliteStore {
     pub(super) pool: SqlitePool,
 }
 
+/// Bring the store's schema up to date. Several cells (apis, factories) may open the same file
+/// at once; a lost migration race is retried.
+pub(super) async fn migrate(pool: &SqlitePool) -> Result<()> {
+    let mut attempt = 0;
+    loop {
+        match MIGRATOR.run(pool).await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 5 => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "store migration failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 impl SqliteStore {
     /// Open or create the store at a path or `sqlite:` URL, and bring its schema up to date.
     pub async fn open(url_or_path: &str) -> Result<Self> {
         let pool = open_pool(url_or_path, 8).await?;
-        // Several API cells may open the same file at once; a lost migration race is retried.
-        let mut attempt = 0;
-        loop {
-            match MIGRATOR.run(&pool).await {
-                Ok(()) => break,
-                Err(e) if attempt < 5 => {
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, "store migration failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        migrate(&pool).await?;
         Ok(Self { pool })
     }
 
