@@ -10,4 +10,5 @@
 
 pub mod lease;
 pub mod local;
+pub mod power;
 pub mod role;
