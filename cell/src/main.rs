@@ -2,8 +2,10 @@
 //! a whole organism on this machine (`cell up`), one role (`cell run ROLE`), or a reporter
 //! (`cell status`). The roles themselves live in their library crates.
 
+mod boot;
 mod engines_setup;
 mod fence;
+mod pool_setup;
 mod registry;
 mod run;
 mod status;
@@ -31,6 +33,9 @@ enum Command {
     Up(up::UpArgs),
     /// Become one role in this process.
     Run(run::RunArgs),
+    /// A blank pool machine: join the organism with a one-time token, then become the role it
+    /// is given.
+    Boot(boot::BootArgs),
     /// Show the cells of the organism started by `cell up` and how they are.
     Status(status::StatusArgs),
 }
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up(args) => up::up(args).await,
             Command::Run(args) => run::run(args).await,
+            Command::Boot(args) => boot::boot(args).await,
             Command::Status(args) => status::status(args).await,
         }
     });

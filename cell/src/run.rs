@@ -521,7 +521,24 @@ async fn run_factory(
         maxima: cfg.maxima(),
         healthcheckers: args.healthcheckers.clone(),
     };
+    let pool_args: Vec<String> = cell_args
+        .chunks(2)
+        .filter(|pair| pair[0] != "--infra")
+        .flatten()
+        .cloned()
+        .collect();
+    let pool = crate::pool_setup::pool_factory(
+        cfg,
+        life.cell_id.clone(),
+        format!("http://{addr}"),
+        pool_args,
+        args.healthcheckers.clone(),
+    )
+    .await?;
     let state = factory::role::FactoryState::new(provider, verifier, fixed, cell_args, organism);
+    if let Some(pool) = pool {
+        let _ = state.pool.set(pool);
+    }
     announce("factory", addr);
     let stop = drain_after_notice(&life, shutdown, Duration::ZERO);
     let result = factory::role::run(state, listener, stop, grace).await;

@@ -19,6 +19,7 @@ pub use politeness::HostLedger;
 
 pub mod idempotency;
 pub mod politeness;
+pub mod pool;
 pub mod postgres;
 pub mod rabbitmq;
 mod snippet;

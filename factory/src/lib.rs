@@ -10,5 +10,6 @@
 
 pub mod lease;
 pub mod local;
+pub mod pool;
 pub mod power;
 pub mod role;

@@ -101,6 +101,9 @@ pub struct FactoryState {
     children: Mutex<HashMap<String, Started>>,
     alive: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     counter: AtomicU64,
+    /// The server pool, when the organism has one: cells of its roles come from pool machines
+    /// (admitted by the purse) instead of processes of this machine.
+    pub pool: std::sync::OnceLock<Arc<crate::pool::PoolFactory>>,
 }
 
 impl FactoryState {
@@ -127,6 +130,7 @@ impl FactoryState {
             children: Mutex::new(HashMap::new()),
             alive: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
+            pool: std::sync::OnceLock::new(),
         })
     }
 
@@ -179,6 +183,7 @@ impl FactoryState {
                     refused: Some(refusal),
                 })
             }
+            Ok(None) if self.pool_serves(&req.role) => self.from_pool(req).await,
             Ok(None) => self.start(&mine.cell_id, req).await.map(|()| FactoryReply {
                 reply: ReplaceReply {
                     request_key: req.request_key.clone(),
@@ -205,6 +210,46 @@ impl FactoryState {
             }
         }
         outcome
+    }
+
+    /// Whether cells of `role` come from the pool (roles with fixed addresses stay here).
+    fn pool_serves(&self, role: &str) -> bool {
+        self.pool
+            .get()
+            .is_some_and(|p| p.roles.iter().any(|r| r == role) && !self.fixed.contains_key(role))
+    }
+
+    /// Ask the pool for a machine: the purse admits or refuses at once; an admitted machine is
+    /// brought up in the background and its cell joins by itself.
+    async fn from_pool(&self, req: &ReplaceRequest) -> anyhow::Result<FactoryReply> {
+        let pool = self.pool.get().expect("checked by pool_serves");
+        let reply =
+            |started: bool, cell_id: Option<String>, refused: Option<String>| FactoryReply {
+                reply: ReplaceReply {
+                    request_key: req.request_key.clone(),
+                    started,
+                    cell_id,
+                },
+                refused,
+            };
+        Ok(
+            match pool
+                .request(&req.role, &req.request_key, req.parent.clone())
+                .await?
+            {
+                crate::pool::PoolAnswer::Admitted(server) => {
+                    tracing::info!(key = %req.request_key, role = %req.role, server, "pool machine admitted");
+                    reply(true, Some(format!("server:{server}")), None)
+                }
+                crate::pool::PoolAnswer::Already(server) => {
+                    reply(false, Some(format!("server:{server}")), None)
+                }
+                crate::pool::PoolAnswer::Refused(r) => {
+                    tracing::warn!(key = %req.request_key, reason = %r.reason, "the purse refused a machine");
+                    reply(false, None, Some(r.reason))
+                }
+            },
+        )
     }
 
     /// Why `req` would take its role above its maximum, or `None` when it would not. Counts the
@@ -445,6 +490,8 @@ pub fn app(state: Arc<FactoryState>) -> Router {
         .route("/control/replace", post(replace))
         .route("/control/stop", post(stop))
         .route("/children", get(children))
+        .route("/join", post(join))
+        .route("/pool", get(pool_status))
         .with_state(state)
         .merge(vitals)
 }
@@ -563,6 +610,61 @@ async fn children(State(state): State<Arc<FactoryState>>, headers: HeaderMap) ->
     Json(state.children().await).into_response()
 }
 
+/// A blank machine redeems its one-time token and learns its role, its parent's configuration
+/// and the cluster key. Not a control message: the token is the authentication.
+async fn join(State(state): State<Arc<FactoryState>>, body: Bytes) -> Response {
+    use axum::http::StatusCode;
+    let error = |status: StatusCode, error: String| {
+        (status, Json(protocol::ErrorBody { error })).into_response()
+    };
+    let Some(pool) = state.pool.get() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "this organism has no server pool".into(),
+        );
+    };
+    let req: crate::pool::JoinRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad join request: {e}")),
+    };
+    match pool.join(&req).await {
+        Ok(reply) => Json(reply).into_response(),
+        Err(e @ (crate::pool::JoinError::Token(_) | crate::pool::JoinError::Malformed)) => {
+            tracing::warn!(host = ?req.hostname, error = %e, "join refused");
+            error(StatusCode::UNAUTHORIZED, e.to_string())
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// The pool's servers and the purse: in cluster mode only for a reader with the read token.
+async fn pool_status(State(state): State<Arc<FactoryState>>, headers: HeaderMap) -> Response {
+    if let Err(rejection) = state.verifier.check_read(&headers) {
+        return rejection.into_response();
+    }
+    let Some(pool) = state.pool.get() else {
+        return (
+            axum::http::StatusCode::NOT_FOUND,
+            Json(protocol::ErrorBody {
+                error: "this organism has no server pool".into(),
+            }),
+        )
+            .into_response();
+    };
+    match (pool.ledger.servers().await, pool.spend().await) {
+        (Ok(servers), Ok(spend)) => {
+            Json(serde_json::json!({ "v": 1, "servers": servers, "spend": spend })).into_response()
+        }
+        (Err(e), _) | (_, Err(e)) => (
+            axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+            Json(protocol::ErrorBody {
+                error: format!("reading the pool: {e}"),
+            }),
+        )
+            .into_response(),
+    }
+}
+
 /// Serve until `shutdown`; then stop every cell this factory started.
 pub async fn run(
     state: Arc<FactoryState>,
@@ -586,6 +688,11 @@ pub async fn run(
     }
     for c in state.children().await {
         let _ = kill(Pid::from_raw(c.pid as i32), Signal::SIGKILL);
+    }
+    // No pool machine keeps spending after its organism: power them off (their spend closes
+    // when the provider confirms).
+    if let Some(pool) = state.pool.get() {
+        pool.power_off_all("the organism is stopping").await;
     }
     Ok(())
 }

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod pool;
+
 /// The embedded default organism (`infra/organism.toml`).
 pub const DEFAULT_ORGANISM: &str = include_str!("../organism.toml");
 pub const DEFAULT_NAME: &str = "<embedded infra/organism.toml>";
@@ -31,6 +33,49 @@ pub struct RawConfig {
     pub healthchecker: healthchecker::HealthcheckerConfig,
     pub frontdoor: frontdoor::FrontdoorConfig,
     pub demo: Demo,
+    pub pool: PoolSection,
+}
+
+/// `[pool]`: where the server pool and the purse are, and how machines are brought up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolSection {
+    /// The pool file (`infra/pool.toml`); empty: no pool, every cell is a process of this
+    /// machine. Relative to the organism file's directory.
+    pub file: String,
+    /// The budget file (`infra/budget.toml`); required with `file`.
+    pub budget: String,
+    /// The roles whose cells come from pool machines (fixed-address roles never do).
+    pub roles: Vec<String>,
+    /// From power-on to a live cell, seconds.
+    pub boot_timeout_secs: u64,
+    /// Power-on attempts per server before it is quarantined.
+    pub max_attempts: u32,
+    /// The first pause between attempts, seconds (doubled each time).
+    pub backoff_secs: f64,
+    pub power_ons_per_minute: u32,
+    pub power_offs_per_minute: u32,
+    /// How long a join token lives, seconds.
+    pub token_ttl_secs: u64,
+    /// Where machines without user data find their join data (`<server>.join`); empty: none.
+    pub boot_dir: String,
+}
+
+impl Default for PoolSection {
+    fn default() -> Self {
+        Self {
+            file: String::new(),
+            budget: String::new(),
+            roles: vec!["api".into(), "crawler".into()],
+            boot_timeout_secs: 300,
+            max_attempts: 3,
+            backoff_secs: 5.0,
+            power_ons_per_minute: 20,
+            power_offs_per_minute: 20,
+            token_ttl_secs: 900,
+            boot_dir: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -331,6 +376,40 @@ impl Config {
                 "must be a positive number".into(),
             );
         }
+        {
+            let p = &raw.pool;
+            if !p.file.is_empty() && p.budget.is_empty() {
+                push(
+                    "pool.budget".into(),
+                    "is required with pool.file: no machine is powered on without a cap".into(),
+                );
+            }
+            for role in &p.roles {
+                if !["api", "crawler"].contains(&role.as_str()) {
+                    push(
+                        "pool.roles".into(),
+                        format!("{role:?}: only api and crawler cells come from the pool"),
+                    );
+                }
+            }
+            for (key, zero) in [
+                ("pool.boot_timeout_secs", p.boot_timeout_secs == 0),
+                ("pool.max_attempts", p.max_attempts == 0),
+                ("pool.power_ons_per_minute", p.power_ons_per_minute == 0),
+                ("pool.power_offs_per_minute", p.power_offs_per_minute == 0),
+                ("pool.token_ttl_secs", p.token_ttl_secs == 0),
+            ] {
+                if zero {
+                    push(key.into(), "must be at least 1".into());
+                }
+            }
+            if !(p.backoff_secs.is_finite() && p.backoff_secs >= 0.0) {
+                push(
+                    "pool.backoff_secs".into(),
+                    "must be a number, 0 or more".into(),
+                );
+            }
+        }
         if problems.is_empty() {
             Ok(Self {
                 raw,
@@ -342,6 +421,33 @@ impl Config {
                 problems,
             })
         }
+    }
+
+    /// A path from `[pool]`, relative to the organism file's directory.
+    pub fn pool_path(&self, value: &str) -> Option<PathBuf> {
+        if value.is_empty() {
+            return None;
+        }
+        let path = Path::new(value);
+        if path.is_absolute() || self.source.starts_with('<') {
+            return Some(path.to_path_buf());
+        }
+        let dir = Path::new(&self.source).parent().unwrap_or(Path::new(""));
+        Some(dir.join(path))
+    }
+
+    /// The pool and budget files, loaded and checked, when `[pool] file` is set.
+    pub fn pool_files(&self) -> Result<Option<(pool::PoolFile, pool::BudgetFile)>, ConfigError> {
+        let Some(file) = self.pool_path(&self.raw.pool.file) else {
+            return Ok(None);
+        };
+        let budget = self
+            .pool_path(&self.raw.pool.budget)
+            .unwrap_or_else(|| PathBuf::from("budget.toml"));
+        Ok(Some((
+            pool::PoolFile::load(&file)?,
+            pool::BudgetFile::load(&budget)?,
+        )))
     }
 
     /// The store engine, with `DATABASE_URL` taking precedence.

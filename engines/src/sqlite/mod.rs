@@ -61,3 +61,11 @@ pub(crate) fn now_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or_default()
 }
+
+/// A small pool on the store's database with its schema up to date (for the tables that live
+/// beside the store's: the factories' ledger, the server pool).
+pub async fn open_store_database(url_or_path: &str, max_connections: u32) -> Result<SqlitePool> {
+    let pool = open_pool(url_or_path, max_connections).await?;
+    store::migrate(&pool).await?;
+    Ok(pool)
+}

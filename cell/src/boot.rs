@@ -1,0 +1,163 @@
+//! `cell boot`: what a blank pool machine runs. It knows a factory's join URL and a one-time
+//! token, nothing else: it redeems the token at `POST /join`, receives its role, cell id, its
+//! parent's configuration and the cluster key, and becomes that cell (`cell run ROLE ...`, in
+//! this same process, so the machine's power-off ends it).
+//!
+//! The join data comes from the command line or the environment (`HOMEOSTAT_JOIN`,
+//! `HOMEOSTAT_TOKEN`: a cloud instance's user data sets them), or from a file on the machine's
+//! boot volume (`--token-file`, lines `KEY=value`, which the factory writes before power-on).
+
+use std::os::unix::process::CommandExt as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Args;
+use factory::pool::{JoinReply, JoinRequest};
+
+#[derive(Args)]
+pub struct BootArgs {
+    /// A factory's URL (its `POST /join`).
+    #[arg(long, env = "HOMEOSTAT_JOIN")]
+    join: Option<String>,
+    /// The one-time join token, ID.SECRET.
+    #[arg(long, env = "HOMEOSTAT_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// A file of `HOMEOSTAT_JOIN=...` and `HOMEOSTAT_TOKEN=...` lines (the boot volume).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// This machine's host name, for the record (default: the system's).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Where to keep the configuration the organism gives (default: a directory under the
+    /// system's temporary directory).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// How long to keep trying to reach the factory, seconds.
+    #[arg(long, default_value_t = 60)]
+    join_timeout_secs: u64,
+}
+
+/// What `--token-file` holds.
+fn read_token_file(path: &std::path::Path) -> anyhow::Result<(Option<String>, Option<String>)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the join file {}", path.display()))?;
+    let (mut join, mut token) = (None, None);
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.split_once('=') {
+            Some(("HOMEOSTAT_JOIN", v)) => join = Some(v.trim().to_string()),
+            Some(("HOMEOSTAT_TOKEN", v)) => token = Some(v.trim().to_string()),
+            Some((k, _)) => {
+                tracing::warn!(file = %path.display(), line = n + 1, key = k, "ignoring an unknown key")
+            }
+            None => anyhow::bail!("{}:{}: expected KEY=value", path.display(), n + 1),
+        }
+    }
+    Ok((join, token))
+}
+
+pub async fn boot(args: BootArgs) -> anyhow::Result<()> {
+    let (mut join, mut token) = (args.join.clone(), args.token.clone());
+    if let Some(file) = &args.token_file {
+        let (j, t) = read_token_file(file)?;
+        join = join.or(j);
+        token = token.or(t);
+        // Single use: nothing is left for a later boot to present.
+        let _ = std::fs::remove_file(file);
+    }
+    let join = join.context("no join URL: give --join, HOMEOSTAT_JOIN or --token-file")?;
+    let token = token.context("no join token: give --token, HOMEOSTAT_TOKEN or --token-file")?;
+    let join = join.trim_end_matches('/').to_string();
+    url::Url::parse(&join).with_context(|| format!("--join {join:?} is not a URL"))?;
+    let hostname = args.hostname.clone().or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+    });
+    let reply = redeem(
+        &join,
+        &token,
+        hostname,
+        Duration::from_secs(args.join_timeout_secs),
+    )
+    .await?;
+    tracing::info!(cell_id = %reply.cell_id, role = %reply.role, "joined the organism");
+    let dir = match &args.state_dir {
+        Some(d) => d.clone(),
+        None => std::env::temp_dir().join(format!("homeostat-boot-{}", reply.cell_id)),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let infra = dir.join("organism.toml");
+    std::fs::write(&infra, &reply.infra_toml)
+        .with_context(|| format!("writing {}", infra.display()))?;
+    let exe = std::env::current_exe().context("locating the cell executable")?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("run")
+        .arg(&reply.role)
+        .arg("--infra")
+        .arg(&infra)
+        .arg("--cell-id")
+        .arg(&reply.cell_id)
+        .args(&reply.args)
+        .env("HOMEOSTAT_CLUSTER_KEY", &reply.cluster_key)
+        .env_remove("HOMEOSTAT_TOKEN");
+    if let Some(parent) = &reply.parent {
+        cmd.arg("--parent").arg(parent);
+    }
+    // Become the cell: same process, so the machine's power-off (or its process group's) ends it.
+    let err = cmd.exec();
+    Err(anyhow::anyhow!("becoming {}: {err}", reply.role))
+}
+
+/// Redeem the token, retrying while the factory cannot be reached (the machine may boot before
+/// its network is up); a refusal is final (the token is single use).
+async fn redeem(
+    join: &str,
+    token: &str,
+    hostname: Option<String>,
+    timeout: Duration,
+) -> anyhow::Result<JoinReply> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let body = JoinRequest {
+        v: 1,
+        token: token.to_string(),
+        hostname,
+    };
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let last = match client.post(format!("{join}/join")).json(&body).send().await {
+            Ok(resp) if resp.status().is_success() => {
+                let reply: JoinReply = resp
+                    .json()
+                    .await
+                    .context("the factory's join answer is not a join reply")?;
+                anyhow::ensure!(
+                    reply.v == 1,
+                    "join reply version {} (this cell reads 1)",
+                    reply.v
+                );
+                return Ok(reply);
+            }
+            Ok(resp) if resp.status().is_client_error() => {
+                let status = resp.status();
+                let text = resp.text().await.unwrap_or_default();
+                anyhow::bail!("the factory refused to let this machine join ({status}): {text}");
+            }
+            Ok(resp) => format!("the factory answered {}", resp.status()),
+            Err(e) => format!("{e}"),
+        };
+        if tokio::time::Instant::now() + pause > deadline {
+            anyhow::bail!("could not join through {join} within {timeout:?}: {last}");
+        }
+        tracing::warn!(join, error = %last, "joining failed; trying again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
