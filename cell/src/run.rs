@@ -537,6 +537,7 @@ async fn run_factory(
     .await?;
     let state = factory::role::FactoryState::new(provider, verifier, fixed, cell_args, organism);
     if let Some(pool) = pool {
+        pool.watch(Duration::from_secs(1), shutdown.clone());
         let _ = state.pool.set(pool);
     }
     announce("factory", addr);

@@ -554,6 +554,74 @@ impl PoolFactory {
         Ok(())
     }
 
+    /// Fence a replaced cell by powering its machine off (a frozen machine cannot come back).
+    /// True when the cell ran on a pool server.
+    pub async fn fence_cell(&self, cell_id: &str) -> bool {
+        let Ok(rows) = self.ledger.servers().await else {
+            return false;
+        };
+        let Some(row) = rows
+            .into_iter()
+            .find(|r| r.state.spends() && r.cell_id.as_deref() == Some(cell_id))
+        else {
+            return false;
+        };
+        if let Err(e) = self
+            .power_off(
+                &row.name,
+                &format!("fencing: cell {cell_id} is being replaced"),
+            )
+            .await
+        {
+            tracing::warn!(server = %row.name, error = %e, "fencing a pool machine failed");
+        }
+        true
+    }
+
+    /// Every `every`, power off the joined machines of this factory whose cell is no longer
+    /// live (it retired as surplus, or died and was replaced): a machine without a cell only
+    /// spends.
+    pub fn watch(self: &Arc<Self>, every: Duration, stop: tokio_util::sync::CancellationToken) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            // Three misses in a row: a health checker that just restarted lists nobody yet.
+            let mut misses: HashMap<String, u32> = HashMap::new();
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let Ok(rows) = me.ledger.servers().await else {
+                    continue;
+                };
+                for row in rows.into_iter().filter(|r| {
+                    r.state == ServerState::Joined && r.factory.as_deref() == Some(&me.factory_id)
+                }) {
+                    let Some(cell) = row.cell_id.clone() else {
+                        continue;
+                    };
+                    if (me.is_live)(cell.clone()).await {
+                        misses.remove(&cell);
+                        continue;
+                    }
+                    let n = misses.entry(cell.clone()).or_default();
+                    *n += 1;
+                    if *n < 3 {
+                        continue;
+                    }
+                    misses.remove(&cell);
+                    tracing::info!(server = %row.name, cell, "its cell is gone: powering the machine off");
+                    if let Err(e) = me
+                        .power_off(&row.name, &format!("cell {cell} is no longer live"))
+                        .await
+                    {
+                        tracing::warn!(server = %row.name, error = %e, "power-off failed");
+                    }
+                }
+            }
+        });
+    }
+
     /// Power off every spending server this factory admitted (it is stopping with its
     /// organism).
     pub async fn power_off_all(&self, reason: &str) {

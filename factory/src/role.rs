@@ -223,6 +223,9 @@ impl FactoryState {
     /// brought up in the background and its cell joins by itself.
     async fn from_pool(&self, req: &ReplaceRequest) -> anyhow::Result<FactoryReply> {
         let pool = self.pool.get().expect("checked by pool_serves");
+        if let (Some(dead), true) = (&req.parent, is_replacement(req)) {
+            pool.fence_cell(dead).await;
+        }
         let reply =
             |started: bool, cell_id: Option<String>, refused: Option<String>| FactoryReply {
                 reply: ReplaceReply {

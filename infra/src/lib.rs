@@ -229,7 +229,20 @@ impl Config {
                         reason: format!("cannot read: {e}"),
                     }],
                 })?;
-                Self::parse(&text, &name)
+                let mut cfg = Self::parse(&text, &name)?;
+                // The pool's files are relative to this file: made absolute now, so a copy of
+                // the configuration (what `cell up` gives its cells) still finds them.
+                let pool = &mut cfg.raw.pool;
+                for value in [&mut pool.file, &mut pool.budget, &mut pool.boot_dir] {
+                    if !value.is_empty() && Path::new(value.as_str()).is_relative() {
+                        let dir = path.parent().unwrap_or(Path::new(""));
+                        *value = std::path::absolute(dir.join(&*value))
+                            .unwrap_or_else(|_| dir.join(&*value))
+                            .to_string_lossy()
+                            .into_owned();
+                    }
+                }
+                Ok(cfg)
             }
         }
     }
