@@ -33,6 +33,13 @@ pub struct BootArgs {
     /// system's temporary directory).
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Read the join URL (and other `key=value` settings) from the DNS TXT records of
+    /// `HOSTNAME.DOMAIN` at this DNS server (`ip:port`).
+    #[arg(long)]
+    dns: Option<std::net::SocketAddr>,
+    /// The domain the machine's TXT records are under (with --dns).
+    #[arg(long, default_value = "")]
+    dns_domain: String,
     /// How long to keep trying to reach the factory, seconds.
     #[arg(long, default_value_t = 60)]
     join_timeout_secs: u64,
@@ -69,15 +76,28 @@ pub async fn boot(args: BootArgs) -> anyhow::Result<()> {
         // Single use: nothing is left for a later boot to present.
         let _ = std::fs::remove_file(file);
     }
-    let join = join.context("no join URL: give --join, HOMEOSTAT_JOIN or --token-file")?;
-    let token = token.context("no join token: give --token, HOMEOSTAT_TOKEN or --token-file")?;
-    let join = join.trim_end_matches('/').to_string();
-    url::Url::parse(&join).with_context(|| format!("--join {join:?} is not a URL"))?;
     let hostname = args.hostname.clone().or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .ok()
             .map(|h| h.trim().to_string())
     });
+    if let Some(server) = args.dns {
+        let host = hostname
+            .clone()
+            .context("--dns needs this machine's host name (--hostname)")?;
+        let settings = dns_settings(server, &host, &args.dns_domain).await?;
+        for (k, v) in &settings {
+            match k.as_str() {
+                "join" => join = join.or(Some(v.clone())),
+                "token" => token = token.or(Some(v.clone())),
+                other => tracing::warn!(key = other, "ignoring an unknown DNS TXT setting"),
+            }
+        }
+    }
+    let join = join.context("no join URL: give --join, HOMEOSTAT_JOIN, --token-file or --dns")?;
+    let token = token.context("no join token: give --token, HOMEOSTAT_TOKEN or --token-file")?;
+    let join = join.trim_end_matches('/').to_string();
+    url::Url::parse(&join).with_context(|| format!("--join {join:?} is not a URL"))?;
     let reply = redeem(
         &join,
         &token,
@@ -111,6 +131,51 @@ pub async fn boot(args: BootArgs) -> anyhow::Result<()> {
     // Become the cell: same process, so the machine's power-off (or its process group's) ends it.
     let err = cmd.exec();
     Err(anyhow::anyhow!("becoming {}: {err}", reply.role))
+}
+
+/// The `key=value` pairs of the TXT records of `host.domain` at DNS server `server`
+/// (configuration keyed by the machine's host name). A record that is not `key=value` is an
+/// error naming it.
+async fn dns_settings(
+    server: std::net::SocketAddr,
+    host: &str,
+    domain: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    use hickory_resolver::config::{NameServerConfig, ResolverConfig, ResolverOpts};
+    use hickory_resolver::name_server::TokioConnectionProvider;
+    use hickory_resolver::proto::xfer::Protocol;
+    let mut config = ResolverConfig::new();
+    config.add_name_server(NameServerConfig::new(server, Protocol::Udp));
+    let mut opts = ResolverOpts::default();
+    opts.attempts = 3;
+    opts.timeout = Duration::from_secs(2);
+    opts.cache_size = 0;
+    let resolver =
+        hickory_resolver::Resolver::builder_with_config(config, TokioConnectionProvider::default())
+            .with_options(opts)
+            .build();
+    let name = if domain.is_empty() {
+        format!("{host}.")
+    } else {
+        format!("{host}.{}.", domain.trim_matches('.'))
+    };
+    let lookup = resolver
+        .txt_lookup(name.clone())
+        .await
+        .with_context(|| format!("reading the TXT records of {name} at {server}"))?;
+    let mut settings = Vec::new();
+    for record in lookup.iter() {
+        let text: String = record
+            .txt_data()
+            .iter()
+            .map(|part| String::from_utf8_lossy(part).into_owned())
+            .collect();
+        let (k, v) = text
+            .split_once('=')
+            .with_context(|| format!("TXT record {text:?} of {name} is not key=value"))?;
+        settings.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    Ok(settings)
 }
 
 /// Redeem the token, retrying while the factory cannot be reached (the machine may boot before

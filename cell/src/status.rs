@@ -70,5 +70,48 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
             }
         }
     }
+    pool_status(&client, &organism.factories).await;
     Ok(())
+}
+
+/// The server pool and the purse, from the first factory that answers (nothing when the
+/// organism has no pool).
+async fn pool_status(client: &reqwest::Client, factories: &[String]) {
+    for f in factories {
+        let Ok(resp) = client.get(format!("{f}/pool")).send().await else {
+            continue;
+        };
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return;
+        }
+        let Ok(pool) = resp.json::<serde_json::Value>().await else {
+            continue;
+        };
+        let money = |v: &serde_json::Value| engines::pool::show(v.as_i64().unwrap_or(0));
+        let spend = &pool["spend"];
+        println!(
+            "spend this month {} (committed {} with reserved hours, cap {}); per hour: committed {}, cap {}",
+            money(&spend["spent_month"]),
+            money(&spend["committed_month"]),
+            money(&spend["caps"]["per_month"]),
+            money(&spend["committed_per_hour"]),
+            money(&spend["caps"]["per_hour"]),
+        );
+        println!(
+            "{:<16} {:<9} {:<13} {:<10} {:<28} {:>9}",
+            "SERVER", "PROVIDER", "STATE", "ROLE", "CELL", "COST/H"
+        );
+        for s in pool["servers"].as_array().into_iter().flatten() {
+            println!(
+                "{:<16} {:<9} {:<13} {:<10} {:<28} {:>9}",
+                s["name"].as_str().unwrap_or("?"),
+                s["provider"].as_str().unwrap_or("?"),
+                s["state"].as_str().unwrap_or("?"),
+                s["role"].as_str().unwrap_or("-"),
+                s["cell_id"].as_str().unwrap_or("-"),
+                money(&s["hourly_cost_micros"]),
+            );
+        }
+        return;
+    }
 }
