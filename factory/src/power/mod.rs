@@ -11,6 +11,8 @@
 //! what the provider can hand it (EC2 passes it as user data; a BMC or a magic packet cannot, so
 //! such a machine reads it from its own boot configuration or DNS TXT records).
 
+pub mod ec2;
+
 use serde::{Deserialize, Serialize};
 
 /// Which provider powers a server.
