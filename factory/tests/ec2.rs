@@ -271,7 +271,9 @@ fn join(token: &str) -> JoinData {
 #[tokio::test]
 async fn run_instances_round_trip() {
     let (moto, moto_start) = start_moto();
+    let setup = Instant::now();
     let (id, secret) = access_key(&moto).await;
+    let setup = setup.elapsed();
     let (_file, reference) = credentials_file(&id, &secret);
     let server = server("pool-ec2-1", &moto, &reference);
     let provider = Ec2Provider::with_timeout(Duration::from_secs(20)).expect("provider");
@@ -290,7 +292,10 @@ async fn run_instances_round_trip() {
         PowerState::On
     );
     let round_trip = asked.elapsed();
-    eprintln!("moto answered {moto_start:?} after its start; power-on to On took {round_trip:?}");
+    eprintln!(
+        "moto: listening {moto_start:?} after its start, IAM set up in {setup:?}; \
+         power-on request to status On: {round_trip:?}"
+    );
 
     let instances = all_instances(&ec2).await;
     assert_eq!(instances.len(), 1, "{instances:?}");

@@ -24,8 +24,8 @@
 //! terminated or no instance are [`PowerState::Off`].
 //!
 //! Errors: refused credentials (`AuthFailure`, `UnauthorizedOperation`, ...) are
-//! [`PowerError::Auth`]; throttling, 5xx, timeouts and lost connections are
-//! [`PowerError::Transient`]; any other error the service names (a bad AMI, an unknown
+//! [`PowerError::Auth`]; throttling, 5xx, timeouts, lost connections and an instance caught
+//! between states (`IncorrectInstanceState`) are [`PowerError::Transient`]; any other error the service names (a bad AMI, an unknown
 //! instance) is [`PowerError::Config`] with its code and message. Secrets, user data and join
 //! tokens are never logged nor put in an error.
 

@@ -84,6 +84,8 @@ const TRANSIENT_CODES: &[&str] = &[
     "ServiceUnavailable",
     "Unavailable",
     "InsufficientInstanceCapacity",
+    // Starting an instance that is still stopping, stopping one still pending: wait and retry.
+    "IncorrectInstanceState",
 ];
 
 impl QueryError {
@@ -415,6 +417,10 @@ mod tests {
             ErrorClass::Transient
         );
         assert_eq!(with(500, "Whatever").class(), ErrorClass::Transient);
+        assert_eq!(
+            with(400, "IncorrectInstanceState").class(),
+            ErrorClass::Transient
+        );
         assert_eq!(
             with(400, "InvalidAMIID.Malformed").class(),
             ErrorClass::Config
