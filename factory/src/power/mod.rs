@@ -11,6 +11,7 @@
 //! what the provider can hand it (EC2 passes it as user data; a BMC or a magic packet cannot, so
 //! such a machine reads it from its own boot configuration or DNS TXT records).
 
+pub mod ec2;
 pub mod local;
 
 use serde::{Deserialize, Serialize};
