@@ -13,6 +13,9 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod ipmi;
+pub mod wol;
+
 /// Which provider powers a server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
