@@ -126,7 +126,10 @@ impl SimBmc {
 
     /// A server whose credentials file holds `user:password`.
     fn server(&self, user: &str, password: &str) -> ServerSpec {
-        let credentials = self.dir.path().join(format!("credentials-{user}-{password}"));
+        let credentials = self
+            .dir
+            .path()
+            .join(format!("credentials-{user}-{password}"));
         std::fs::write(&credentials, format!("{user}:{password}\n")).expect("write credentials");
         ServerSpec {
             name: "pool-ipmi-1".to_string(),
@@ -152,7 +155,10 @@ impl SimBmc {
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Some(status) = self.child.try_wait().expect("poll ipmi_sim") {
-                panic!("ipmi_sim exited ({status}) before answering:\n{}", self.log());
+                panic!(
+                    "ipmi_sim exited ({status}) before answering:\n{}",
+                    self.log()
+                );
             }
             match probe.status(&server).await {
                 Ok(_) => return,
@@ -253,7 +259,10 @@ async fn chassis_power_round_trip_through_the_simulated_bmc() {
     let provider = IpmiProvider::new();
     let server = sim.server(USER, PASSWORD);
 
-    assert_eq!(provider.status(&server).await.expect("status"), PowerState::Off);
+    assert_eq!(
+        provider.status(&server).await.expect("status"),
+        PowerState::Off
+    );
     assert_eq!(sim.ipmitool_status().await, PowerState::Off);
     assert_eq!(sim.machine_pid(), None, "nothing runs before power-on");
 
@@ -279,7 +288,10 @@ async fn chassis_power_round_trip_through_the_simulated_bmc() {
         String::from_utf8_lossy(&cmdline).starts_with("sleep"),
         "process {pid} is the machine: {cmdline:?}"
     );
-    assert_eq!(provider.status(&server).await.expect("status"), PowerState::On);
+    assert_eq!(
+        provider.status(&server).await.expect("status"),
+        PowerState::On
+    );
     assert_eq!(sim.ipmitool_status().await, PowerState::On);
 
     provider.power_off(&server).await.expect("power off");
@@ -300,7 +312,10 @@ async fn chassis_power_round_trip_through_the_simulated_bmc() {
     sim.ipmitool(&["chassis", "power", "on"]).await;
     let second = eventually("the machine ipmitool started", async || sim.machine_pid()).await;
     assert_ne!(second, pid, "a new machine process");
-    assert_eq!(provider.status(&server).await.expect("status"), PowerState::On);
+    assert_eq!(
+        provider.status(&server).await.expect("status"),
+        PowerState::On
+    );
     provider.power_off(&server).await.expect("power off");
     eventually("the second machine to be killed", async || {
         (!alive(second)).then_some(())
@@ -341,7 +356,10 @@ async fn a_wrong_password_or_user_is_refused_as_auth_and_powers_nothing() {
 
     // Nothing was powered on: the chassis is off and no machine started.
     let good = sim.server(USER, PASSWORD);
-    assert_eq!(provider.status(&good).await.expect("status"), PowerState::Off);
+    assert_eq!(
+        provider.status(&good).await.expect("status"),
+        PowerState::Off
+    );
     assert_eq!(sim.ipmitool_status().await, PowerState::Off);
     assert_eq!(sim.machine_pid(), None);
 }
@@ -431,6 +449,9 @@ async fn a_server_without_bmc_or_credentials_is_misconfigured() {
             matches!(error, PowerError::Config { .. }) && !error.retryable(),
             "{error}"
         );
-        assert!(error.to_string().contains(says), "{error} should say {says:?}");
+        assert!(
+            error.to_string().contains(says),
+            "{error} should say {says:?}"
+        );
     }
 }

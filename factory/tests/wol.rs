@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use factory::power::wol::{
-    magic_packet, MachineCommand, Mac, ShutdownAsker, WakeCounts, WakeListener, WakeState,
+    magic_packet, Mac, MachineCommand, ShutdownAsker, WakeCounts, WakeListener, WakeState,
     WolProvider,
 };
 use factory::power::{JoinData, PowerError, PowerProvider, PowerState, ProviderKind, ServerSpec};
@@ -76,7 +76,11 @@ async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-async fn settle(listener: &WakeListener, what: &str, done: impl FnMut(&WakeState) -> bool) -> WakeState {
+async fn settle(
+    listener: &WakeListener,
+    what: &str,
+    done: impl FnMut(&WakeState) -> bool,
+) -> WakeState {
     tokio::time::timeout(PATIENCE, listener.wait_for(done))
         .await
         .unwrap_or_else(|_| panic!("gave up waiting for {what}: {:?}", listener.state()))
@@ -174,41 +178,68 @@ async fn wake_on_lan_round_trip_with_a_second_sender() {
     let wakeonlan = require_tool("wakeonlan", "wakeonlan");
     let dir = tempfile::tempdir().expect("temporary directory");
     let listener = Arc::new(
-        WakeListener::bind("127.0.0.1:0".parse().expect("address"), MAC, None, machine(dir.path()))
-            .await
-            .expect("bind the wake listener"),
+        WakeListener::bind(
+            "127.0.0.1:0".parse().expect("address"),
+            MAC,
+            None,
+            machine(dir.path()),
+        )
+        .await
+        .expect("bind the wake listener"),
     );
     let (agent, agent_task) = start_agent(listener.clone()).await;
     let provider = WolProvider::new(Arc::new(AgentAsker { agent }));
     let server = server(listener.local_addr(), None);
 
-    assert_eq!(provider.status(&server).await.expect("status"), PowerState::Unknown);
+    assert_eq!(
+        provider.status(&server).await.expect("status"),
+        PowerState::Unknown
+    );
 
     let asked = Instant::now();
-    provider.power_on(&server, &join_data()).await.expect("power on");
+    provider
+        .power_on(&server, &join_data())
+        .await
+        .expect("power on");
     let woken = settle(&listener, "the wake", |s| s.machine.is_some()).await;
     let pid = eventually("the machine to write its pid", || read_pid(dir.path())).await;
     eprintln!(
         "wol round trip: machine running {} ms after the power-on request",
         asked.elapsed().as_millis()
     );
-    assert_eq!(woken.machine, u32::try_from(pid).ok(), "the listener's machine is the one running");
+    assert_eq!(
+        woken.machine,
+        u32::try_from(pid).ok(),
+        "the listener's machine is the one running"
+    );
     assert!(alive(pid));
     assert_eq!(woken.counts.woken, 1);
     // Wake-on-LAN cannot tell power: still Unknown with the machine running.
-    assert_eq!(provider.status(&server).await.expect("status"), PowerState::Unknown);
+    assert_eq!(
+        provider.status(&server).await.expect("status"),
+        PowerState::Unknown
+    );
 
     // A second packet while it runs changes nothing.
-    provider.power_on(&server, &join_data()).await.expect("power on");
+    provider
+        .power_on(&server, &join_data())
+        .await
+        .expect("power on");
     let state = settle(&listener, "the duplicate", |s| s.counts.already_awake == 1).await;
     assert_eq!(state.machine, u32::try_from(pid).ok());
 
-    provider.power_off(&server).await.expect("power off through the cell");
+    provider
+        .power_off(&server)
+        .await
+        .expect("power off through the cell");
     let state = settle(&listener, "the machine to stop", |s| s.machine.is_none()).await;
     assert_eq!(state.counts.stopped, 1);
     assert!(!alive(pid), "machine {pid} is gone");
     // Asking again finds no machine: the cell is gone, the asker says so.
-    let error = provider.power_off(&server).await.expect_err("nothing to shut down");
+    let error = provider
+        .power_off(&server)
+        .await
+        .expect_err("nothing to shut down");
     assert!(error.retryable(), "{error}");
 
     // Debian's wakeonlan as the second sender.
@@ -231,7 +262,10 @@ async fn wake_on_lan_round_trip_with_a_second_sender() {
     agent_task.abort();
     let _ = agent_task.await;
     drop(Arc::into_inner(listener).expect("the agent released the listener"));
-    eventually("the machine to die with the listener", || (!alive(second)).then_some(())).await;
+    eventually("the machine to die with the listener", || {
+        (!alive(second)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -251,7 +285,9 @@ async fn only_the_right_mac_and_secure_on_password_wake_the_machine() {
     let provider = WolProvider::new(Arc::new(AgentAsker {
         agent: "127.0.0.1:9".parse().expect("address"),
     }));
-    let sender = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let sender = tokio::net::UdpSocket::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let mut expected = WakeCounts::default();
 
     // Garbage of every kind: nothing starts, nothing breaks.
@@ -282,7 +318,13 @@ async fn only_the_right_mac_and_secure_on_password_wake_the_machine() {
 
     // No password (Debian's wakeonlan sends none) and a wrong one (through the provider).
     let output = tokio::process::Command::new(&wakeonlan)
-        .args(["-i", "127.0.0.1", "-p", &target.port().to_string(), MAC_TEXT])
+        .args([
+            "-i",
+            "127.0.0.1",
+            "-p",
+            &target.port().to_string(),
+            MAC_TEXT,
+        ])
         .kill_on_drop(true)
         .output()
         .await
@@ -297,7 +339,10 @@ async fn only_the_right_mac_and_secure_on_password_wake_the_machine() {
         .await
         .expect("the packet is sent");
     expected.bad_password += 1;
-    let state = settle(&listener, "a wrong password counted", |s| s.counts == expected).await;
+    let state = settle(&listener, "a wrong password counted", |s| {
+        s.counts == expected
+    })
+    .await;
     assert_eq!(state.machine, None);
     assert_eq!(read_pid(dir.path()), None, "no machine started");
 
@@ -317,7 +362,10 @@ async fn only_the_right_mac_and_secure_on_password_wake_the_machine() {
     assert_eq!(state.counts.ignored(), 8);
 
     drop(listener);
-    eventually("the machine to die with the listener", || (!alive(pid)).then_some(())).await;
+    eventually("the machine to die with the listener", || {
+        (!alive(pid)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -330,7 +378,13 @@ async fn a_wol_server_without_a_good_mac_password_or_address_is_misconfigured() 
     }));
     let base = server("127.0.0.1:9".parse().expect("address"), None);
     let cases = [
-        (ServerSpec { mac: None, ..base.clone() }, "mac: missing"),
+        (
+            ServerSpec {
+                mac: None,
+                ..base.clone()
+            },
+            "mac: missing",
+        ),
         (
             ServerSpec {
                 mac: Some("52:54:00:ab:cd".to_string()),
@@ -369,6 +423,9 @@ async fn a_wol_server_without_a_good_mac_password_or_address_is_misconfigured() 
             matches!(error, PowerError::Config { .. }) && !error.retryable(),
             "{error}"
         );
-        assert!(error.to_string().contains(says), "{error} should say {says:?}");
+        assert!(
+            error.to_string().contains(says),
+            "{error} should say {says:?}"
+        );
     }
 }

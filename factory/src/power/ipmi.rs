@@ -239,12 +239,13 @@ async fn bmc_address(server: &ServerSpec) -> Result<SocketAddr, PowerError> {
     if let Ok(ip) = host.parse::<std::net::IpAddr>() {
         return Ok(SocketAddr::new(ip, port));
     }
-    let mut addresses = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| PowerError::Transient {
-            server: server.name.clone(),
-            detail: format!("bmc {bmc:?}: resolving {host}: {e}"),
-        })?;
+    let mut addresses =
+        tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| PowerError::Transient {
+                server: server.name.clone(),
+                detail: format!("bmc {bmc:?}: resolving {host}: {e}"),
+            })?;
     addresses.next().ok_or_else(|| PowerError::Transient {
         server: server.name.clone(),
         detail: format!("bmc {bmc:?}: {host} resolves to no address"),
@@ -291,8 +292,9 @@ fn user_and_password(server: &ServerSpec) -> Result<(String, String), PowerError
         server: server.name.clone(),
         detail: detail.to_string(),
     };
-    let secret = read_credentials(server)?
-        .ok_or_else(|| config("credentials: missing (env:NAME or file:/path holding user:password)"))?;
+    let secret = read_credentials(server)?.ok_or_else(|| {
+        config("credentials: missing (env:NAME or file:/path holding user:password)")
+    })?;
     let (user, password) = secret
         .split_once(':')
         .ok_or_else(|| config("credentials: not of the form user:password"))?;
@@ -303,7 +305,9 @@ fn user_and_password(server: &ServerSpec) -> Result<(String, String), PowerError
         return Err(config("credentials: IPMI user names are at most 16 bytes"));
     }
     if password.len() > 20 {
-        return Err(config("credentials: IPMI v2.0 passwords are at most 20 bytes"));
+        return Err(config(
+            "credentials: IPMI v2.0 passwords are at most 20 bytes",
+        ));
     }
     Ok((user.to_string(), password.to_string()))
 }
@@ -372,7 +376,12 @@ mod tests {
             instance_id: None,
         };
         let bmc: SocketAddr = "127.0.0.1:623".parse().expect("literal address");
-        let auth = classify(&server, bmc, "x", ::ipmi::Error::AuthenticationFailed("bad"));
+        let auth = classify(
+            &server,
+            bmc,
+            "x",
+            ::ipmi::Error::AuthenticationFailed("bad"),
+        );
         assert!(matches!(auth, PowerError::Auth { .. }) && !auth.retryable());
         let privilege = classify(
             &server,

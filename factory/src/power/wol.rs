@@ -509,7 +509,10 @@ mod tests {
     #[test]
     fn garbage_is_no_magic_packet() {
         assert_eq!(parse_magic_packet(b""), None);
-        assert_eq!(parse_magic_packet(&[0xFF; 200]).map(|p| p.mac), Some([0xFF; 6]));
+        assert_eq!(
+            parse_magic_packet(&[0xFF; 200]).map(|p| p.mac),
+            Some([0xFF; 6])
+        );
         let mut broken = magic_packet(&MAC, None);
         broken[50] ^= 1;
         assert_eq!(parse_magic_packet(&broken), None);
