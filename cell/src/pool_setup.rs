@@ -32,6 +32,7 @@ pub async fn pool_factory(
         EngineUrl::Postgres(url) => engines::pool::PoolLedger::connect_postgres(&url)
             .await
             .with_context(|| format!("connecting to PostgreSQL at {}", infra::redact(&url)))?,
+        ProviderKind::Ipmi => Ok(Arc::new(factory::power::ipmi::IpmiProvider::new())),
         other => anyhow::bail!("engines.database {other:?} is not a store engine"),
     };
     let section = &cfg.raw.pool;
@@ -114,6 +115,7 @@ fn providers_for(kind: ProviderKind) -> anyhow::Result<Arc<dyn PowerProvider>> {
         ProviderKind::Ec2 => Ok(Arc::new(
             factory::power::ec2::Ec2Provider::new().context("building the EC2 client")?,
         )),
+        ProviderKind::Ipmi => Ok(Arc::new(factory::power::ipmi::IpmiProvider::new())),
         other => anyhow::bail!(
             "the {} provider is not built into this cell yet",
             other.as_str()

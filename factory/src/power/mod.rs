@@ -12,7 +12,9 @@
 //! such a machine reads it from its own boot configuration or DNS TXT records).
 
 pub mod ec2;
+pub mod ipmi;
 pub mod local;
+pub mod wol;
 
 use serde::{Deserialize, Serialize};
 
