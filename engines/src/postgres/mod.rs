@@ -9,7 +9,6 @@
 //! trips whatever the number of links.
 
 mod factory_ledger;
-mod idempotency;
 mod politeness;
 mod store;
 
@@ -17,6 +16,8 @@ use std::time::Duration;
 
 pub use factory_ledger::PgFactoryLedger;
 pub use store::PgStore;
+
+crate::idempotency::idempotency_store_on!(PgStore);
 
 /// Connection pool settings for [`PgStore::connect_with`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
