@@ -117,7 +117,10 @@ impl View {
 
     /// The hosts of those candidates that are not in the frontier, sorted and distinct: the
     /// budgets a plan may spend (the host budgets to read, or lock).
-    pub fn hosts_to_admit<'c>(&self, candidates: impl IntoIterator<Item = &'c Candidate>) -> Vec<&'c str> {
+    pub fn hosts_to_admit<'c>(
+        &self,
+        candidates: impl IntoIterator<Item = &'c Candidate>,
+    ) -> Vec<&'c str> {
         let mut hosts: Vec<&str> = candidates
             .into_iter()
             .filter(|c| !self.entries.contains_key(&c.url))

@@ -461,13 +461,11 @@ async fn survives_a_broker_restart() {
         "a call hung for {slowest:?}"
     );
     // Calls fail (or wait, for publish) until the background task has reconnected.
-    let ((), failures) = support::until_ok(
-        "no reconnection",
-        started,
-        Duration::from_secs(90),
-        || q.publish(&[job(3)]),
-    )
-    .await;
+    let ((), failures) =
+        support::until_ok("no reconnection", started, Duration::from_secs(90), || {
+            q.publish(&[job(3)])
+        })
+        .await;
     eprintln!(
         "publishing again {:?} after the restart began ({failures} failed attempt(s))",
         started.elapsed()

@@ -325,11 +325,19 @@ fn plan_ingest_table() {
             case.report,
             "{name}: stored, admitted, unknown"
         );
-        let inserts: Vec<(&str, u32, State)> =
-            plan.inserts.iter().map(|i| (i.url, i.depth, i.state)).collect();
+        let inserts: Vec<(&str, u32, State)> = plan
+            .inserts
+            .iter()
+            .map(|i| (i.url, i.depth, i.state))
+            .collect();
         assert_eq!(inserts, case.inserts, "{name}: inserts");
         for insert in &plan.inserts {
-            assert_eq!(insert.host, host_of(insert.url), "{name}: host of {}", insert.url);
+            assert_eq!(
+                insert.host,
+                host_of(insert.url),
+                "{name}: host of {}",
+                insert.url
+            );
         }
         let changes: Vec<(&str, State, u32)> = plan
             .changes
@@ -345,7 +353,10 @@ fn plan_ingest_table() {
             );
             assert_eq!(change.before.crawl_id, change.after.crawl_id, "{name}");
         }
-        assert_eq!(plan.counts.crawls, case.crawl_counts, "{name}: crawl counts");
+        assert_eq!(
+            plan.counts.crawls, case.crawl_counts,
+            "{name}: crawl counts"
+        );
         assert_eq!(plan.counts.hosts, case.host_counts, "{name}: host counts");
         let report = plan.report(7);
         assert_eq!(report.pages_indexed, 7);
@@ -378,17 +389,29 @@ fn reasons_follow_the_state() {
     };
     let items = [page("http://top/", &["http://b/"])];
     let plan = plan_ingest(&view2, &items, BIG);
-    let b = plan.changes.iter().find(|c| c.url == "http://b/").expect("b");
+    let b = plan
+        .changes
+        .iter()
+        .find(|c| c.url == "http://b/")
+        .expect("b");
     assert_eq!((b.after.state, b.after.depth), (Failed, 1));
     assert_eq!(b.after.reason.as_deref(), Some("earlier"));
-    let top = plan.changes.iter().find(|c| c.url == "http://top/").expect("top");
+    let top = plan
+        .changes
+        .iter()
+        .find(|c| c.url == "http://top/")
+        .expect("top");
     assert_eq!(top.after.reason, None);
 }
 
 #[test]
 fn pages_are_written_once_per_final_url_last_wins() {
     let view = view(
-        &[("http://a/", 1, 0, Queued), ("http://b/", 1, 0, Queued), ("http://c/", 1, 0, Queued)],
+        &[
+            ("http://a/", 1, 0, Queued),
+            ("http://b/", 1, 0, Queued),
+            ("http://c/", 1, 0, Queued),
+        ],
         &[],
     );
     let mut hidden = page("http://c/", &[]);
@@ -419,7 +442,10 @@ fn read_sets_cover_what_the_plan_looks_at() {
         vec!["http://a/", "http://b/", "http://l/", "http://t/"]
     );
     assert_eq!(item_urls(&items), vec!["http://a/", "http://b/"]);
-    let view = view(&[("http://a/", 3, 0, Queued), ("http://b/", 1, 0, Queued)], &[]);
+    let view = view(
+        &[("http://a/", 3, 0, Queued), ("http://b/", 1, 0, Queued)],
+        &[],
+    );
     assert_eq!(view.crawl_ids(item_urls(&items)), vec![1, 3]);
     assert_eq!(view.hosts_to_admit(ingest_links(&items)), vec!["l"]);
 }

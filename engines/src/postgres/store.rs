@@ -12,9 +12,9 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Row};
 
 use super::PgOptions;
+use crate::frontier::{self, Entry, NewEntry, State, View};
 use crate::snippet::{render_snippet, MARK_CLOSE, MARK_OPEN};
 use crate::sqlite::now_ms;
-use crate::frontier::{self, Entry, NewEntry, State, View};
 use crate::{
     Admission, Candidate, CrawlSpec, EngineError, IngestItem, IngestOutcome, IngestReport, Result,
     SearchQuery, SearchResults, Store, Unpublished,
@@ -116,7 +116,8 @@ impl PgStore {
             .collect();
         view.entries
             .extend(read_entries(&mut tx, &others, false).await?);
-        view.hosts = lock_hosts(&mut tx, &view.hosts_to_admit(frontier::ingest_links(items))).await?;
+        view.hosts =
+            lock_hosts(&mut tx, &view.hosts_to_admit(frontier::ingest_links(items))).await?;
         let plan = frontier::plan_ingest(&view, items, host_budget);
 
         insert_entries(&mut tx, &plan.inserts, now).await?;
@@ -124,8 +125,10 @@ impl PgStore {
             let changes = &plan.changes;
             let urls: Vec<&str> = changes.iter().map(|c| c.url).collect();
             let crawls: Vec<i64> = changes.iter().map(|c| c.before.crawl_id).collect();
-            let depths_before: Vec<i32> = changes.iter().map(|c| pg_depth(c.before.depth)).collect();
-            let states_before: Vec<&str> = changes.iter().map(|c| c.before.state.as_str()).collect();
+            let depths_before: Vec<i32> =
+                changes.iter().map(|c| pg_depth(c.before.depth)).collect();
+            let states_before: Vec<&str> =
+                changes.iter().map(|c| c.before.state.as_str()).collect();
             let depths: Vec<i32> = changes.iter().map(|c| pg_depth(c.after.depth)).collect();
             let states: Vec<&str> = changes.iter().map(|c| c.after.state.as_str()).collect();
             let reasons: Vec<Option<String>> = changes

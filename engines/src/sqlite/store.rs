@@ -9,8 +9,8 @@ use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{now_ms, open_pool};
-use crate::snippet::{render_snippet, MARK_CLOSE, MARK_OPEN};
 use crate::frontier::{self, Entry, NewEntry, State, View};
+use crate::snippet::{render_snippet, MARK_CLOSE, MARK_OPEN};
 use crate::{
     Admission, Candidate, CrawlSpec, EngineError, IngestItem, IngestReport, Result, SearchQuery,
     SearchResults, Store, Unpublished,
@@ -136,7 +136,10 @@ async fn insert_entries(
         .execute(&mut **tx)
         .await?;
         if done.rows_affected() != 1 {
-            return Err(EngineError::Conflict(format!("{} is in the frontier already", e.url)));
+            return Err(EngineError::Conflict(format!(
+                "{} is in the frontier already",
+                e.url
+            )));
         }
     }
     Ok(())
@@ -219,7 +222,8 @@ impl Store for SqliteStore {
         };
         let crawl_ids = view.crawl_ids(frontier::item_urls(items));
         view.crawls = read_crawls(&mut tx, &crawl_ids).await?;
-        view.hosts = read_hosts(&mut tx, &view.hosts_to_admit(frontier::ingest_links(items))).await?;
+        view.hosts =
+            read_hosts(&mut tx, &view.hosts_to_admit(frontier::ingest_links(items))).await?;
         let plan = frontier::plan_ingest(&view, items, host_budget);
 
         insert_entries(&mut tx, &plan.inserts, now).await?;

@@ -51,10 +51,7 @@ pub const UNLIMITED: CrawlSpec = CrawlSpec {
 
 /// Every accepted URL ends crawled or failed; nothing is lost or invented.
 pub async fn frontier_invariant(store: &dyn Store) {
-    let crawl = store
-        .create_crawl(UNLIMITED)
-        .await
-        .expect("crawl");
+    let crawl = store.create_crawl(UNLIMITED).await.expect("crawl");
     let adm = store
         .admit_seeds(
             crawl,
@@ -114,10 +111,7 @@ pub async fn frontier_invariant(store: &dyn Store) {
 
 /// The same result twice changes nothing.
 pub async fn idempotent_ingest(store: &dyn Store) {
-    let crawl = store
-        .create_crawl(UNLIMITED)
-        .await
-        .expect("crawl");
+    let crawl = store.create_crawl(UNLIMITED).await.expect("crawl");
     store
         .admit_seeds(crawl, &[cand("http://i.test/")], BUDGET)
         .await
@@ -187,10 +181,7 @@ pub async fn limits(store: &dyn Store) {
         .expect("ingest");
     assert_eq!(r.links_admitted, 0, "depth 2 is beyond max_depth 1");
     // Host budget.
-    let crawl = store
-        .create_crawl(UNLIMITED)
-        .await
-        .expect("crawl");
+    let crawl = store.create_crawl(UNLIMITED).await.expect("crawl");
     let adm = store
         .admit_seeds(
             crawl,
@@ -207,10 +198,7 @@ pub async fn limits(store: &dyn Store) {
 }
 
 pub async fn search_ranking_and_snippets(store: &dyn Store) {
-    let crawl = store
-        .create_crawl(UNLIMITED)
-        .await
-        .expect("crawl");
+    let crawl = store.create_crawl(UNLIMITED).await.expect("crawl");
     let urls = ["http://s.test/1", "http://s.test/2", "http://s.test/3"];
     store
         .admit_seeds(crawl, &urls.map(cand), BUDGET)
@@ -295,10 +283,7 @@ pub async fn search_ranking_and_snippets(store: &dyn Store) {
 
 /// Many writers ingesting at once lose nothing.
 pub async fn concurrent_writers(store: Arc<dyn Store>) {
-    let crawl = store
-        .create_crawl(UNLIMITED)
-        .await
-        .expect("crawl");
+    let crawl = store.create_crawl(UNLIMITED).await.expect("crawl");
     let seeds: Vec<Candidate> = (0..200)
         .map(|i| cand(&format!("http://c{}.test/{i}", i % 7)))
         .collect();

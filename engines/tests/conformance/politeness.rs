@@ -149,10 +149,7 @@ pub async fn ledger_concurrent_askers(ledgers: Vec<Arc<dyn HostLedger>>) {
 
 /// Two publishers claim disjoint entries; together they claim every pending entry once.
 pub async fn publisher_claims_do_not_overlap(a: Arc<dyn Store>, b: Arc<dyn Store>) {
-    let crawl = a
-        .create_crawl(super::UNLIMITED)
-        .await
-        .expect("crawl");
+    let crawl = a.create_crawl(super::UNLIMITED).await.expect("crawl");
     let seeds: Vec<_> = (0..200)
         .map(|i| cand(&format!("http://claim{}.test/{i}", i % 7)))
         .collect();
