@@ -53,31 +53,29 @@ macro_rules! conformance_test {
     };
 }
 
+/// A conformance check that takes the store shared (`Arc`), run on a multi-threaded runtime.
+macro_rules! shared_conformance_test {
+    ($name:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $name() {
+            let _server = SERVER.read().await;
+            let db = PgDb::create().await;
+            let store = Arc::new(store(&db).await);
+            conformance::$name(store.clone()).await;
+            let store = Arc::try_unwrap(store).unwrap_or_else(|_| panic!("the check finished"));
+            finish(db, store).await;
+        }
+    };
+}
+
 conformance_test!(frontier_invariant);
 conformance_test!(idempotent_ingest);
 conformance_test!(limits);
 conformance_test!(search_ranking_and_snippets);
 conformance_test!(idempotency_keys);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn idempotency_one_holder() {
-    let _server = SERVER.read().await;
-    let db = PgDb::create().await;
-    let store = Arc::new(store(&db).await);
-    conformance::idempotency_one_holder(store.clone()).await;
-    let store = Arc::try_unwrap(store).unwrap_or_else(|_| panic!("claims finished"));
-    finish(db, store).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_writers() {
-    let _server = SERVER.read().await;
-    let db = PgDb::create().await;
-    let store = Arc::new(store(&db).await);
-    conformance::concurrent_writers(store.clone()).await;
-    let store = Arc::try_unwrap(store).unwrap_or_else(|_| panic!("writers finished"));
-    finish(db, store).await;
-}
+shared_conformance_test!(idempotency_one_holder);
+shared_conformance_test!(concurrent_writers);
 
 /// Several cells migrating one empty database at once all succeed (sqlx's advisory lock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
