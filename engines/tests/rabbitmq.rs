@@ -461,9 +461,10 @@ async fn survives_a_broker_restart() {
         "a call hung for {slowest:?}"
     );
     // Calls fail (or wait, for publish) until the background task has reconnected.
+    let again = [job(3)];
     let ((), failures) =
         support::until_ok("no reconnection", started, Duration::from_secs(90), || {
-            q.publish(&[job(3)])
+            q.publish(&again)
         })
         .await;
     eprintln!(
