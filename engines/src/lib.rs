@@ -7,7 +7,9 @@
 //!
 //! Architecture Invariant: engines hold data and enforce the frontier's arithmetic (dedup, depth,
 //! budgets, state transitions) atomically; they do not fetch, parse or decide policy. URL
-//! normalization and trap guards happen before a URL reaches an engine.
+//! normalization and trap guards happen before a URL reaches an engine. The arithmetic itself is
+//! written once, in the pure planner [`frontier`]; each engine reads the rows a batch concerns,
+//! asks the planner, and executes its plan in one transaction.
 
 use std::time::Duration;
 
@@ -15,6 +17,7 @@ use async_trait::async_trait;
 use protocol::{CrawlJob, Stats};
 
 pub mod factory_ledger;
+pub mod frontier;
 pub use politeness::HostLedger;
 
 pub mod idempotency;
@@ -41,9 +44,34 @@ pub enum EngineError {
     /// is being re-established in the background): try again later.
     #[error("engine unavailable: {0}")]
     Unavailable(String),
+    /// Another cell changed the rows a write was planned on (see [`frontier`]); the transaction
+    /// was rolled back and may be run again.
+    #[error("write conflict: {0}")]
+    Conflict(String),
 }
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// Run a schema migration, again (up to five times, backing off) when it fails: several cells may
+/// open one database at once, and the one that loses a migration race tries again.
+pub(crate) async fn migrate_with_retries<F, Fut>(what: &str, mut run: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<(), sqlx::migrate::MigrateError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match run().await {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 5 => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, what, "migration failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
 
 /// Limits of one crawl request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

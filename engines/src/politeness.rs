@@ -16,6 +16,8 @@
 //! [`decide`] is the arithmetic, a pure function of the host's state, the ask and the time; the
 //! engines run it inside one transaction per request, with the host's row locked.
 
+use std::collections::HashMap;
+
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
@@ -148,6 +150,42 @@ pub fn decide(slot: &mut HostSlot, ask: &PermitAsk, now_ms: i64) -> Decision {
         start_ms: due,
         expires_ms,
     }
+}
+
+/// The hosts a request names (its blocks' and its asks'), sorted and distinct: the ledger rows an
+/// engine loads (and locks) for [`walk`].
+pub fn hosts(request: &PermitRequest) -> Vec<&str> {
+    let mut hosts: Vec<&str> = request
+        .blocks
+        .iter()
+        .map(|b| b.host.as_str())
+        .chain(request.asks.iter().map(|a| a.host.as_str()))
+        .collect();
+    hosts.sort_unstable();
+    hosts.dedup();
+    hosts
+}
+
+/// One request's walk over the ledger rows of the hosts it names ([`hosts`], loaded with their
+/// permits in flight; a host missing counts as never seen): its blocks first (a block only ever
+/// extends), then its asks in order, each [`decide`]d on the slot the previous ones left. Returns
+/// each ask's decision; `slots` is left as the engine must write it back (and each grant is a
+/// permit to record). Written once for every engine.
+pub fn walk(
+    slots: &mut HashMap<String, HostSlot>,
+    request: &PermitRequest,
+    now_ms: i64,
+) -> Vec<Decision> {
+    for block in &request.blocks {
+        let until = now_ms.saturating_add(block_ms(block.for_ms));
+        let slot = slots.entry(block.host.clone()).or_default();
+        slot.blocked_until_ms = slot.blocked_until_ms.max(until);
+    }
+    request
+        .asks
+        .iter()
+        .map(|ask| decide(slots.entry(ask.host.clone()).or_default(), ask, now_ms))
+        .collect()
 }
 
 /// The answer to send for a decision taken at `now_ms`, with the permit id the engine gave it.
@@ -334,5 +372,70 @@ mod tests {
             }
             assert!(grants > 0);
         }
+    }
+
+    /// A request's walk: blocks first and only ever longer, then asks in order on what the earlier
+    /// ones left; a host never seen starts empty.
+    #[test]
+    fn walk_applies_blocks_then_asks_in_order() {
+        let now = 1_000_000;
+        let mut slots: HashMap<String, HostSlot> = HashMap::new();
+        slots.insert(
+            "a.test".into(),
+            HostSlot {
+                blocked_until_ms: now + 60_000,
+                ..HostSlot::default()
+            },
+        );
+        let request = PermitRequest {
+            releases: Vec::new(),
+            blocks: vec![
+                HostBlock {
+                    host: "a.test".into(),
+                    for_ms: 1_000,
+                },
+                HostBlock {
+                    host: "b.test".into(),
+                    for_ms: 2_000,
+                },
+            ],
+            asks: vec![
+                PermitAsk {
+                    host: "c.test".into(),
+                    ..ask(500, 2, 10_000)
+                },
+                PermitAsk {
+                    host: "c.test".into(),
+                    ..ask(500, 2, 10_000)
+                },
+                ask(0, 1, 0),
+            ],
+        };
+        assert_eq!(hosts(&request), vec!["a.test", "b.test", "c.test"]);
+        let decisions = walk(&mut slots, &request, now);
+        assert_eq!(
+            slots["a.test"].blocked_until_ms,
+            now + 60_000,
+            "a block only extends"
+        );
+        assert_eq!(slots["b.test"].blocked_until_ms, now + 2_000);
+        assert_eq!(
+            decisions,
+            vec![
+                Decision::Grant {
+                    start_ms: now,
+                    expires_ms: now + 5_000
+                },
+                Decision::Grant {
+                    start_ms: now + 500,
+                    expires_ms: now + 5_500
+                },
+                Decision::NotBefore {
+                    at_ms: now + 60_000
+                },
+            ]
+        );
+        assert_eq!(slots["c.test"].last_start_ms, now + 500);
+        assert_eq!(slots["c.test"].in_flight, vec![now + 5_000, now + 5_500]);
     }
 }

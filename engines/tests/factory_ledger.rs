@@ -1,63 +1,35 @@
 //! The factories' ledger conformance suite on both store engines: SQLite (embedded) and
-//! PostgreSQL (each test in a database of its own, created from `DATABASE_URL`, default
-//! `postgres://postgres@127.0.0.1:5432/test`, dropped at the end).
+//! PostgreSQL (each test in a database of its own, [`support::PgDb`], dropped at the end).
 
 #[path = "conformance/factory_ledger.rs"]
 mod suite;
+mod support;
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use engines::factory_ledger::FactoryLedger;
 use engines::postgres::PgFactoryLedger;
 use engines::sqlite::SqliteFactoryLedger;
-use sqlx::{Connection, PgConnection};
 
 async fn sqlite() -> (tempfile::TempDir, SqliteFactoryLedger) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let ledger =
-        SqliteFactoryLedger::open(dir.path().join("store.db").to_str().expect("utf-8 path"))
-            .await
-            .expect("open ledger");
+    let (dir, _, ledger) = support::sqlite_ledger().await;
     (dir, ledger)
 }
 
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
-}
-
-static NEXT_DB: AtomicU32 = AtomicU32::new(0);
-
 /// A database of its own for one test, dropped when the test ends.
 struct PgDb {
-    name: String,
+    db: support::PgDb,
     ledger: Option<PgFactoryLedger>,
 }
 
 impl PgDb {
     async fn create() -> Self {
-        let mut admin = PgConnection::connect(&admin_url())
-            .await
-            .unwrap_or_else(|e| {
-                panic!("PostgreSQL is not reachable ({e}); run `scripts/engines.sh start`")
-            });
-        let name = format!(
-            "homeostat_ledger_{}_{}",
-            std::process::id(),
-            NEXT_DB.fetch_add(1, Ordering::SeqCst)
-        );
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut admin)
-            .await
-            .expect("create database");
-        let mut url = url::Url::parse(&admin_url()).expect("DATABASE_URL is a URL");
-        url.set_path(&format!("/{name}"));
-        let ledger = PgFactoryLedger::connect(url.as_str())
+        let db = support::PgDb::create().await;
+        let ledger = PgFactoryLedger::connect(&db.url)
             .await
             .expect("connect ledger");
         Self {
-            name,
+            db,
             ledger: Some(ledger),
         }
     }
@@ -68,13 +40,7 @@ impl PgDb {
 
     async fn drop_db(mut self) {
         drop(self.ledger.take());
-        let mut admin = PgConnection::connect(&admin_url()).await.expect("admin");
-        let _ = sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            self.name
-        ))
-        .execute(&mut admin)
-        .await;
+        self.db.drop_db().await;
     }
 }
 
@@ -111,11 +77,8 @@ async fn sqlite_concurrent_claims() {
 /// Two processes' worth of ledgers on one file (two factories on one machine) agree.
 #[tokio::test]
 async fn sqlite_two_handles_share_claims() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("store.db");
-    let path = path.to_str().expect("utf-8 path");
-    let a = SqliteFactoryLedger::open(path).await.expect("open a");
-    let b = SqliteFactoryLedger::open(path).await.expect("open b");
+    let (_dir, path, a) = support::sqlite_ledger().await;
+    let b = SqliteFactoryLedger::open(&path).await.expect("open b");
     a.claim(&suite::claim("k", "api", "factory-1", "api-a", 1), 0)
         .await
         .expect("claim");

@@ -1,116 +1,33 @@
 //! The conformance suite on the PostgreSQL store, over a real server, plus what only a shared
 //! database server brings: concurrent cells, concurrent migrations, a server restart.
 //!
-//! Each test gets its own database (`homeostat_test_<pid>_<n>`), created from the admin
-//! connection (`DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`) and dropped at
-//! the end; databases left by crashed runs are dropped by the next run. A missing server fails the
-//! tests: run `scripts/engines.sh start`.
+//! Each test gets its own database ([`support::PgDb`]: `homeostat_test_<pid>_<n>` from
+//! `DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`), dropped at the end. A
+//! missing server fails the tests: run `scripts/engines.sh start`.
 
 mod conformance;
+mod support;
 
-use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use engines::postgres::{PgOptions, PgStore};
 use engines::{CrawlSpec, IngestItem, IngestOutcome, SearchQuery, Store};
-use sqlx::{Connection, PgConnection};
+use support::PgDb;
 use tokio::sync::RwLock;
 
 /// Tests share the server; the restart test takes it for itself.
 static SERVER: RwLock<()> = RwLock::const_new(());
-static NEXT_DB: AtomicU32 = AtomicU32::new(0);
 
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_string())
+async fn store(db: &PgDb) -> PgStore {
+    PgStore::connect(&db.url).await.expect("connect store")
 }
 
-async fn admin() -> PgConnection {
-    let url = admin_url();
-    match PgConnection::connect(&url).await {
-        Ok(c) => c,
-        Err(e) => panic!(
-            "PostgreSQL is not reachable at DATABASE_URL or the default \
-             postgres://postgres@127.0.0.1:5432/test ({e}); run `scripts/engines.sh start`"
-        ),
-    }
-}
-
-/// A database of its own for one test.
-struct TestDb {
-    name: String,
-    url: String,
-}
-
-impl TestDb {
-    async fn create() -> Self {
-        let mut admin = admin().await;
-        drop_stale_databases(&mut admin).await;
-        let name = format!(
-            "homeostat_test_{}_{}",
-            std::process::id(),
-            NEXT_DB.fetch_add(1, Ordering::SeqCst)
-        );
-        let mut attempt = 0;
-        loop {
-            // Concurrent CREATE DATABASE from one template can collide; try again.
-            match sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-                .execute(&mut admin)
-                .await
-            {
-                Ok(_) => break,
-                Err(e) if attempt < 10 => {
-                    attempt += 1;
-                    eprintln!("CREATE DATABASE {name} failed ({e}); retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-                }
-                Err(e) => panic!("CREATE DATABASE {name}: {e}"),
-            }
-        }
-        let mut url = url::Url::parse(&admin_url()).expect("DATABASE_URL is a URL");
-        url.set_path(&format!("/{name}"));
-        Self {
-            name,
-            url: url.to_string(),
-        }
-    }
-
-    async fn store(&self) -> PgStore {
-        PgStore::connect(&self.url).await.expect("connect store")
-    }
-
-    /// Close the store's connections and drop the database.
-    async fn finish(self, store: PgStore) {
-        store.pool().close().await;
-        let mut admin = admin().await;
-        sqlx::query(&format!(
-            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            self.name
-        ))
-        .execute(&mut admin)
-        .await
-        .expect("drop test database");
-    }
-}
-
-/// Drop test databases whose process is gone (a failed test does not drop its own).
-async fn drop_stale_databases(admin: &mut PgConnection) {
-    let names: Vec<String> =
-        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'homeostat_test_%'")
-            .fetch_all(&mut *admin)
-            .await
-            .unwrap_or_default();
-    for name in names {
-        let pid = name.split('_').nth(2).and_then(|p| p.parse::<u32>().ok());
-        let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
-        if !alive {
-            let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-                .execute(&mut *admin)
-                .await;
-        }
-    }
+/// Close the store's connections and drop the database.
+async fn finish(db: PgDb, store: PgStore) {
+    store.pool().close().await;
+    db.drop_db().await;
 }
 
 macro_rules! conformance_test {
@@ -118,20 +35,35 @@ macro_rules! conformance_test {
         #[tokio::test]
         async fn $name() {
             let _server = SERVER.read().await;
-            let db = TestDb::create().await;
-            let store = db.store().await;
+            let db = PgDb::create().await;
+            let store = store(&db).await;
             conformance::$name(&store).await;
-            db.finish(store).await;
+            finish(db, store).await;
         }
     };
     ($name:ident, $module:ident) => {
         #[tokio::test]
         async fn $name() {
             let _server = SERVER.read().await;
-            let db = TestDb::create().await;
-            let store = db.store().await;
+            let db = PgDb::create().await;
+            let store = store(&db).await;
             conformance::$module::$name(&store).await;
-            db.finish(store).await;
+            finish(db, store).await;
+        }
+    };
+}
+
+/// A conformance check that takes the store shared (`Arc`), run on a multi-threaded runtime.
+macro_rules! shared_conformance_test {
+    ($name:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $name() {
+            let _server = SERVER.read().await;
+            let db = PgDb::create().await;
+            let store = Arc::new(store(&db).await);
+            conformance::$name(store.clone()).await;
+            let store = Arc::try_unwrap(store).unwrap_or_else(|_| panic!("the check finished"));
+            finish(db, store).await;
         }
     };
 }
@@ -142,31 +74,14 @@ conformance_test!(limits);
 conformance_test!(search_ranking_and_snippets);
 conformance_test!(idempotency_keys);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn idempotency_one_holder() {
-    let _server = SERVER.read().await;
-    let db = TestDb::create().await;
-    let store = Arc::new(db.store().await);
-    conformance::idempotency_one_holder(store.clone()).await;
-    let store = Arc::try_unwrap(store).unwrap_or_else(|_| panic!("claims finished"));
-    db.finish(store).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_writers() {
-    let _server = SERVER.read().await;
-    let db = TestDb::create().await;
-    let store = Arc::new(db.store().await);
-    conformance::concurrent_writers(store.clone()).await;
-    let store = Arc::try_unwrap(store).unwrap_or_else(|_| panic!("writers finished"));
-    db.finish(store).await;
-}
+shared_conformance_test!(idempotency_one_holder);
+shared_conformance_test!(concurrent_writers);
 
 /// Several cells migrating one empty database at once all succeed (sqlx's advisory lock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_migrations() {
     let _server = SERVER.read().await;
-    let db = TestDb::create().await;
+    let db = PgDb::create().await;
     let url = db.url.clone();
     let cells: Vec<_> = (0..4)
         .map(|_| {
@@ -179,17 +94,14 @@ async fn concurrent_migrations() {
         stores.push(cell.await.expect("task").expect("connect and migrate"));
     }
     let crawl = stores[0]
-        .create_crawl(CrawlSpec {
-            max_depth: None,
-            max_pages: None,
-        })
+        .create_crawl(conformance::UNLIMITED)
         .await
         .expect("schema is there");
     assert!(crawl > 0);
     for s in stores.drain(1..) {
         s.pool().close().await;
     }
-    db.finish(stores.pop().expect("one store")).await;
+    finish(db, stores.pop().expect("one store")).await;
 }
 
 /// Two API cells (two pools) ingesting overlapping results at once: each result counts once,
@@ -197,9 +109,9 @@ async fn concurrent_migrations() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_cells_keep_counts_exact() {
     let _server = SERVER.read().await;
-    let db = TestDb::create().await;
-    let a = Arc::new(db.store().await);
-    let b = Arc::new(db.store().await);
+    let db = PgDb::create().await;
+    let a = Arc::new(store(&db).await);
+    let b = Arc::new(store(&db).await);
     let crawl = a
         .create_crawl(CrawlSpec {
             max_depth: None,
@@ -256,7 +168,7 @@ async fn concurrent_cells_keep_counts_exact() {
     assert_eq!(stats.frontier.pending, 40);
     drop(b);
     let a = Arc::try_unwrap(a).unwrap_or_else(|_| panic!("tasks finished"));
-    db.finish(a).await;
+    finish(db, a).await;
 }
 
 /// Web text PostgreSQL cannot store as is (NUL characters) or index whole (over a megabyte)
@@ -264,13 +176,10 @@ async fn concurrent_cells_keep_counts_exact() {
 #[tokio::test]
 async fn hostile_page_text() {
     let _server = SERVER.read().await;
-    let db = TestDb::create().await;
-    let store = db.store().await;
+    let db = PgDb::create().await;
+    let store = store(&db).await;
     let crawl = store
-        .create_crawl(CrawlSpec {
-            max_depth: None,
-            max_pages: None,
-        })
+        .create_crawl(conformance::UNLIMITED)
         .await
         .expect("crawl");
     let urls = [
@@ -315,20 +224,17 @@ async fn hostile_page_text() {
         title_only.snippet
     );
     assert!(res.hits.iter().all(|h| h.snippet.contains("<mark>")));
-    db.finish(store).await;
+    finish(db, store).await;
 }
 
 /// Redirects and failures inside one batch behave as if the results were stored one by one.
 #[tokio::test]
 async fn batch_walks_results_in_order() {
     let _server = SERVER.read().await;
-    let db = TestDb::create().await;
-    let store = db.store().await;
+    let db = PgDb::create().await;
+    let store = store(&db).await;
     let crawl = store
-        .create_crawl(CrawlSpec {
-            max_depth: None,
-            max_pages: None,
-        })
+        .create_crawl(conformance::UNLIMITED)
         .await
         .expect("crawl");
     let urls = ["http://r.test/a", "http://r.test/b"];
@@ -363,7 +269,7 @@ async fn batch_walks_results_in_order() {
         store.indexed_urls().await.expect("urls"),
         vec![urls[1].to_string()]
     );
-    db.finish(store).await;
+    finish(db, store).await;
 }
 
 /// The store keeps working across a PostgreSQL restart without being recreated: calls during the
@@ -371,7 +277,7 @@ async fn batch_walks_results_in_order() {
 #[tokio::test]
 async fn survives_a_server_restart() {
     let _server = SERVER.write().await;
-    let db = TestDb::create().await;
+    let db = PgDb::create().await;
     let store = PgStore::connect_with(
         &db.url,
         PgOptions {
@@ -382,10 +288,7 @@ async fn survives_a_server_restart() {
     .await
     .expect("connect");
     let crawl = store
-        .create_crawl(CrawlSpec {
-            max_depth: None,
-            max_pages: None,
-        })
+        .create_crawl(conformance::UNLIMITED)
         .await
         .expect("crawl");
     store
@@ -419,7 +322,7 @@ async fn survives_a_server_restart() {
         })
     };
     let started = Instant::now();
-    restart("restart-postgres").await;
+    support::engines_script("restart-postgres").await;
     probing.store(false, Ordering::SeqCst);
     let (ok, failed, slowest) = probe.await.expect("probe");
     eprintln!("during the restart: {ok} calls answered, {failed} failed, slowest {slowest:?}");
@@ -427,20 +330,13 @@ async fn survives_a_server_restart() {
         slowest < Duration::from_secs(5),
         "a call hung for {slowest:?}"
     );
-    let mut failures = 0;
-    let recovered = loop {
-        match store.stats(10).await {
-            Ok(stats) => break stats,
-            Err(e) => {
-                failures += 1;
-                assert!(
-                    started.elapsed() < Duration::from_secs(60),
-                    "store did not recover: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    };
+    let (recovered, failures) = support::until_ok(
+        "store did not recover",
+        started,
+        Duration::from_secs(60),
+        || store.stats(10),
+    )
+    .await;
     eprintln!(
         "recovered {:?} after the restart began, {failures} failed call(s)",
         started.elapsed()
@@ -461,83 +357,19 @@ async fn survives_a_server_restart() {
         .expect("ingest after restart");
     assert_eq!((r.stored, r.links_admitted), (1, 1));
     let store = Arc::try_unwrap(store).unwrap_or_else(|_| panic!("probe finished"));
-    db.finish(store).await;
+    finish(db, store).await;
 }
 
-/// Run `scripts/engines.sh <command>`.
-pub async fn restart(command: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/engines.sh");
-    let command = command.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("bash").arg(script).arg(&command).output()
-    })
-    .await
-    .expect("join")
-    .expect("run scripts/engines.sh");
-    assert!(
-        out.status.success(),
-        "scripts/engines.sh failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Ingest throughput over a real server (`cargo test -p engines --test postgres -- --ignored
-/// --nocapture ingest_throughput`): batches of 50 pages with 10 links each, as a crawler sends.
+/// Ingest throughput over a real server (`cargo test --workspace --test postgres -- --ignored
+/// --nocapture ingest_throughput`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a check"]
 async fn ingest_throughput() {
     let _server = SERVER.read().await;
-    let db = TestDb::create().await;
-    let store = db.store().await;
-    let crawl = store
-        .create_crawl(CrawlSpec {
-            max_depth: None,
-            max_pages: None,
-        })
-        .await
-        .expect("crawl");
-    let seeds: Vec<_> = (0..5000)
-        .map(|i| conformance::cand(&format!("http://t{}.test/{i}", i % 50)))
-        .collect();
-    store
-        .admit_seeds(crawl, &seeds, u64::MAX)
-        .await
-        .expect("admit");
-    let body: String = (0..300).map(|i| format!("word{} ", i % 97)).collect();
-    let items: Vec<IngestItem> = seeds
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let links: Vec<String> = (0..10)
-                .map(|j| format!("http://t{}.test/{i}/{j}", j * 5))
-                .collect();
-            let links: Vec<&str> = links.iter().map(String::as_str).collect();
-            conformance::page(&s.url, "title words", &body, &links)
-        })
-        .collect();
-    let started = Instant::now();
-    for chunk in items.chunks(50) {
-        store.ingest(chunk, u64::MAX).await.expect("ingest");
-    }
-    let elapsed = started.elapsed();
-    eprintln!(
-        "ingested {} pages ({} links) in {elapsed:?}: {:.0} pages/s",
-        items.len(),
-        items.len() * 10,
-        items.len() as f64 / elapsed.as_secs_f64()
-    );
-    let t = Instant::now();
-    let res = store
-        .search(&SearchQuery {
-            terms: vec!["word5".into(), "title".into()],
-            limit: 10,
-            offset: 0,
-        })
-        .await
-        .expect("search");
-    eprintln!("search over {} matches took {:?}", res.total, t.elapsed());
-    db.finish(store).await;
+    let db = PgDb::create().await;
+    let store = store(&db).await;
+    conformance::ingest_throughput(&store, 5000).await;
+    finish(db, store).await;
 }
 
 // The host ledger and the publisher's claims (engines/tests/conformance/politeness.rs).
@@ -548,45 +380,32 @@ conformance_test!(ledger_permits_lapse, politeness);
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ledger_concurrent_askers() {
     let _server = SERVER.read().await;
-    let db = TestDb::create().await;
+    let db = PgDb::create().await;
     // Three stores: three api cells on one database.
-    let (a, b, c) = (db.store().await, db.store().await, db.store().await);
+    let (a, b, c) = (store(&db).await, store(&db).await, store(&db).await);
     let (a, b, c) = (Arc::new(a), Arc::new(b), Arc::new(c));
     conformance::politeness::ledger_concurrent_askers(vec![a.clone(), b.clone(), c.clone()]).await;
     drop((b, c));
     let a = Arc::try_unwrap(a).unwrap_or_else(|_| panic!("askers finished"));
-    db.finish(a).await;
+    finish(db, a).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn publisher_claims_do_not_overlap_and_expire() {
     let _server = SERVER.read().await;
-    let db = TestDb::create().await;
-    let a = Arc::new(db.store().await);
-    let b = Arc::new(db.store().await);
+    let db = PgDb::create().await;
+    let a = Arc::new(store(&db).await);
+    let b = Arc::new(store(&db).await);
     conformance::politeness::publisher_claims_do_not_overlap(a.clone(), b.clone()).await;
-    // A claim whose api died: claimed, never marked; once it expires another api takes it.
-    let crawl = a
-        .create_crawl(CrawlSpec {
-            max_depth: None,
-            max_pages: None,
-        })
-        .await
-        .expect("crawl");
-    a.admit_seeds(crawl, &[conformance::cand("http://died.test/")], 10)
-        .await
-        .expect("seed");
-    assert_eq!(a.unpublished(10).await.expect("claim").len(), 1);
-    assert!(b.unpublished(10).await.expect("claim").is_empty());
-    sqlx::query("UPDATE frontier SET claimed_until_ms = claimed_until_ms - $1")
-        .bind(engines::PUBLISH_CLAIM.as_millis() as i64 + 1)
-        .execute(a.pool())
-        .await
-        .expect("age the claim");
-    let taken = b.unpublished(10).await.expect("claim");
-    assert_eq!(taken.len(), 1, "the expired claim is taken over");
-    assert_eq!(taken[0].url, "http://died.test/");
+    conformance::politeness::expired_claims_are_taken_over(a.clone(), b.clone(), || async {
+        sqlx::query("UPDATE frontier SET claimed_until_ms = claimed_until_ms - $1")
+            .bind(engines::PUBLISH_CLAIM.as_millis() as i64 + 1)
+            .execute(a.pool())
+            .await
+            .expect("age the claim");
+    })
+    .await;
     drop(b);
     let a = Arc::try_unwrap(a).unwrap_or_else(|_| panic!("claims finished"));
-    db.finish(a).await;
+    finish(db, a).await;
 }

@@ -8,8 +8,8 @@
 //! `scripts/engines.sh start`.
 
 mod conformance;
+mod support;
 
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
@@ -450,7 +450,7 @@ async fn survives_a_broker_restart() {
         })
     };
     let started = Instant::now();
-    restart("restart-rabbitmq").await;
+    support::engines_script("restart-rabbitmq").await;
     eprintln!("broker restarted in {:?}", started.elapsed());
     probing.store(false, Ordering::SeqCst);
     let (ok, failed, slowest) = probe.await.expect("probe");
@@ -461,20 +461,12 @@ async fn survives_a_broker_restart() {
         "a call hung for {slowest:?}"
     );
     // Calls fail (or wait, for publish) until the background task has reconnected.
-    let mut failures = 0;
-    loop {
-        match q.publish(&[job(3)]).await {
-            Ok(()) => break,
-            Err(e) => {
-                failures += 1;
-                assert!(
-                    started.elapsed() < Duration::from_secs(90),
-                    "no reconnection: {e}"
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
+    let again = [job(3)];
+    let ((), failures) =
+        support::until_ok("no reconnection", started, Duration::from_secs(90), || {
+            q.publish(&again)
+        })
+        .await;
     eprintln!(
         "publishing again {:?} after the restart began ({failures} failed attempt(s))",
         started.elapsed()
@@ -508,22 +500,4 @@ async fn survives_a_broker_restart() {
     );
     q.close().await;
     delete_queues(&name).await;
-}
-
-/// Run `scripts/engines.sh <command>`.
-async fn restart(command: &str) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/engines.sh");
-    let command = command.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new("bash").arg(script).arg(&command).output()
-    })
-    .await
-    .expect("join")
-    .expect("run scripts/engines.sh");
-    assert!(
-        out.status.success(),
-        "scripts/engines.sh failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
 }

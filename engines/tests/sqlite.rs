@@ -1,30 +1,17 @@
 //! The conformance suite on the embedded engines.
 
 mod conformance;
+mod support;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use engines::sqlite::{SqliteQueue, SqliteStore};
+use engines::Store;
 
 async fn store() -> (tempfile::TempDir, SqliteStore) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let store = SqliteStore::open(dir.path().join("store.db").to_str().expect("utf-8 path"))
-        .await
-        .expect("open store");
+    let (dir, _, store) = support::sqlite_store().await;
     (dir, store)
-}
-
-async fn queue() -> (tempfile::TempDir, SqliteQueue) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let queue = SqliteQueue::open(
-        dir.path().join("queue.db").to_str().expect("utf-8 path"),
-        Duration::from_millis(200),
-        3,
-    )
-    .await
-    .expect("open queue");
-    (dir, queue)
 }
 
 #[tokio::test]
@@ -51,6 +38,15 @@ async fn search_ranking_and_snippets() {
     conformance::search_ranking_and_snippets(&s).await;
 }
 
+/// Ingest throughput (`cargo test --workspace --test sqlite -- --ignored --nocapture
+/// ingest_throughput`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn ingest_throughput() {
+    let (_d, s) = store().await;
+    conformance::ingest_throughput(&s, 5000).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_writers() {
     let (_d, s) = store().await;
@@ -71,25 +67,25 @@ async fn idempotency_one_holder() {
 
 #[tokio::test]
 async fn queue_basics() {
-    let (_d, q) = queue().await;
+    let (_d, q) = support::sqlite_queue().await;
     conformance::queue_basics(&q).await;
 }
 
 #[tokio::test]
 async fn lease_expiry_redelivers() {
-    let (_d, q) = queue().await;
+    let (_d, q) = support::sqlite_queue().await;
     conformance::lease_expiry_redelivers(&q).await;
 }
 
 #[tokio::test]
 async fn dead_letters_after_limit() {
-    let (_d, q) = queue().await;
+    let (_d, q) = support::sqlite_queue().await;
     conformance::dead_letters_after_limit(&q).await;
 }
 
 #[tokio::test]
 async fn retry_redelivers() {
-    let (_d, q) = queue().await;
+    let (_d, q) = support::sqlite_queue().await;
     conformance::retry_redelivers(&q).await;
 }
 
@@ -132,52 +128,34 @@ async fn ledger_permits_lapse() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ledger_concurrent_askers() {
     // Three stores on one file: three api cells of one machine.
-    let (dir, a) = store().await;
-    let path = dir.path().join("store.db");
-    let path = path.to_str().expect("utf-8");
-    let b = SqliteStore::open(path).await.expect("open b");
-    let c = SqliteStore::open(path).await.expect("open c");
+    let (_dir, path, a) = support::sqlite_store().await;
+    let b = SqliteStore::open(&path).await.expect("open b");
+    let c = SqliteStore::open(&path).await.expect("open c");
     conformance::politeness::ledger_concurrent_askers(vec![Arc::new(a), Arc::new(b), Arc::new(c)])
         .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn publisher_claims_do_not_overlap_and_expire() {
-    use engines::{CrawlSpec, Store};
-    let (dir, a) = store().await;
-    let path = dir.path().join("store.db");
-    let path = path.to_str().expect("utf-8");
-    let b: Arc<dyn Store> = Arc::new(SqliteStore::open(path).await.expect("open b"));
+    let (_dir, path, a) = support::sqlite_store().await;
+    let b: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.expect("open b"));
     let a: Arc<dyn Store> = Arc::new(a);
     conformance::politeness::publisher_claims_do_not_overlap(a.clone(), b.clone()).await;
-    // A claim whose api died: claimed, never marked; once it expires another api takes it.
-    let crawl = a
-        .create_crawl(CrawlSpec {
-            max_depth: None,
-            max_pages: None,
-        })
-        .await
-        .expect("crawl");
-    a.admit_seeds(crawl, &[conformance::cand("http://died.test/")], 10)
-        .await
-        .expect("seed");
-    assert_eq!(a.unpublished(10).await.expect("claim").len(), 1);
-    assert!(b.unpublished(10).await.expect("claim").is_empty());
-    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!("sqlite:{path}"))
+    let mut side = <sqlx::SqliteConnection as sqlx::Connection>::connect(&format!("sqlite:{path}"))
         .await
         .expect("side connection");
-    sqlx::query("UPDATE frontier SET claimed_until_ms = claimed_until_ms - ?")
-        .bind(engines::PUBLISH_CLAIM.as_millis() as i64 + 1)
-        .execute(&mut conn)
-        .await
-        .expect("age the claim");
-    let taken = b.unpublished(10).await.expect("claim");
-    assert_eq!(taken.len(), 1, "the expired claim is taken over");
-    assert_eq!(taken[0].url, "http://died.test/");
+    conformance::politeness::expired_claims_are_taken_over(a, b, || async {
+        sqlx::query("UPDATE frontier SET claimed_until_ms = claimed_until_ms - ?")
+            .bind(engines::PUBLISH_CLAIM.as_millis() as i64 + 1)
+            .execute(&mut side)
+            .await
+            .expect("age the claim");
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn defer_spends_no_delivery() {
-    let (_d, q) = queue().await;
+    let (_d, q) = support::sqlite_queue().await;
     conformance::politeness::defer_spends_no_delivery(&q).await;
 }

@@ -5,11 +5,12 @@
 //! one write lock per transaction; here several API cells write at once, so a transaction locks
 //! what it counts on, always in the same order (crawl rows, then the results' frontier rows, then
 //! host budget rows, each sorted), and a deadlock or serialization failure that slips through is
-//! retried. Statements are batched (`unnest` arrays), so an ingest costs a fixed number of round
+//! retried. The frontier's decisions are [`crate::frontier`]'s, as on SQLite; rows a plan writes
+//! that this transaction did not lock (redirect targets, re-expanded links, new URLs) are checked
+//! as they are written, and a plan gone stale ([`crate::EngineError::Conflict`]) is retried too. Statements are batched (`unnest` arrays), so an ingest costs a fixed number of round
 //! trips whatever the number of links.
 
 mod factory_ledger;
-mod idempotency;
 mod politeness;
 mod store;
 
@@ -17,6 +18,8 @@ use std::time::Duration;
 
 pub use factory_ledger::PgFactoryLedger;
 pub use store::PgStore;
+
+crate::idempotency::idempotency_store_on!(PgStore);
 
 /// Connection pool settings for [`PgStore::connect_with`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

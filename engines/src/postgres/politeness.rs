@@ -1,9 +1,9 @@
 //! [`HostLedger`] on PostgreSQL: one transaction per request; each host's ledger row is locked
 //! (`SELECT ... FOR UPDATE`, hosts in sorted order so that two apis never deadlock) while
-//! [`politeness::decide`] runs on it. Time is the database's clock, so apis on machines whose
+//! [`politeness::walk`] runs over them. Time is the database's clock, so apis on machines whose
 //! clocks disagree still space a host's requests correctly.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 
 use async_trait::async_trait;
 use sqlx::{PgConnection, Row};
@@ -24,13 +24,7 @@ async fn permits_once(conn: &mut PgConnection, request: &PermitRequest) -> Resul
             .await?;
     }
     // Every host this request touches, locked in one order.
-    let hosts: BTreeSet<&str> = request
-        .blocks
-        .iter()
-        .map(|b| b.host.as_str())
-        .chain(request.asks.iter().map(|a| a.host.as_str()))
-        .collect();
-    let hosts: Vec<&str> = hosts.into_iter().collect();
+    let hosts = politeness::hosts(request);
     sqlx::query(
         "INSERT INTO host_ledger (host) SELECT unnest($1::text[]) ORDER BY 1 \
          ON CONFLICT (host) DO NOTHING",
@@ -70,28 +64,18 @@ async fn permits_once(conn: &mut PgConnection, request: &PermitRequest) -> Resul
             slot.in_flight.push(r.get(1));
         }
     }
-    let mut blocked: HashMap<&str, i64> = HashMap::new();
-    for block in &request.blocks {
-        let until = now + politeness::block_ms(block.for_ms);
-        if let Some(slot) = slots.get_mut(block.host.as_str()) {
-            if until > slot.blocked_until_ms {
-                slot.blocked_until_ms = until;
-                blocked.insert(&block.host, until);
+    let decisions = politeness::walk(&mut slots, request, now);
+    let granted: Vec<(&str, i64)> = request
+        .asks
+        .iter()
+        .zip(&decisions)
+        .filter_map(|(ask, d)| match d {
+            politeness::Decision::Grant { expires_ms, .. } => {
+                Some((ask.host.as_str(), *expires_ms))
             }
-        }
-    }
-    let mut answers = Vec::with_capacity(request.asks.len());
-    let mut granted: Vec<(&str, i64)> = Vec::new();
-    for ask in &request.asks {
-        let Some(slot) = slots.get_mut(ask.host.as_str()) else {
-            continue; // every host was inserted above
-        };
-        let decision = politeness::decide(slot, ask, now);
-        if let politeness::Decision::Grant { expires_ms, .. } = decision {
-            granted.push((&ask.host, expires_ms));
-        }
-        answers.push((decision, granted.len()));
-    }
+            politeness::Decision::NotBefore { .. } => None,
+        })
+        .collect();
     let (grant_hosts, grant_expiries): (Vec<&str>, Vec<i64>) = granted.iter().copied().unzip();
     // Ids are drawn first so that each grant knows its own (RETURNING promises no order).
     let ids: Vec<i64> = if granted.is_empty() {
@@ -126,7 +110,7 @@ async fn permits_once(conn: &mut PgConnection, request: &PermitRequest) -> Resul
         }
         (t, s, b)
     };
-    if !granted.is_empty() || !blocked.is_empty() {
+    if !granted.is_empty() || !request.blocks.is_empty() {
         sqlx::query(
             "UPDATE host_ledger l SET last_start_ms = u.s, blocked_until_ms = u.b \
              FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS u(h, s, b) WHERE l.host = u.h",
@@ -137,11 +121,12 @@ async fn permits_once(conn: &mut PgConnection, request: &PermitRequest) -> Resul
         .execute(&mut *conn)
         .await?;
     }
-    let answers = answers
+    let mut grants = ids.iter().copied();
+    let answers = decisions
         .into_iter()
-        .map(|(decision, n)| {
+        .map(|decision| {
             let permit = match decision {
-                politeness::Decision::Grant { .. } => ids.get(n - 1).copied().unwrap_or(0),
+                politeness::Decision::Grant { .. } => grants.next().unwrap_or(0),
                 politeness::Decision::NotBefore { .. } => 0,
             };
             politeness::answer(decision, permit, now)

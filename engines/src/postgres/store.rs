@@ -1,7 +1,7 @@
 //! [`Store`] on PostgreSQL.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::str::FromStr;
 use std::time::Duration;
@@ -12,6 +12,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{PgConnection, Row};
 
 use super::PgOptions;
+use crate::frontier::{self, Entry, NewEntry, State, View};
 use crate::snippet::{render_snippet, MARK_CLOSE, MARK_OPEN};
 use crate::sqlite::now_ms;
 use crate::{
@@ -59,18 +60,7 @@ impl PgStore {
             .test_before_acquire(true)
             .connect_with(connect)
             .await?;
-        let mut attempt = 0;
-        loop {
-            match MIGRATOR.run(&pool).await {
-                Ok(()) => break,
-                Err(e) if attempt < 5 => {
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, "store migration failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        crate::migrate_with_retries("store", || MIGRATOR.run(&pool)).await?;
         Ok(Self { pool })
     }
 
@@ -86,242 +76,91 @@ impl PgStore {
         host_budget: u64,
     ) -> Result<Vec<Admission>> {
         let now = now_ms();
-        let seeds: Vec<(String, String)> = seeds
-            .iter()
-            .map(|s| (pg_url(&s.url).into_owned(), pg_text(&s.host).into_owned()))
-            .collect();
         let mut tx = self.pool.begin().await?;
-        let mut budgets = Budgets::new(host_budget);
-        budgets.lock_crawls(&mut tx, &[crawl_id]).await?;
-        let urls: Vec<&str> = seeds.iter().map(|(u, _)| u.as_str()).collect();
-        let known: HashMap<String, String> =
-            sqlx::query("SELECT url, state FROM frontier WHERE url = ANY($1)")
-                .bind(&urls)
-                .fetch_all(&mut *tx)
-                .await?
-                .into_iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
-        let hosts: Vec<&str> = seeds
-            .iter()
-            .filter(|(u, _)| !known.contains_key(u))
-            .map(|(_, h)| h.as_str())
-            .collect();
-        budgets.lock_hosts(&mut tx, &hosts).await?;
-
-        let mut out = Vec::with_capacity(seeds.len());
-        let mut admitted: Vec<usize> = Vec::new();
-        let mut seen: HashSet<&str> = HashSet::new();
-        for (i, (url, host)) in seeds.iter().enumerate() {
-            if let Some(state) = known.get(url) {
-                out.push(Admission::Known(state_name(state)));
-                continue;
-            }
-            if !seen.insert(url) {
-                out.push(Admission::Known("pending"));
-                continue;
-            }
-            if let Some(reason) = budgets.refusal(crawl_id, host) {
-                out.push(Admission::Refused(reason));
-                continue;
-            }
-            budgets.count(crawl_id, host, 1);
-            admitted.push(i);
-            out.push(Admission::Admitted);
-        }
-        let offers: Vec<NewEntry<'_>> = admitted
-            .iter()
-            .map(|&i| NewEntry {
-                url: &seeds[i].0,
-                host: &seeds[i].1,
-                crawl_id,
-                depth: 0,
-            })
-            .collect();
-        let inserted = insert_pending(&mut tx, &offers, now).await?;
-        for &i in &admitted {
-            if !inserted.contains(seeds[i].0.as_str()) {
-                // Another cell admitted it between our look-up and our insert.
-                budgets.count(crawl_id, &seeds[i].1, -1);
-                out[i] = Admission::Known("pending");
-            }
-        }
-        budgets.write_back(&mut tx).await?;
+        // Lock order: crawls, then frontier rows, then host budgets.
+        let mut view = View {
+            crawls: lock_crawls(&mut tx, &[crawl_id]).await?,
+            ..View::default()
+        };
+        let urls: Vec<&str> = seeds.iter().map(|s| s.url.as_str()).collect();
+        view.entries = read_entries(&mut tx, &urls, false).await?;
+        view.hosts = lock_hosts(&mut tx, &view.hosts_to_admit(seeds)).await?;
+        let plan = frontier::plan_seeds(&view, crawl_id, seeds, host_budget);
+        insert_entries(&mut tx, &plan.inserts, now).await?;
+        add_counts(&mut tx, &plan.counts).await?;
         tx.commit().await?;
-        Ok(out)
+        Ok(plan.admissions)
     }
 
     async fn ingest_once(&self, items: &[IngestItem], host_budget: u64) -> Result<IngestReport> {
         let now = now_ms();
-        let mut report = IngestReport::default();
-        if items.is_empty() {
-            return Ok(report);
-        }
-        let mut item_urls: Vec<String> =
-            items.iter().map(|i| pg_url(&i.url).into_owned()).collect();
-        item_urls.sort_unstable();
-        item_urls.dedup();
-
+        let item_urls = frontier::item_urls(items);
         let mut tx = self.pool.begin().await?;
-        let mut budgets = Budgets::new(host_budget);
-        // Lock order: crawls, then the results' own frontier rows, then host budgets.
+        // Lock order: crawls, then the results' own frontier rows, then host budgets. The other
+        // rows the batch names (redirect targets, links) are read unlocked; a change to one of
+        // them is checked when it is written.
         let crawl_ids: Vec<i64> = sqlx::query_scalar(
             "SELECT DISTINCT crawl_id FROM frontier WHERE url = ANY($1) ORDER BY crawl_id",
         )
         .bind(&item_urls)
         .fetch_all(&mut *tx)
         .await?;
-        budgets.lock_crawls(&mut tx, &crawl_ids).await?;
-        let mut rows: HashMap<String, ItemRow> = sqlx::query(
-            "SELECT url, crawl_id, depth, state FROM frontier WHERE url = ANY($1) \
-             ORDER BY url FOR UPDATE",
-        )
-        .bind(&item_urls)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|r| {
-            (
-                r.get::<String, _>(0),
-                ItemRow {
-                    crawl_id: r.get(1),
-                    depth: r.get(2),
-                    state: state_name(&r.get::<String, _>(3)),
-                },
-            )
-        })
-        .collect();
+        let mut view = View {
+            crawls: lock_crawls(&mut tx, &crawl_ids).await?,
+            entries: read_entries(&mut tx, &item_urls, true).await?,
+            ..View::default()
+        };
+        let others: Vec<&str> = frontier::ingest_urls(items)
+            .into_iter()
+            .filter(|u| !view.entries.contains_key(*u))
+            .collect();
+        view.entries
+            .extend(read_entries(&mut tx, &others, false).await?);
+        view.hosts =
+            lock_hosts(&mut tx, &view.hosts_to_admit(frontier::ingest_links(items))).await?;
+        let plan = frontier::plan_ingest(&view, items, host_budget);
 
-        // Walk the results in order over an in-memory view of their rows, exactly as the SQLite
-        // store walks them one statement at a time; then write everything in batches.
-        let mut failed: Vec<(String, String)> = Vec::new();
-        let mut crawled: Vec<String> = Vec::new();
-        let mut redirects: Vec<(String, &str, i64, i32)> = Vec::new();
-        let mut redirect_seen: HashSet<String> = HashSet::new();
-        let mut pages: Vec<PageRow<'_>> = Vec::new();
-        let mut page_index: HashMap<String, usize> = HashMap::new();
-        let mut offers: Vec<LinkOffer> = Vec::new();
-        for item in items {
-            let url = pg_url(&item.url).into_owned();
-            let Some(row) = rows.get_mut(&url) else {
-                report.unknown += 1;
-                continue;
-            };
-            if row.state == "crawled" || row.state == "failed" {
-                continue; // a repeat: idempotent
-            }
-            report.stored += 1;
-            let (crawl_id, depth) = (row.crawl_id, row.depth);
-            match &item.outcome {
-                IngestOutcome::Failed { reason } => {
-                    row.state = "failed";
-                    failed.push((url, pg_text(reason).into_owned()));
-                }
-                IngestOutcome::Page {
-                    final_url,
-                    final_host,
-                    title,
-                    text,
-                    indexable,
-                    links,
-                } => {
-                    row.state = "crawled";
-                    let final_url = pg_url(final_url).into_owned();
-                    if final_url != url {
-                        // The redirect target is crawled too; a job already queued for it will
-                        // find it done.
-                        if let Some(target) = rows.get_mut(&final_url) {
-                            if target.state == "pending" || target.state == "queued" {
-                                target.state = "crawled";
-                            }
-                        }
-                        if redirect_seen.insert(final_url.clone()) {
-                            redirects.push((final_url.clone(), final_host, crawl_id, depth));
-                        }
-                    }
-                    crawled.push(url);
-                    if *indexable {
-                        let page = PageRow {
-                            url: final_url.clone(),
-                            host: final_host,
-                            title,
-                            body: text,
-                        };
-                        match page_index.get(&final_url) {
-                            Some(&i) => pages[i] = page,
-                            None => {
-                                page_index.insert(final_url, pages.len());
-                                pages.push(page);
-                            }
-                        }
-                    }
-                    let limits = budgets.limits(crawl_id);
-                    let child_depth = depth + 1;
-                    if limits
-                        .max_depth
-                        .is_some_and(|max| i64::from(child_depth) > max)
-                    {
-                        continue;
-                    }
-                    offers.extend(links.iter().map(|l| LinkOffer {
-                        url: pg_url(&l.url).into_owned(),
-                        host: pg_text(&l.host).into_owned(),
-                        crawl_id,
-                        depth: child_depth,
-                        depth_limited: limits.max_depth.is_some(),
-                    }));
-                }
-            }
-        }
-
-        if !failed.is_empty() {
-            let (urls, reasons): (Vec<String>, Vec<String>) = failed.into_iter().unzip();
-            sqlx::query(
-                "UPDATE frontier f SET state = 'failed', reason = v.reason, updated_ms = $3 \
-                 FROM unnest($1::text[], $2::text[]) AS v(url, reason) WHERE f.url = v.url",
+        insert_entries(&mut tx, &plan.inserts, now).await?;
+        if !plan.changes.is_empty() {
+            let changes = &plan.changes;
+            let urls: Vec<&str> = changes.iter().map(|c| c.url).collect();
+            let crawls: Vec<i64> = changes.iter().map(|c| c.before.crawl_id).collect();
+            let depths_before: Vec<i32> =
+                changes.iter().map(|c| pg_depth(c.before.depth)).collect();
+            let states_before: Vec<&str> =
+                changes.iter().map(|c| c.before.state.as_str()).collect();
+            let depths: Vec<i32> = changes.iter().map(|c| pg_depth(c.after.depth)).collect();
+            let states: Vec<&str> = changes.iter().map(|c| c.after.state.as_str()).collect();
+            let reasons: Vec<Option<String>> = changes
+                .iter()
+                .map(|c| c.after.reason.as_deref().map(|r| pg_text(r).into_owned()))
+                .collect();
+            let done = sqlx::query(
+                "UPDATE frontier f SET depth = v.d, state = v.s, reason = v.r, updated_ms = $8 \
+                 FROM unnest($1::text[], $2::int8[], $3::int4[], $4::text[], $5::int4[], \
+                             $6::text[], $7::text[]) AS v(u, c, bd, bs, d, s, r) \
+                 WHERE f.url = v.u AND f.crawl_id = v.c AND f.depth = v.bd AND f.state = v.bs",
             )
             .bind(&urls)
+            .bind(&crawls)
+            .bind(&depths_before)
+            .bind(&states_before)
+            .bind(&depths)
+            .bind(&states)
             .bind(&reasons)
             .bind(now)
             .execute(&mut *tx)
             .await?;
+            if done.rows_affected() != changes.len() as u64 {
+                return Err(EngineError::Conflict(
+                    "a frontier entry changed since it was read".into(),
+                ));
+            }
         }
-        if !crawled.is_empty() {
-            sqlx::query(
-                "UPDATE frontier SET state = 'crawled', reason = NULL, updated_ms = $2 \
-                 WHERE url = ANY($1)",
-            )
-            .bind(&crawled)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !redirects.is_empty() {
-            redirects.sort_unstable();
-            let urls: Vec<&str> = redirects.iter().map(|r| r.0.as_str()).collect();
-            let hosts: Vec<Cow<'_, str>> = redirects.iter().map(|r| pg_text(r.1)).collect();
-            let hosts: Vec<&str> = hosts.iter().map(|h| h.as_ref()).collect();
-            let crawls: Vec<i64> = redirects.iter().map(|r| r.2).collect();
-            let depths: Vec<i32> = redirects.iter().map(|r| r.3).collect();
-            sqlx::query(
-                "INSERT INTO frontier (url, host, crawl_id, depth, state, updated_ms) \
-                 SELECT u, h, c, d, 'crawled', $5 \
-                 FROM unnest($1::text[], $2::text[], $3::int8[], $4::int4[]) AS v(u, h, c, d) \
-                 ON CONFLICT (url) DO UPDATE SET state = 'crawled', reason = NULL, \
-                 updated_ms = excluded.updated_ms \
-                 WHERE frontier.state IN ('pending', 'queued')",
-            )
-            .bind(&urls)
-            .bind(&hosts)
-            .bind(&crawls)
-            .bind(&depths)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        }
-        if !pages.is_empty() {
-            pages.sort_by(|a, b| a.url.cmp(&b.url));
-            let urls: Vec<&str> = pages.iter().map(|p| p.url.as_str()).collect();
+        let mut pages_indexed = 0;
+        if !plan.pages.is_empty() {
+            let pages = &plan.pages;
+            let urls: Vec<&str> = pages.iter().map(|p| p.url).collect();
             let hosts: Vec<Cow<'_, str>> = pages.iter().map(|p| pg_text(p.host)).collect();
             let titles: Vec<Cow<'_, str>> = pages.iter().map(|p| pg_text(p.title)).collect();
             let bodies: Vec<Cow<'_, str>> = pages.iter().map(|p| pg_text(p.body)).collect();
@@ -343,370 +182,229 @@ impl PgStore {
             .bind(now)
             .execute(&mut *tx)
             .await?;
-            report.pages_indexed = done.rows_affected() as usize;
+            pages_indexed = done.rows_affected() as usize;
         }
-        if !offers.is_empty() {
-            report.links_admitted = admit_links(&mut tx, &mut budgets, &offers, now).await?;
-        }
-        budgets.write_back(&mut tx).await?;
+        add_counts(&mut tx, &plan.counts).await?;
         tx.commit().await?;
-        Ok(report)
+        Ok(plan.report(pages_indexed))
     }
 }
 
-/// Offer new links to the frontier: admit the unknown ones within budget (one insert for all),
-/// and re-expand known ones reached by a shorter path under a depth limit. Returns how many were
-/// admitted.
-async fn admit_links(
+/// Frontier rows of these URLs ([`frontier::View::entries`]), locked (in URL order) when `lock`.
+async fn read_entries(
     tx: &mut PgConnection,
-    budgets: &mut Budgets,
-    offers: &[LinkOffer],
-    now: i64,
-) -> Result<usize> {
-    let mut unique: Vec<&str> = offers.iter().map(|o| o.url.as_str()).collect();
-    unique.sort_unstable();
-    unique.dedup();
-    let known: HashSet<String> = sqlx::query_scalar("SELECT url FROM frontier WHERE url = ANY($1)")
-        .bind(&unique)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
-    let hosts: Vec<&str> = offers
-        .iter()
-        .filter(|o| !known.contains(&o.url))
-        .map(|o| o.host.as_str())
-        .collect();
-    budgets.lock_hosts(tx, &hosts).await?;
-
-    // Walk the offers in order, as the SQLite store does one insert at a time.
-    let mut admitted: Vec<NewEntry<'_>> = Vec::new();
-    let mut admitted_at: HashMap<&str, usize> = HashMap::new();
-    let mut reexpand: HashMap<(&str, i64), i32> = HashMap::new();
-    for o in offers {
-        if !known.contains(&o.url) {
-            if let Some(&i) = admitted_at.get(o.url.as_str()) {
-                // Admitted earlier in this batch: a shorter path lowers its depth.
-                let first = &mut admitted[i];
-                if o.depth_limited && first.crawl_id == o.crawl_id && first.depth > o.depth {
-                    first.depth = o.depth;
-                }
-                continue;
-            }
-            if budgets.refusal(o.crawl_id, &o.host).is_none() {
-                budgets.count(o.crawl_id, &o.host, 1);
-                admitted_at.insert(&o.url, admitted.len());
-                admitted.push(NewEntry {
-                    url: &o.url,
-                    host: &o.host,
-                    crawl_id: o.crawl_id,
-                    depth: o.depth,
-                });
-                continue;
-            }
-        }
-        if o.depth_limited {
-            // Under a depth limit, a shorter path to a known URL must re-expand it, or pages
-            // within the limit would be missed depending on crawl order.
-            let d = reexpand.entry((&o.url, o.crawl_id)).or_insert(o.depth);
-            *d = (*d).min(o.depth);
-        }
+    urls: &[&str],
+    lock: bool,
+) -> Result<HashMap<String, Entry>> {
+    if urls.is_empty() {
+        return Ok(HashMap::new());
     }
-    let inserted = insert_pending(tx, &admitted, now).await?;
-    let mut count = 0;
-    for entry in &admitted {
-        if inserted.contains(entry.url) {
-            count += 1;
-        } else {
-            // Another cell inserted it between our look-up and our insert: it is known.
-            budgets.count(entry.crawl_id, entry.host, -1);
-            let d = reexpand
-                .entry((entry.url, entry.crawl_id))
-                .or_insert(entry.depth);
-            *d = (*d).min(entry.depth);
-        }
-    }
-    if !reexpand.is_empty() {
-        let mut rows: Vec<((&str, i64), i32)> = reexpand.into_iter().collect();
-        rows.sort_unstable();
-        let urls: Vec<&str> = rows.iter().map(|((u, _), _)| *u).collect();
-        let crawls: Vec<i64> = rows.iter().map(|((_, c), _)| *c).collect();
-        let depths: Vec<i32> = rows.iter().map(|(_, d)| *d).collect();
-        sqlx::query(
-            "UPDATE frontier f SET depth = v.d, updated_ms = $4, \
-             state = CASE WHEN f.state = 'crawled' THEN 'pending' ELSE f.state END \
-             FROM unnest($1::text[], $2::int8[], $3::int4[]) AS v(u, c, d) \
-             WHERE f.url = v.u AND f.crawl_id = v.c AND f.depth > v.d",
-        )
-        .bind(&urls)
-        .bind(&crawls)
-        .bind(&depths)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-    }
-    Ok(count)
+    let sql = if lock {
+        "SELECT url, crawl_id, depth, state, reason FROM frontier WHERE url = ANY($1) \
+         ORDER BY url FOR UPDATE"
+    } else {
+        "SELECT url, crawl_id, depth, state, reason FROM frontier WHERE url = ANY($1)"
+    };
+    let rows = sqlx::query(sql).bind(urls).fetch_all(&mut *tx).await?;
+    rows.into_iter()
+        .map(|r| {
+            let entry = Entry {
+                crawl_id: r.get(1),
+                depth: r.get::<i32, _>(2).max(0) as u32,
+                state: State::from_column(r.get(3))?,
+                reason: r.get(4),
+            };
+            Ok((r.get(0), entry))
+        })
+        .collect()
 }
 
-/// Insert new pending frontier entries in one statement; returns the URLs that were new.
-async fn insert_pending(
-    tx: &mut PgConnection,
-    entries: &[NewEntry<'_>],
-    now: i64,
-) -> Result<HashSet<String>> {
-    if entries.is_empty() {
-        return Ok(HashSet::new());
+/// Read the crawl rows; lock (sorted, so concurrent transactions cannot deadlock here) only those
+/// with a page limit, whose count a plan may change. A crawl without a page limit keeps no count:
+/// every api's ingest would otherwise queue on its one row.
+async fn lock_crawls(tx: &mut PgConnection, ids: &[i64]) -> Result<HashMap<i64, frontier::Crawl>> {
+    let mut crawls = HashMap::new();
+    if ids.is_empty() {
+        return Ok(crawls);
     }
-    let mut sorted: Vec<&NewEntry<'_>> = entries.iter().collect();
-    sorted.sort_by(|a, b| a.url.cmp(b.url));
-    let urls: Vec<&str> = sorted.iter().map(|e| e.url).collect();
-    let hosts: Vec<&str> = sorted.iter().map(|e| e.host).collect();
-    let crawls: Vec<i64> = sorted.iter().map(|e| e.crawl_id).collect();
-    let depths: Vec<i32> = sorted.iter().map(|e| e.depth).collect();
-    let inserted: Vec<String> = sqlx::query_scalar(
-        "INSERT INTO frontier (url, host, crawl_id, depth, state, updated_ms) \
-         SELECT u, h, c, d, 'pending', $5 \
-         FROM unnest($1::text[], $2::text[], $3::int8[], $4::int4[]) AS v(u, h, c, d) \
-         ON CONFLICT (url) DO NOTHING RETURNING url",
+    let limited: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM crawls WHERE id = ANY($1) AND max_pages IS NOT NULL ORDER BY id",
     )
-    .bind(&urls)
-    .bind(&hosts)
-    .bind(&crawls)
-    .bind(&depths)
-    .bind(now)
+    .bind(ids)
     .fetch_all(&mut *tx)
     .await?;
-    Ok(inserted.into_iter().collect())
-}
-
-struct ItemRow {
-    crawl_id: i64,
-    depth: i32,
-    state: &'static str,
-}
-
-struct NewEntry<'a> {
-    url: &'a str,
-    host: &'a str,
-    crawl_id: i64,
-    depth: i32,
-}
-
-struct PageRow<'a> {
-    url: String,
-    host: &'a str,
-    title: &'a str,
-    body: &'a str,
-}
-
-struct LinkOffer {
-    url: String,
-    host: String,
-    crawl_id: i64,
-    depth: i32,
-    depth_limited: bool,
-}
-
-/// The limits a new URL must pass, read under row locks for the length of one transaction.
-struct Budgets {
-    crawls: HashMap<i64, CrawlLimits>,
-    hosts: HashMap<String, Counter>,
-    host_budget: u64,
-}
-
-#[derive(Clone, Copy)]
-struct CrawlLimits {
-    max_depth: Option<i64>,
-    max_pages: Option<i64>,
-    counter: Counter,
-}
-
-#[derive(Clone, Copy, Default)]
-struct Counter {
-    admitted: i64,
-    added: i64,
-}
-
-/// A frontier entry whose crawl row is gone: unlimited.
-const UNLIMITED: CrawlLimits = CrawlLimits {
-    max_depth: None,
-    max_pages: None,
-    counter: Counter {
-        admitted: 0,
-        added: 0,
-    },
-};
-
-impl Budgets {
-    fn new(host_budget: u64) -> Self {
-        Self {
-            crawls: HashMap::new(),
-            hosts: HashMap::new(),
-            host_budget,
-        }
-    }
-
-    /// Read the crawl rows; lock (sorted, so concurrent transactions cannot deadlock here) only
-    /// those with a page limit, whose count this transaction may change. A crawl without a page
-    /// limit keeps no count: every api's ingest would otherwise queue on its one row.
-    async fn lock_crawls(&mut self, tx: &mut PgConnection, ids: &[i64]) -> Result<()> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let limited: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM crawls WHERE id = ANY($1) AND max_pages IS NOT NULL ORDER BY id",
-        )
-        .bind(ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        let unlimited = sqlx::query(
-            "SELECT id, max_depth FROM crawls WHERE id = ANY($1) AND max_pages IS NULL",
-        )
-        .bind(ids)
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in unlimited {
-            self.crawls.insert(
-                row.get(0),
-                CrawlLimits {
-                    max_depth: row.get(1),
-                    max_pages: None,
-                    counter: Counter::default(),
-                },
-            );
-        }
-        if limited.is_empty() {
-            return Ok(());
-        }
-        let rows = sqlx::query(
+    let unlimited =
+        sqlx::query("SELECT id, max_depth, max_pages, admitted FROM crawls WHERE id = ANY($1) AND max_pages IS NULL")
+            .bind(ids)
+            .fetch_all(&mut *tx)
+            .await?;
+    let locked = if limited.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query(
             "SELECT id, max_depth, max_pages, admitted FROM crawls WHERE id = ANY($1) \
              ORDER BY id FOR UPDATE",
         )
         .bind(&limited)
         .fetch_all(&mut *tx)
-        .await?;
-        for row in rows {
-            self.crawls.insert(
-                row.get(0),
-                CrawlLimits {
-                    max_depth: row.get(1),
-                    max_pages: row.get(2),
-                    counter: Counter {
-                        admitted: row.get(3),
-                        added: 0,
-                    },
-                },
-            );
-        }
-        Ok(())
+        .await?
+    };
+    for row in unlimited.into_iter().chain(locked) {
+        let crawl = frontier::Crawl {
+            max_depth: row
+                .get::<Option<i64>, _>(1)
+                .map(|d| d.clamp(0, i64::from(u32::MAX)) as u32),
+            max_pages: row.get::<Option<i64>, _>(2).map(|p| p.max(0) as u64),
+            admitted: row.get::<i64, _>(3).max(0) as u64,
+        };
+        crawls.insert(row.get(0), crawl);
     }
+    Ok(crawls)
+}
 
-    /// Create (at zero) and lock the budget rows of these hosts, in sorted order.
-    async fn lock_hosts(&mut self, tx: &mut PgConnection, hosts: &[&str]) -> Result<()> {
-        let mut hosts: Vec<&str> = hosts
-            .iter()
-            .copied()
-            .filter(|h| !self.hosts.contains_key(*h))
-            .collect();
-        if hosts.is_empty() {
-            return Ok(());
-        }
-        hosts.sort_unstable();
-        hosts.dedup();
+/// Create (at zero) and lock the budget rows of these hosts (sorted, distinct), and read them.
+async fn lock_hosts(tx: &mut PgConnection, hosts: &[&str]) -> Result<HashMap<String, u64>> {
+    if hosts.is_empty() {
+        return Ok(HashMap::new());
+    }
+    sqlx::query(
+        "INSERT INTO host_budget (host, admitted) \
+         SELECT h, 0 FROM unnest($1::text[]) AS h ORDER BY h ON CONFLICT (host) DO NOTHING",
+    )
+    .bind(hosts)
+    .execute(&mut *tx)
+    .await?;
+    let rows = sqlx::query(
+        "SELECT host, admitted FROM host_budget WHERE host = ANY($1) ORDER BY host FOR UPDATE",
+    )
+    .bind(hosts)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get(0), r.get::<i64, _>(1).max(0) as u64))
+        .collect())
+}
+
+/// Create the plan's new frontier rows in one statement. A row another cell created since the
+/// look-up is a lost race: the plan is stale, and the transaction is run again.
+async fn insert_entries(tx: &mut PgConnection, entries: &[NewEntry<'_>], now: i64) -> Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let urls: Vec<&str> = entries.iter().map(|e| e.url).collect();
+    let hosts: Vec<&str> = entries.iter().map(|e| e.host).collect();
+    let crawls: Vec<i64> = entries.iter().map(|e| e.crawl_id).collect();
+    let depths: Vec<i32> = entries.iter().map(|e| pg_depth(e.depth)).collect();
+    let states: Vec<&str> = entries.iter().map(|e| e.state.as_str()).collect();
+    let done = sqlx::query(
+        "INSERT INTO frontier (url, host, crawl_id, depth, state, updated_ms) \
+         SELECT u, h, c, d, s, $6 \
+         FROM unnest($1::text[], $2::text[], $3::int8[], $4::int4[], $5::text[]) AS v(u, h, c, d, s) \
+         ON CONFLICT (url) DO NOTHING",
+    )
+    .bind(&urls)
+    .bind(&hosts)
+    .bind(&crawls)
+    .bind(&depths)
+    .bind(&states)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() != entries.len() as u64 {
+        return Err(EngineError::Conflict(
+            "another cell admitted a URL of this batch first".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Add the plan's counts to the (locked) crawl and host budget rows.
+async fn add_counts(tx: &mut PgConnection, counts: &frontier::Counts<'_>) -> Result<()> {
+    if !counts.crawls.is_empty() {
+        let (ids, deltas): (Vec<i64>, Vec<i64>) =
+            counts.crawls.iter().map(|&(id, n)| (id, n as i64)).unzip();
         sqlx::query(
-            "INSERT INTO host_budget (host, admitted) \
-             SELECT h, 0 FROM unnest($1::text[]) AS h ORDER BY h ON CONFLICT (host) DO NOTHING",
+            "UPDATE crawls c SET admitted = c.admitted + v.d \
+             FROM unnest($1::int8[], $2::int8[]) AS v(id, d) WHERE c.id = v.id",
         )
-        .bind(&hosts)
+        .bind(&ids)
+        .bind(&deltas)
         .execute(&mut *tx)
         .await?;
-        let rows = sqlx::query(
-            "SELECT host, admitted FROM host_budget WHERE host = ANY($1) ORDER BY host FOR UPDATE",
+    }
+    if !counts.hosts.is_empty() {
+        let (hosts, deltas): (Vec<&str>, Vec<i64>) =
+            counts.hosts.iter().map(|&(h, n)| (h, n as i64)).unzip();
+        // The rows exist and are locked (lock_hosts), so an increment is exact.
+        sqlx::query(
+            "INSERT INTO host_budget (host, admitted) \
+             SELECT h, d FROM unnest($1::text[], $2::int8[]) AS v(h, d) \
+             ON CONFLICT (host) DO UPDATE SET admitted = host_budget.admitted + excluded.admitted",
         )
         .bind(&hosts)
-        .fetch_all(&mut *tx)
+        .bind(&deltas)
+        .execute(&mut *tx)
         .await?;
-        for row in rows {
-            self.hosts.insert(
-                row.get(0),
-                Counter {
-                    admitted: row.get(1),
-                    added: 0,
-                },
-            );
-        }
-        Ok(())
     }
+    Ok(())
+}
 
-    fn limits(&self, crawl_id: i64) -> CrawlLimits {
-        self.crawls.get(&crawl_id).copied().unwrap_or(UNLIMITED)
-    }
+/// Depths are `integer` columns.
+fn pg_depth(depth: u32) -> i32 {
+    i32::try_from(depth).unwrap_or(i32::MAX)
+}
 
-    /// Why a new URL of `host` under crawl `id` may not be admitted, if it may not.
-    fn refusal(&self, id: i64, host: &str) -> Option<String> {
-        let crawl = self.limits(id);
-        if let Some(max) = crawl.max_pages {
-            if crawl.counter.admitted + crawl.counter.added >= max {
-                return Some(format!("crawl {id} reached its page limit ({max})"));
+/// The results with every URL and host as PostgreSQL text can hold them (see [`pg_url`]); a copy
+/// only when one needs it.
+fn pg_items(items: &[IngestItem]) -> Cow<'_, [IngestItem]> {
+    let nul = |s: &str| s.contains('\0');
+    let dirty = items.iter().any(|i| {
+        nul(&i.url)
+            || match &i.outcome {
+                IngestOutcome::Page {
+                    final_url,
+                    final_host,
+                    links,
+                    ..
+                } => {
+                    nul(final_url)
+                        || nul(final_host)
+                        || links.iter().any(|l| nul(&l.url) || nul(&l.host))
+                }
+                IngestOutcome::Failed { .. } => false,
             }
-        }
-        let host_count = self
-            .hosts
-            .get(host)
-            .map(|c| c.admitted + c.added)
-            .unwrap_or(0);
-        if host_count.max(0) as u64 >= self.host_budget {
-            return Some(format!(
-                "host {host} reached its page budget ({})",
-                self.host_budget
-            ));
-        }
-        None
+    });
+    if !dirty {
+        return Cow::Borrowed(items);
     }
-
-    fn count(&mut self, id: i64, host: &str, n: i64) {
-        if let Some(c) = self.crawls.get_mut(&id).filter(|c| c.max_pages.is_some()) {
-            c.counter.added += n;
-        }
-        self.hosts.entry(host.to_string()).or_default().added += n;
-    }
-
-    async fn write_back(self, tx: &mut PgConnection) -> Result<()> {
-        let (ids, deltas): (Vec<i64>, Vec<i64>) = self
-            .crawls
+    Cow::Owned(
+        items
             .iter()
-            .filter(|(_, c)| c.counter.added != 0)
-            .map(|(id, c)| (*id, c.counter.added))
-            .unzip();
-        if !ids.is_empty() {
-            sqlx::query(
-                "UPDATE crawls c SET admitted = c.admitted + v.d \
-                 FROM unnest($1::int8[], $2::int8[]) AS v(id, d) WHERE c.id = v.id",
-            )
-            .bind(&ids)
-            .bind(&deltas)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let (hosts, deltas): (Vec<&str>, Vec<i64>) = self
-            .hosts
-            .iter()
-            .filter(|(_, c)| c.added != 0)
-            .map(|(h, c)| (h.as_str(), c.added))
-            .unzip();
-        if !hosts.is_empty() {
-            // The rows exist and are locked (lock_hosts), so an increment is exact.
-            sqlx::query(
-                "INSERT INTO host_budget (host, admitted) \
-                 SELECT h, d FROM unnest($1::text[], $2::int8[]) AS v(h, d) \
-                 ON CONFLICT (host) DO UPDATE SET admitted = host_budget.admitted + excluded.admitted",
-            )
-            .bind(&hosts)
-            .bind(&deltas)
-            .execute(&mut *tx)
-            .await?;
-        }
-        Ok(())
+            .map(|i| {
+                let mut i = i.clone();
+                i.url = pg_url(&i.url).into_owned();
+                if let IngestOutcome::Page {
+                    final_url,
+                    final_host,
+                    links,
+                    ..
+                } = &mut i.outcome
+                {
+                    *final_url = pg_url(final_url).into_owned();
+                    *final_host = pg_text(final_host).into_owned();
+                    links.iter_mut().for_each(pg_candidate);
+                }
+                i
+            })
+            .collect(),
+    )
+}
+
+fn pg_candidate(c: &mut Candidate) {
+    if c.url.contains('\0') || c.host.contains('\0') {
+        c.url = pg_url(&c.url).into_owned();
+        c.host = pg_text(&c.host).into_owned();
     }
 }
 
@@ -739,7 +437,7 @@ where
     let mut attempt = 0;
     loop {
         match op().await {
-            Err(EngineError::Database(e)) if attempt < CONFLICT_RETRIES && is_conflict(&e) => {
+            Err(e) if attempt < CONFLICT_RETRIES && is_conflict(&e) => {
                 attempt += 1;
                 tracing::debug!(error = %e, attempt, what, "transaction conflict; retrying");
                 let jitter = u64::from(now_ms().unsigned_abs() as u32 % 7);
@@ -750,9 +448,14 @@ where
     }
 }
 
-fn is_conflict(e: &sqlx::Error) -> bool {
+/// A deadlock or serialization failure PostgreSQL broke, or a plan gone stale
+/// ([`EngineError::Conflict`]): the transaction had no effect and may be run again.
+fn is_conflict(e: &EngineError) -> bool {
     match e {
-        sqlx::Error::Database(db) => matches!(db.code().as_deref(), Some("40P01" | "40001")),
+        EngineError::Database(sqlx::Error::Database(db)) => {
+            matches!(db.code().as_deref(), Some("40P01" | "40001"))
+        }
+        EngineError::Conflict(_) => true,
         _ => false,
     }
 }
@@ -780,6 +483,9 @@ impl Store for PgStore {
         if seeds.is_empty() {
             return Ok(Vec::new());
         }
+        let mut seeds = seeds.to_vec();
+        seeds.iter_mut().for_each(pg_candidate);
+        let seeds = &seeds;
         retry_conflicts("admit seeds", || {
             self.admit_seeds_once(crawl_id, seeds, host_budget)
         })
@@ -787,7 +493,11 @@ impl Store for PgStore {
     }
 
     async fn ingest(&self, items: &[IngestItem], host_budget: u64) -> Result<IngestReport> {
-        retry_conflicts("ingest", || self.ingest_once(items, host_budget)).await
+        if items.is_empty() {
+            return Ok(IngestReport::default());
+        }
+        let items = pg_items(items);
+        retry_conflicts("ingest", || self.ingest_once(&items, host_budget)).await
     }
 
     async fn unpublished(&self, limit: u32) -> Result<Vec<Unpublished>> {
@@ -993,15 +703,5 @@ impl Store for PgStore {
                 .fetch_all(&self.pool)
                 .await?,
         )
-    }
-}
-
-fn state_name(state: &str) -> &'static str {
-    match state {
-        "pending" => "pending",
-        "queued" => "queued",
-        "crawled" => "crawled",
-        "failed" => "failed",
-        _ => "unknown",
     }
 }

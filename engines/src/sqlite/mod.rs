@@ -3,7 +3,6 @@
 //! writers do not take the same lock. WAL mode lets the cells of one machine share the files.
 
 mod factory_ledger;
-mod idempotency;
 mod politeness;
 mod queue;
 mod store;
@@ -18,6 +17,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 pub use factory_ledger::SqliteFactoryLedger;
 pub use queue::SqliteQueue;
 pub use store::SqliteStore;
+
+crate::idempotency::idempotency_store_on!(SqliteStore);
 
 use crate::{EngineError, Result};
 

@@ -1,6 +1,6 @@
 //! [`HostLedger`] on SQLite: one write transaction per request (`BEGIN IMMEDIATE` takes the
-//! database's write lock, so every api cell of the machine sees one ledger), running
-//! [`politeness::decide`] on each host's row.
+//! database's write lock, so every api cell of the machine sees one ledger): load the rows of the
+//! hosts the request names, [`politeness::walk`] them, write back what changed.
 
 use std::collections::HashMap;
 
@@ -45,26 +45,14 @@ impl HostLedger for SqliteStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        for block in &request.blocks {
-            sqlx::query(
-                "INSERT INTO host_ledger (host, blocked_until_ms) VALUES (?, ?) \
-                 ON CONFLICT (host) DO UPDATE SET \
-                 blocked_until_ms = max(blocked_until_ms, excluded.blocked_until_ms)",
-            )
-            .bind(&block.host)
-            .bind(now + politeness::block_ms(block.for_ms))
-            .execute(&mut *tx)
-            .await?;
+        let mut slots: HashMap<String, HostSlot> = HashMap::new();
+        for host in politeness::hosts(request) {
+            slots.insert(host.to_string(), load(&mut tx, host, now).await?);
         }
-        let mut slots: HashMap<&str, HostSlot> = HashMap::new();
-        let mut answers = Vec::with_capacity(request.asks.len());
-        for ask in &request.asks {
-            if !slots.contains_key(ask.host.as_str()) {
-                let slot = load(&mut tx, &ask.host, now).await?;
-                slots.insert(&ask.host, slot);
-            }
-            let slot = slots.get_mut(ask.host.as_str()).expect("loaded above");
-            let decision = politeness::decide(slot, ask, now);
+        let read = slots.clone();
+        let decisions = politeness::walk(&mut slots, request, now);
+        let mut answers = Vec::with_capacity(decisions.len());
+        for (ask, decision) in request.asks.iter().zip(decisions) {
             let mut permit = 0;
             if let politeness::Decision::Grant { expires_ms, .. } = decision {
                 permit = sqlx::query_scalar(
@@ -74,16 +62,26 @@ impl HostLedger for SqliteStore {
                 .bind(expires_ms)
                 .fetch_one(&mut *tx)
                 .await?;
-                sqlx::query(
-                    "INSERT INTO host_ledger (host, last_start_ms) VALUES (?, ?) \
-                     ON CONFLICT (host) DO UPDATE SET last_start_ms = excluded.last_start_ms",
-                )
-                .bind(&ask.host)
-                .bind(slot.last_start_ms)
-                .execute(&mut *tx)
-                .await?;
             }
             answers.push(politeness::answer(decision, permit, now));
+        }
+        for (host, slot) in &slots {
+            let unchanged = read.get(host).is_some_and(|r| {
+                (r.last_start_ms, r.blocked_until_ms) == (slot.last_start_ms, slot.blocked_until_ms)
+            });
+            if unchanged {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO host_ledger (host, last_start_ms, blocked_until_ms) VALUES (?, ?, ?) \
+                 ON CONFLICT (host) DO UPDATE SET last_start_ms = excluded.last_start_ms, \
+                 blocked_until_ms = excluded.blocked_until_ms",
+            )
+            .bind(host)
+            .bind(slot.last_start_ms)
+            .bind(slot.blocked_until_ms)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(PermitReply { answers })

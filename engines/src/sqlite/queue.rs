@@ -28,18 +28,7 @@ impl SqliteQueue {
     /// stays invisible before it is delivered again; `max_deliveries` when it is dead-lettered.
     pub async fn open(url_or_path: &str, lease: Duration, max_deliveries: u32) -> Result<Self> {
         let pool = open_pool(url_or_path, 4).await?;
-        let mut attempt = 0;
-        loop {
-            match MIGRATOR.run(&pool).await {
-                Ok(()) => break,
-                Err(e) if attempt < 5 => {
-                    attempt += 1;
-                    tracing::warn!(error = %e, attempt, "queue migration failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-                }
-                Err(e) => return Err(e.into()),
-            }
-        }
+        crate::migrate_with_retries("queue", || MIGRATOR.run(&pool)).await?;
         Ok(Self {
             pool,
             lease,

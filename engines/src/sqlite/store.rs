@@ -9,9 +9,10 @@ use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{now_ms, open_pool};
+use crate::frontier::{self, Entry, NewEntry, State, View};
 use crate::snippet::{render_snippet, MARK_CLOSE, MARK_OPEN};
 use crate::{
-    Admission, Candidate, CrawlSpec, IngestItem, IngestOutcome, IngestReport, Result, SearchQuery,
+    Admission, Candidate, CrawlSpec, EngineError, IngestItem, IngestReport, Result, SearchQuery,
     SearchResults, Store, Unpublished,
 };
 
@@ -24,18 +25,7 @@ pub struct SqliteStore {
 /// Bring the store's schema up to date. Several cells (apis, factories) may open the same file
 /// at once; a lost migration race is retried.
 pub(super) async fn migrate(pool: &SqlitePool) -> Result<()> {
-    let mut attempt = 0;
-    loop {
-        match MIGRATOR.run(pool).await {
-            Ok(()) => return Ok(()),
-            Err(e) if attempt < 5 => {
-                attempt += 1;
-                tracing::warn!(error = %e, attempt, "store migration failed; retrying");
-                tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
+    crate::migrate_with_retries("store", || MIGRATOR.run(pool)).await
 }
 
 impl SqliteStore {
@@ -51,138 +41,130 @@ impl SqliteStore {
     }
 }
 
-/// Per-transaction view of the limits a link must pass.
-struct Budgets {
-    crawls: HashMap<i64, CrawlLimits>,
-    hosts: HashMap<String, u64>,
-    host_budget: u64,
+/// Read the rows a plan needs ([`frontier::View`]): one query per table, each taking its keys as
+/// one JSON array (no limit on the number of keys, one prepared statement).
+async fn read_entries(
+    tx: &mut Transaction<'_, Sqlite>,
+    urls: &[&str],
+) -> Result<HashMap<String, Entry>> {
+    let rows = sqlx::query(
+        "SELECT url, crawl_id, depth, state, reason FROM frontier \
+         WHERE url IN (SELECT value FROM json_each(?))",
+    )
+    .bind(json_keys(urls))
+    .fetch_all(&mut **tx)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            let entry = Entry {
+                crawl_id: r.get(1),
+                depth: r.get::<i64, _>(2).clamp(0, i64::from(u32::MAX)) as u32,
+                state: State::from_column(r.get(3))?,
+                reason: r.get(4),
+            };
+            Ok((r.get(0), entry))
+        })
+        .collect()
 }
 
-#[derive(Clone, Copy)]
-struct CrawlLimits {
-    max_depth: Option<u32>,
-    max_pages: Option<u64>,
-    admitted: u64,
+async fn read_crawls(
+    tx: &mut Transaction<'_, Sqlite>,
+    ids: &[i64],
+) -> Result<HashMap<i64, frontier::Crawl>> {
+    let rows = sqlx::query(
+        "SELECT id, max_depth, max_pages, admitted FROM crawls \
+         WHERE id IN (SELECT value FROM json_each(?))",
+    )
+    .bind(json_keys(ids))
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let crawl = frontier::Crawl {
+                max_depth: r
+                    .get::<Option<i64>, _>(1)
+                    .map(|d| d.clamp(0, i64::from(u32::MAX)) as u32),
+                max_pages: r.get::<Option<i64>, _>(2).map(|p| p.max(0) as u64),
+                admitted: r.get::<i64, _>(3).max(0) as u64,
+            };
+            (r.get(0), crawl)
+        })
+        .collect())
 }
 
-impl Budgets {
-    fn new(host_budget: u64) -> Self {
-        Self {
-            crawls: HashMap::new(),
-            hosts: HashMap::new(),
-            host_budget,
-        }
+async fn read_hosts(
+    tx: &mut Transaction<'_, Sqlite>,
+    hosts: &[&str],
+) -> Result<HashMap<String, u64>> {
+    if hosts.is_empty() {
+        return Ok(HashMap::new());
     }
+    let rows = sqlx::query(
+        "SELECT host, admitted FROM host_budget WHERE host IN (SELECT value FROM json_each(?))",
+    )
+    .bind(json_keys(hosts))
+    .fetch_all(&mut **tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| (r.get(0), r.get::<i64, _>(1).max(0) as u64))
+        .collect())
+}
 
-    async fn crawl(&mut self, tx: &mut Transaction<'_, Sqlite>, id: i64) -> Result<CrawlLimits> {
-        if let Some(limits) = self.crawls.get(&id) {
-            return Ok(*limits);
-        }
-        let row = sqlx::query("SELECT max_depth, max_pages, admitted FROM crawls WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&mut **tx)
-            .await?;
-        let limits = match row {
-            Some(row) => CrawlLimits {
-                max_depth: row.get::<Option<i64>, _>(0).map(|d| d as u32),
-                max_pages: row.get::<Option<i64>, _>(1).map(|p| p as u64),
-                admitted: row.get::<i64, _>(2) as u64,
-            },
-            // A frontier entry whose crawl row is gone: treat as unlimited.
-            None => CrawlLimits {
-                max_depth: None,
-                max_pages: None,
-                admitted: 0,
-            },
-        };
-        self.crawls.insert(id, limits);
-        Ok(limits)
-    }
+fn json_keys<T: serde::Serialize>(keys: &[T]) -> String {
+    serde_json::to_string(keys).expect("strings and integers serialize")
+}
 
-    async fn host(&mut self, tx: &mut Transaction<'_, Sqlite>, host: &str) -> Result<u64> {
-        if let Some(n) = self.hosts.get(host) {
-            return Ok(*n);
-        }
-        let n: Option<i64> = sqlx::query_scalar("SELECT admitted FROM host_budget WHERE host = ?")
-            .bind(host)
-            .fetch_optional(&mut **tx)
-            .await?;
-        let n = n.unwrap_or(0) as u64;
-        self.hosts.insert(host.to_string(), n);
-        Ok(n)
-    }
-
-    /// Why a new URL of `host` under crawl `id` may not be admitted, if it may not.
-    async fn refusal(
-        &mut self,
-        tx: &mut Transaction<'_, Sqlite>,
-        id: i64,
-        host: &str,
-    ) -> Result<Option<String>> {
-        let crawl = self.crawl(tx, id).await?;
-        if let Some(max) = crawl.max_pages {
-            if crawl.admitted >= max {
-                return Ok(Some(format!("crawl {id} reached its page limit ({max})")));
-            }
-        }
-        if self.host(tx, host).await? >= self.host_budget {
-            return Ok(Some(format!(
-                "host {host} reached its page budget ({})",
-                self.host_budget
+/// Create the plan's new frontier rows. The write lock is held since the look-up, so each is new.
+async fn insert_entries(
+    tx: &mut Transaction<'_, Sqlite>,
+    entries: &[NewEntry<'_>],
+    now: i64,
+) -> Result<()> {
+    for e in entries {
+        let done = sqlx::query(
+            "INSERT INTO frontier (url, host, crawl_id, depth, state, updated_ms) \
+             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (url) DO NOTHING",
+        )
+        .bind(e.url)
+        .bind(e.host)
+        .bind(e.crawl_id)
+        .bind(i64::from(e.depth))
+        .bind(e.state.as_str())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(EngineError::Conflict(format!(
+                "{} is in the frontier already",
+                e.url
             )));
         }
-        Ok(None)
     }
-
-    fn count_admitted(&mut self, id: i64, host: &str) {
-        if let Some(c) = self.crawls.get_mut(&id) {
-            c.admitted += 1;
-        }
-        *self.hosts.entry(host.to_string()).or_insert(0) += 1;
-    }
-
-    async fn write_back(self, tx: &mut Transaction<'_, Sqlite>) -> Result<()> {
-        for (id, limits) in self.crawls {
-            sqlx::query("UPDATE crawls SET admitted = ? WHERE id = ?")
-                .bind(limits.admitted as i64)
-                .bind(id)
-                .execute(&mut **tx)
-                .await?;
-        }
-        for (host, n) in self.hosts {
-            sqlx::query(
-                "INSERT INTO host_budget (host, admitted) VALUES (?, ?) \
-                 ON CONFLICT (host) DO UPDATE SET admitted = excluded.admitted",
-            )
-            .bind(host)
-            .bind(n as i64)
-            .execute(&mut **tx)
-            .await?;
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
-/// Insert a new frontier entry; true when it was new.
-async fn insert_pending(
-    tx: &mut Transaction<'_, Sqlite>,
-    c: &Candidate,
-    crawl_id: i64,
-    depth: u32,
-    now: i64,
-) -> Result<bool> {
-    let done = sqlx::query(
-        "INSERT INTO frontier (url, host, crawl_id, depth, state, updated_ms) \
-         VALUES (?, ?, ?, ?, 'pending', ?) ON CONFLICT (url) DO NOTHING",
-    )
-    .bind(&c.url)
-    .bind(&c.host)
-    .bind(crawl_id)
-    .bind(depth as i64)
-    .bind(now)
-    .execute(&mut **tx)
-    .await?;
-    Ok(done.rows_affected() == 1)
+/// Add the plan's counts to the crawls' and hosts' admitted counts.
+async fn add_counts(tx: &mut Transaction<'_, Sqlite>, counts: &frontier::Counts<'_>) -> Result<()> {
+    for (id, n) in &counts.crawls {
+        sqlx::query("UPDATE crawls SET admitted = admitted + ? WHERE id = ?")
+            .bind(*n as i64)
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    for (host, n) in &counts.hosts {
+        sqlx::query(
+            "INSERT INTO host_budget (host, admitted) VALUES (?, ?) \
+             ON CONFLICT (host) DO UPDATE SET admitted = admitted + excluded.admitted",
+        )
+        .bind(host)
+        .bind(*n as i64)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Turn the user's words into an FTS5 query: each term quoted (so no FTS syntax gets through),
@@ -217,153 +199,73 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Admission>> {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
-        let mut budgets = Budgets::new(host_budget);
-        let mut out = Vec::with_capacity(seeds.len());
-        for seed in seeds {
-            let known: Option<String> =
-                sqlx::query_scalar("SELECT state FROM frontier WHERE url = ?")
-                    .bind(&seed.url)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if let Some(state) = known {
-                out.push(Admission::Known(state_name(&state)));
-                continue;
-            }
-            if let Some(reason) = budgets.refusal(&mut tx, crawl_id, &seed.host).await? {
-                out.push(Admission::Refused(reason));
-                continue;
-            }
-            if insert_pending(&mut tx, seed, crawl_id, 0, now).await? {
-                budgets.count_admitted(crawl_id, &seed.host);
-                out.push(Admission::Admitted);
-            } else {
-                out.push(Admission::Known("pending"));
-            }
-        }
-        budgets.write_back(&mut tx).await?;
+        let urls: Vec<&str> = seeds.iter().map(|s| s.url.as_str()).collect();
+        let mut view = View {
+            entries: read_entries(&mut tx, &urls).await?,
+            crawls: read_crawls(&mut tx, &[crawl_id]).await?,
+            ..View::default()
+        };
+        view.hosts = read_hosts(&mut tx, &view.hosts_to_admit(seeds)).await?;
+        let plan = frontier::plan_seeds(&view, crawl_id, seeds, host_budget);
+        insert_entries(&mut tx, &plan.inserts, now).await?;
+        add_counts(&mut tx, &plan.counts).await?;
         tx.commit().await?;
-        Ok(out)
+        Ok(plan.admissions)
     }
 
     async fn ingest(&self, items: &[IngestItem], host_budget: u64) -> Result<IngestReport> {
         let now = now_ms();
-        let mut report = IngestReport::default();
         let mut tx = self.begin_write().await?;
-        let mut budgets = Budgets::new(host_budget);
-        for item in items {
-            let row = sqlx::query("SELECT crawl_id, depth, state FROM frontier WHERE url = ?")
-                .bind(&item.url)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let Some(row) = row else {
-                report.unknown += 1;
-                continue;
-            };
-            let crawl_id: i64 = row.get(0);
-            let depth = row.get::<i64, _>(1) as u32;
-            let state: String = row.get(2);
-            if state == "crawled" || state == "failed" {
-                continue; // a repeat: idempotent
-            }
-            report.stored += 1;
-            match &item.outcome {
-                IngestOutcome::Failed { reason } => {
-                    sqlx::query(
-                        "UPDATE frontier SET state = 'failed', reason = ?, updated_ms = ? WHERE url = ?",
-                    )
-                    .bind(reason)
-                    .bind(now)
-                    .bind(&item.url)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                IngestOutcome::Page {
-                    final_url,
-                    final_host,
-                    title,
-                    text,
-                    indexable,
-                    links,
-                } => {
-                    sqlx::query(
-                        "UPDATE frontier SET state = 'crawled', reason = NULL, updated_ms = ? WHERE url = ?",
-                    )
-                    .bind(now)
-                    .bind(&item.url)
-                    .execute(&mut *tx)
-                    .await?;
-                    if final_url != &item.url {
-                        // The redirect target is crawled too; a job already queued for it will
-                        // find it done.
-                        sqlx::query(
-                            "INSERT INTO frontier (url, host, crawl_id, depth, state, updated_ms) \
-                             VALUES (?, ?, ?, ?, 'crawled', ?) \
-                             ON CONFLICT (url) DO UPDATE SET state = 'crawled', reason = NULL, \
-                             updated_ms = excluded.updated_ms \
-                             WHERE frontier.state IN ('pending', 'queued')",
-                        )
-                        .bind(final_url)
-                        .bind(final_host)
-                        .bind(crawl_id)
-                        .bind(depth as i64)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                    }
-                    if *indexable {
-                        let done = sqlx::query(
-                            "INSERT INTO pages (url, host, title, body, fetched_ms) VALUES (?, ?, ?, ?, ?) \
-                             ON CONFLICT (url) DO UPDATE SET title = excluded.title, body = excluded.body, \
-                             fetched_ms = excluded.fetched_ms \
-                             WHERE pages.title != excluded.title OR pages.body != excluded.body",
-                        )
-                        .bind(final_url)
-                        .bind(final_host)
-                        .bind(title)
-                        .bind(text)
-                        .bind(now)
-                        .execute(&mut *tx)
-                        .await?;
-                        report.pages_indexed += done.rows_affected() as usize;
-                    }
-                    let crawl = budgets.crawl(&mut tx, crawl_id).await?;
-                    let child_depth = depth + 1;
-                    if crawl.max_depth.is_some_and(|max| child_depth > max) {
-                        continue;
-                    }
-                    for link in links {
-                        let refused = budgets.refusal(&mut tx, crawl_id, &link.host).await?;
-                        // A refused link is not in the frontier: nothing accepted, nothing to lose.
-                        if refused.is_none()
-                            && insert_pending(&mut tx, link, crawl_id, child_depth, now).await?
-                        {
-                            budgets.count_admitted(crawl_id, &link.host);
-                            report.links_admitted += 1;
-                            continue;
-                        }
-                        if crawl.max_depth.is_some() {
-                            // Under a depth limit, a shorter path to a known URL must re-expand it,
-                            // or pages within the limit would be missed depending on crawl order.
-                            sqlx::query(
-                                "UPDATE frontier SET depth = ?, updated_ms = ?, \
-                                 state = CASE WHEN state = 'crawled' THEN 'pending' ELSE state END \
-                                 WHERE url = ? AND depth > ? AND crawl_id = ?",
-                            )
-                            .bind(child_depth as i64)
-                            .bind(now)
-                            .bind(&link.url)
-                            .bind(child_depth as i64)
-                            .bind(crawl_id)
-                            .execute(&mut *tx)
-                            .await?;
-                        }
-                    }
-                }
+        let mut view = View {
+            entries: read_entries(&mut tx, &frontier::ingest_urls(items)).await?,
+            ..View::default()
+        };
+        let crawl_ids = view.crawl_ids(frontier::item_urls(items));
+        view.crawls = read_crawls(&mut tx, &crawl_ids).await?;
+        view.hosts =
+            read_hosts(&mut tx, &view.hosts_to_admit(frontier::ingest_links(items))).await?;
+        let plan = frontier::plan_ingest(&view, items, host_budget);
+
+        insert_entries(&mut tx, &plan.inserts, now).await?;
+        for c in &plan.changes {
+            let done = sqlx::query(
+                "UPDATE frontier SET depth = ?, state = ?, reason = ?, updated_ms = ? \
+                 WHERE url = ? AND crawl_id = ? AND depth = ? AND state = ?",
+            )
+            .bind(i64::from(c.after.depth))
+            .bind(c.after.state.as_str())
+            .bind(c.after.reason.as_deref())
+            .bind(now)
+            .bind(c.url)
+            .bind(c.before.crawl_id)
+            .bind(i64::from(c.before.depth))
+            .bind(c.before.state.as_str())
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() != 1 {
+                return Err(EngineError::Conflict(format!("{} changed", c.url)));
             }
         }
-        budgets.write_back(&mut tx).await?;
+        let mut pages_indexed = 0;
+        for p in &plan.pages {
+            let done = sqlx::query(
+                "INSERT INTO pages (url, host, title, body, fetched_ms) VALUES (?, ?, ?, ?, ?) \
+                 ON CONFLICT (url) DO UPDATE SET title = excluded.title, body = excluded.body, \
+                 fetched_ms = excluded.fetched_ms \
+                 WHERE pages.title != excluded.title OR pages.body != excluded.body",
+            )
+            .bind(p.url)
+            .bind(p.host)
+            .bind(p.title)
+            .bind(p.body)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            pages_indexed += done.rows_affected() as usize;
+        }
+        add_counts(&mut tx, &plan.counts).await?;
         tx.commit().await?;
-        Ok(report)
+        Ok(plan.report(pages_indexed))
     }
 
     async fn unpublished(&self, limit: u32) -> Result<Vec<Unpublished>> {
@@ -526,16 +428,6 @@ impl Store for SqliteStore {
         Ok(sqlx::query_scalar("SELECT url FROM pages ORDER BY url")
             .fetch_all(&self.pool)
             .await?)
-    }
-}
-
-fn state_name(state: &str) -> &'static str {
-    match state {
-        "pending" => "pending",
-        "queued" => "queued",
-        "crawled" => "crawled",
-        "failed" => "failed",
-        _ => "unknown",
     }
 }
 

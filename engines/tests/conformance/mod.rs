@@ -43,15 +43,15 @@ pub fn page(url: &str, title: &str, text: &str, links: &[&str]) -> IngestItem {
 
 const BUDGET: u64 = 1_000_000;
 
+/// A crawl without limits.
+pub const UNLIMITED: CrawlSpec = CrawlSpec {
+    max_depth: None,
+    max_pages: None,
+};
+
 /// Every accepted URL ends crawled or failed; nothing is lost or invented.
 pub async fn frontier_invariant(store: &dyn Store) {
-    let crawl = store
-        .create_crawl(CrawlSpec {
-            max_depth: None,
-            max_pages: None,
-        })
-        .await
-        .expect("crawl");
+    let crawl = store.create_crawl(UNLIMITED).await.expect("crawl");
     let adm = store
         .admit_seeds(
             crawl,
@@ -111,13 +111,7 @@ pub async fn frontier_invariant(store: &dyn Store) {
 
 /// The same result twice changes nothing.
 pub async fn idempotent_ingest(store: &dyn Store) {
-    let crawl = store
-        .create_crawl(CrawlSpec {
-            max_depth: None,
-            max_pages: None,
-        })
-        .await
-        .expect("crawl");
+    let crawl = store.create_crawl(UNLIMITED).await.expect("crawl");
     store
         .admit_seeds(crawl, &[cand("http://i.test/")], BUDGET)
         .await
@@ -187,13 +181,7 @@ pub async fn limits(store: &dyn Store) {
         .expect("ingest");
     assert_eq!(r.links_admitted, 0, "depth 2 is beyond max_depth 1");
     // Host budget.
-    let crawl = store
-        .create_crawl(CrawlSpec {
-            max_depth: None,
-            max_pages: None,
-        })
-        .await
-        .expect("crawl");
+    let crawl = store.create_crawl(UNLIMITED).await.expect("crawl");
     let adm = store
         .admit_seeds(
             crawl,
@@ -210,13 +198,7 @@ pub async fn limits(store: &dyn Store) {
 }
 
 pub async fn search_ranking_and_snippets(store: &dyn Store) {
-    let crawl = store
-        .create_crawl(CrawlSpec {
-            max_depth: None,
-            max_pages: None,
-        })
-        .await
-        .expect("crawl");
+    let crawl = store.create_crawl(UNLIMITED).await.expect("crawl");
     let urls = ["http://s.test/1", "http://s.test/2", "http://s.test/3"];
     store
         .admit_seeds(crawl, &urls.map(cand), BUDGET)
@@ -301,13 +283,7 @@ pub async fn search_ranking_and_snippets(store: &dyn Store) {
 
 /// Many writers ingesting at once lose nothing.
 pub async fn concurrent_writers(store: Arc<dyn Store>) {
-    let crawl = store
-        .create_crawl(CrawlSpec {
-            max_depth: None,
-            max_pages: None,
-        })
-        .await
-        .expect("crawl");
+    let crawl = store.create_crawl(UNLIMITED).await.expect("crawl");
     let seeds: Vec<Candidate> = (0..200)
         .map(|i| cand(&format!("http://c{}.test/{i}", i % 7)))
         .collect();
@@ -344,6 +320,52 @@ pub async fn concurrent_writers(store: Arc<dyn Store>) {
     assert_eq!(stats.frontier.crawled, 200);
     assert_eq!(stats.frontier.pending, 200);
     assert_eq!(stats.pages_indexed, 200);
+}
+
+/// Ingest `pages` results with 10 new links each in batches of 50, as a crawler sends them, and
+/// print the rate (a measurement: nothing here can fail but the calls).
+pub async fn ingest_throughput(store: &dyn Store, pages: usize) {
+    let crawl = store.create_crawl(UNLIMITED).await.expect("crawl");
+    let seeds: Vec<_> = (0..pages)
+        .map(|i| cand(&format!("http://t{}.test/{i}", i % 50)))
+        .collect();
+    store
+        .admit_seeds(crawl, &seeds, u64::MAX)
+        .await
+        .expect("admit");
+    let body: String = (0..300).map(|i| format!("word{} ", i % 97)).collect();
+    let items: Vec<IngestItem> = seeds
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let links: Vec<String> = (0..10)
+                .map(|j| format!("http://t{}.test/{i}/{j}", j * 5))
+                .collect();
+            let links: Vec<&str> = links.iter().map(String::as_str).collect();
+            page(&s.url, "title words", &body, &links)
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    for chunk in items.chunks(50) {
+        store.ingest(chunk, u64::MAX).await.expect("ingest");
+    }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "ingested {} pages ({} links) in {elapsed:?}: {:.0} pages/s",
+        items.len(),
+        items.len() * 10,
+        items.len() as f64 / elapsed.as_secs_f64()
+    );
+    let t = std::time::Instant::now();
+    let res = store
+        .search(&SearchQuery {
+            terms: vec!["word5".into(), "title".into()],
+            limit: 10,
+            offset: 0,
+        })
+        .await
+        .expect("search");
+    eprintln!("search over {} matches took {:?}", res.total, t.elapsed());
 }
 
 fn job(i: usize) -> CrawlJob {

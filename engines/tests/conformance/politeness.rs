@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engines::politeness::{HostBlock, HostLedger, PermitAnswer, PermitAsk, PermitRequest};
-use engines::{CrawlSpec, JobQueue, Store};
+use engines::{JobQueue, Store};
 use protocol::CrawlJob;
 
 use super::cand;
@@ -149,13 +149,7 @@ pub async fn ledger_concurrent_askers(ledgers: Vec<Arc<dyn HostLedger>>) {
 
 /// Two publishers claim disjoint entries; together they claim every pending entry once.
 pub async fn publisher_claims_do_not_overlap(a: Arc<dyn Store>, b: Arc<dyn Store>) {
-    let crawl = a
-        .create_crawl(CrawlSpec {
-            max_depth: None,
-            max_pages: None,
-        })
-        .await
-        .expect("crawl");
+    let crawl = a.create_crawl(super::UNLIMITED).await.expect("crawl");
     let seeds: Vec<_> = (0..200)
         .map(|i| cand(&format!("http://claim{}.test/{i}", i % 7)))
         .collect();
@@ -221,4 +215,23 @@ pub async fn defer_spends_no_delivery(queue: &dyn JobQueue) {
     assert_eq!(d.deliveries, 2);
     queue.ack(&[d.tag]).await.expect("ack");
     assert_eq!(queue.lease_dead(10).await.expect("dead").len(), 0);
+}
+
+/// A claim whose api died (claimed, never marked) is taken over by another api once it expires:
+/// `age` moves the claims back by [`engines::PUBLISH_CLAIM`].
+pub async fn expired_claims_are_taken_over<F, Fut>(a: Arc<dyn Store>, b: Arc<dyn Store>, age: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let crawl = a.create_crawl(super::UNLIMITED).await.expect("crawl");
+    a.admit_seeds(crawl, &[cand("http://died.test/")], 10)
+        .await
+        .expect("seed");
+    assert_eq!(a.unpublished(10).await.expect("claim").len(), 1);
+    assert!(b.unpublished(10).await.expect("claim").is_empty());
+    age().await;
+    let taken = b.unpublished(10).await.expect("claim");
+    assert_eq!(taken.len(), 1, "the expired claim is taken over");
+    assert_eq!(taken[0].url, "http://died.test/");
 }
