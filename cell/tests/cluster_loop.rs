@@ -6,11 +6,11 @@ mod support;
 
 use std::time::Duration;
 
-use synthweb::WebSpec;
 use support::{
     amqp_url, assert_exact, drop_database, fresh_database, infra_toml, serve_web, with_queue_name,
     Organism,
 };
+use synthweb::WebSpec;
 
 /// Restarting a shared engine must not overlap another test of this file.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

@@ -8,9 +8,9 @@ mod support;
 use std::time::Duration;
 
 use control::{Signer, SIGNATURE_HEADER};
-use synthweb::WebSpec;
 use protocol::{CrawlResult, FetchedPage, IngestBatch, Outcome, WIRE_VERSION};
 use support::{assert_exact, serve_web, test_key, Organism};
+use synthweb::WebSpec;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::process::Child;
 

@@ -10,9 +10,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use engines::factory_ledger::FactoryLedger;
-use synthweb::WebSpec;
 use protocol::control::CellsResponse;
 use support::{infra_toml, serve_web, sigkill, Organism, Web};
+use synthweb::WebSpec;
 
 async fn web() -> Web {
     serve_web(WebSpec {

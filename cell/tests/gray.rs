@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use protocol::events::{interpret, SseParser, StreamItem};
-use synthweb::WebSpec;
 use protocol::control::{CellEvent, CellState, CellsResponse, EventKind};
+use protocol::events::{interpret, SseParser, StreamItem};
 use support::{serve_web, Organism};
+use synthweb::WebSpec;
 use tokio_util::sync::CancellationToken;
 
 const EXTRA: &str = r#"

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use synthweb::WebSpec;
 use support::{sigkill, Organism, Web};
+use synthweb::WebSpec;
 
 const EXTRA: &str = r#"
 [roles.api]

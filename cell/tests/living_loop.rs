@@ -7,8 +7,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use synthweb::WebSpec;
 use support::{assert_exact, serve_web, sigkill, Organism};
+use synthweb::WebSpec;
 
 const RATE: f64 = 100.0;
 

@@ -16,11 +16,11 @@ use axum::extract::{Path, State};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::Router;
-use synthweb::WebSpec;
 use support::{
     amqp_url, assert_exact, drop_database, fresh_database, infra_toml, serve_web, sigkill,
     with_queue_name, Organism,
 };
+use synthweb::WebSpec;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -212,7 +212,8 @@ async fn crawl_politely(crawlers: usize, kill: bool) -> Seen {
     let host = polite_host().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let org = Organism::up(&polite_infra(dir.path(), &host, crawlers), dir).await;
-    org.wait_cells("crawler", crawlers, Duration::from_secs(60)).await;
+    org.wait_cells("crawler", crawlers, Duration::from_secs(60))
+        .await;
     org.crawl(&["http://polite.test/".to_string()]).await;
     if kill {
         // Kill a crawler once the crawl is well under way.

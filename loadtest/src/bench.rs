@@ -26,11 +26,11 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use synthweb::{ServedLog, Serving, SyntheticWeb, WebSpec};
-use engines_per_run::{effective, Engine, FreshDatabase, StoreAt};
 use crate::organism::{Launch, Organism};
+use engines_per_run::{effective, Engine, FreshDatabase, StoreAt};
 use overlay::BenchOverlay;
 use report::{CellUsage, Completeness, Ratio, Row, EMBEDDED};
+use synthweb::{ServedLog, Serving, SyntheticWeb, WebSpec};
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum BenchCommand {

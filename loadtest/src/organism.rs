@@ -74,10 +74,7 @@ pub struct Organism {
 impl Organism {
     /// Start `cell up --infra FILE` and wait until it says it is up. If `interrupt` is
     /// cancelled meanwhile, `cell up` is stopped (it stops its cells) and this fails.
-    pub async fn start(
-        launch: &Launch,
-        interrupt: &CancellationToken,
-    ) -> anyhow::Result<Organism> {
+    pub async fn start(launch: &Launch, interrupt: &CancellationToken) -> anyhow::Result<Organism> {
         let log = std::fs::File::create(&launch.log)
             .with_context(|| format!("creating {}", launch.log.display()))?;
         let mut command = Command::new(&launch.cell);

@@ -7,13 +7,13 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use loadtest::bench::engines_per_run::{effective, Engine, StoreAt};
-use loadtest::organism::{parse_healthcheckers_line, parse_up_line, registry_cells};
 use loadtest::bench::overlay::{apply_to_text, get_str, merge, BenchOverlay, WEB_NETWORK};
 use loadtest::bench::procfs::{parse_cpu_ticks, parse_vm_hwm, peak_rss};
 use loadtest::bench::report::{
     per_second, ratios, render_ratios, render_table, CellUsage, Completeness, Row, EMBEDDED,
 };
 use loadtest::bench::{locate_cell, BenchCommand, CrawlArgs};
+use loadtest::organism::{parse_healthcheckers_line, parse_up_line, registry_cells};
 
 fn overlay() -> BenchOverlay {
     BenchOverlay {

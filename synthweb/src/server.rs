@@ -1,8 +1,8 @@
 //! The HTTP server of the synthetic web: one fallback handler that dispatches by `Host`.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::net::SocketAddr;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -130,7 +130,6 @@ pub async fn serve(
 }
 
 /// A synthetic web served on a loopback port by a background task, until this is dropped.
-#[derive(Debug)]
 pub struct Serving {
     pub web: Arc<SyntheticWeb>,
     /// The requests answered.

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use engines::Store;
-use synthweb::{ServedLog, SyntheticWeb, WebSpec};
 use protocol::control::{CellRecord, CellsResponse};
+use synthweb::{ServedLog, SyntheticWeb, WebSpec};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
