@@ -8,7 +8,7 @@ use engines::factory_ledger::FactoryLedger;
 use engines::idempotency::IdempotencyStore;
 use engines::sqlite::{SqliteQueue, SqliteStore};
 use engines::{JobQueue, Store};
-use infra::{Config, EngineUrl};
+use infra::{redact, Config, EngineUrl};
 
 /// The store, and the same database as the keeper of `POST /crawl`'s idempotency keys.
 pub async fn open_store_and_keys(
@@ -80,16 +80,5 @@ pub async fn open_factory_ledger(cfg: &Config) -> anyhow::Result<Arc<dyn Factory
             Ok(Arc::new(ledger))
         }
         other => anyhow::bail!("engines.database {other:?} is not a store engine"),
-    }
-}
-
-/// A URL with its password hidden, for messages.
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_string(),
     }
 }

@@ -92,21 +92,5 @@ pub(crate) fn load_config(path: Option<&PathBuf>) -> anyhow::Result<infra::Confi
     Ok(infra::Config::load(path.map(PathBuf::as_path))?)
 }
 
-/// Cancel `token` on SIGINT or SIGTERM.
-pub(crate) fn cancel_on_signals(token: tokio_util::sync::CancellationToken) {
-    tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: draining"),
-            _ = term.recv() => tracing::info!("terminated: draining"),
-        }
-        token.cancel();
-    });
-}
+/// Cancel a token on SIGINT or SIGTERM (the one copy is in `vitals`).
+pub(crate) use vitals::cancel_on_signals;

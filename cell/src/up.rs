@@ -371,7 +371,7 @@ fn fixed_port(listen: &str) -> anyhow::Result<String> {
 }
 
 struct DemoWeb {
-    web: Arc<loadtest::web::SyntheticWeb>,
+    web: Arc<synthweb::SyntheticWeb>,
     addr: SocketAddr,
 }
 
@@ -381,22 +381,22 @@ async fn start_demo_web(
     shutdown: CancellationToken,
 ) -> anyhow::Result<DemoWeb> {
     let d = &cfg.raw.demo;
-    let spec = loadtest::web::WebSpec {
+    let spec = synthweb::WebSpec {
         seed: d.seed,
         pages: d.pages,
         hosts: d.hosts,
         latency: Duration::from_millis(d.latency_ms),
     };
-    let web = Arc::new(loadtest::web::SyntheticWeb::generate(&spec));
+    let web = Arc::new(synthweb::SyntheticWeb::generate(&spec));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .context("binding the demo web")?;
     let addr = listener.local_addr()?;
-    let log = loadtest::web::ServedLog::counting();
+    let log = synthweb::ServedLog::counting();
     let served = web.clone();
     tokio::spawn(async move {
         let stop = async move { shutdown.cancelled().await };
-        if let Err(e) = loadtest::web::serve(served, listener, log, stop).await {
+        if let Err(e) = synthweb::serve(served, listener, log, stop).await {
             tracing::error!(error = %e, "the demo web stopped");
         }
     });

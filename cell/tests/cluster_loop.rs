@@ -4,61 +4,16 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use loadtest::web::WebSpec;
-use sqlx::Connection;
-use support::{assert_exact, infra_toml, serve_web, Organism};
+use support::{
+    amqp_url, assert_exact, drop_database, fresh_database, infra_toml, serve_web, with_queue_name,
+    Organism,
+};
+use synthweb::WebSpec;
 
 /// Restarting a shared engine must not overlap another test of this file.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-static NEXT: AtomicU32 = AtomicU32::new(0);
-
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
-/// A fresh database for one organism; dropped by [`drop_database`].
-async fn fresh_database() -> (String, String) {
-    let name = format!(
-        "homeostat_e2e_{}_{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::SeqCst)
-    );
-    let mut admin = sqlx::PgConnection::connect(&admin_url())
-        .await
-        .expect("PostgreSQL answers (run scripts/engines.sh start)");
-    sqlx::query(&format!("DROP DATABASE IF EXISTS {name}"))
-        .execute(&mut admin)
-        .await
-        .expect("drop old database");
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut admin)
-        .await
-        .expect("create database");
-    let mut url = url::Url::parse(&admin_url()).expect("DATABASE_URL is a URL");
-    url.set_path(&name);
-    (name, url.to_string())
-}
-
-async fn drop_database(name: &str) {
-    if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .execute(&mut admin)
-            .await;
-    }
-}
 
 fn engines_script(cmd: &str) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/engines.sh");
@@ -85,7 +40,7 @@ async fn crawl_on_cluster(seed: u64, chaos: Chaos) {
         latency: Duration::ZERO,
     })
     .await;
-    let (db_name, db_url) = fresh_database().await;
+    let (db_name, db_url) = fresh_database("homeostat_e2e").await;
     let queue_name = format!("homeostat.e2e.{}.{db_name}", std::process::id());
     let extra = format!(
         r#"
@@ -96,12 +51,7 @@ queue = "{amqp}"
         amqp = amqp_url()
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut toml = infra_toml(dir.path(), &web, 60.0, &extra);
-    toml = toml.replacen(
-        "[queue]\n",
-        &format!("[queue]\nname = \"{queue_name}\"\nprefetch = 32\n"),
-        1,
-    );
+    let toml = with_queue_name(&infra_toml(dir.path(), &web, 60.0, &extra), &queue_name);
     let org = Organism::up(&toml, dir).await;
     let mut before: Vec<String> = Vec::new();
     for role in ["api", "crawler"] {

@@ -5,15 +5,14 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use control::{Signer, SIGNATURE_HEADER};
-use loadtest::web::WebSpec;
 use protocol::{CrawlResult, FetchedPage, IngestBatch, Outcome, WIRE_VERSION};
-use support::{assert_exact, infra_toml, serve_web, test_key, Organism};
+use support::{assert_exact, serve_web, test_key, Organism};
+use synthweb::WebSpec;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// A word no page of the synthetic web holds: found in the index only if a forgery got in.
 const FORGED_WORD: &str = "zyxforgedquokka";
@@ -105,8 +104,7 @@ async fn forged_results_never_reach_the_index() {
         latency: Duration::from_millis(5),
     })
     .await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let org = Organism::up(&infra_toml(dir.path(), &web, 50.0, ""), dir).await;
+    let org = Organism::on(&web, 50.0, "").await;
     let seeds = web.web.seeds();
     org.crawl(&seeds).await;
     // Forgeries for URLs in flight: the seeds are in the frontier now.
@@ -197,19 +195,10 @@ async fn forged_results_never_reach_the_index() {
 
 /// One api cell run by hand on a fixed address, so that it can restart there.
 async fn start_api(infra: &std::path::Path, listen: &str) -> Child {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cell"))
+    let mut child = support::cell_command()
         .args(["run", "api", "--infra"])
         .arg(infra)
         .args(["--listen", listen])
-        .env("HOMEOSTAT_LOG", "warn")
-        .env(control::KEY_ENV, test_key().to_hex())
-        .env_remove(control::KEY_FILE_ENV)
-        .env_remove("DATABASE_URL")
-        .env_remove("AMQP_URL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
         .spawn()
         .expect("start cell run api");
     let stdout = child.stdout.take().expect("stdout");

@@ -10,9 +10,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use engines::factory_ledger::FactoryLedger;
-use loadtest::web::WebSpec;
 use protocol::control::CellsResponse;
 use support::{infra_toml, serve_web, sigkill, Organism, Web};
+use synthweb::WebSpec;
 
 async fn web() -> Web {
     serve_web(WebSpec {
@@ -78,8 +78,7 @@ async fn wait_count(org: &Organism, role: &str, n: usize, limit: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_factory_loses_nothing_and_starts_nothing_twice() {
     let web = web().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let org = Organism::up(&infra_toml(dir.path(), &web, 200.0, ""), dir).await;
+    let org = Organism::on(&web, 200.0, "").await;
     wait_count(&org, "factory", 2, Duration::from_secs(10)).await;
     let factories = org.cells_of("factory").await;
     let seeds = web.web.seeds();
@@ -145,8 +144,7 @@ async fn a_dead_factory_loses_nothing_and_starts_nothing_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_cell_is_fenced_and_its_address_reused() {
     let web = web().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let org = Organism::up(&infra_toml(dir.path(), &web, 200.0, ""), dir).await;
+    let org = Organism::on(&web, 200.0, "").await;
     let before: BTreeSet<String> = org
         .cells_of("frontdoor")
         .await
@@ -188,8 +186,7 @@ async fn a_frozen_cell_is_fenced_and_its_address_reused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_cell_up_leaves_no_process_behind() {
     let web = web().await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let org = Organism::up(&infra_toml(dir.path(), &web, 200.0, ""), dir).await;
+    let org = Organism::on(&web, 200.0, "").await;
     wait_count(&org, "factory", 2, Duration::from_secs(10)).await;
     let pids = all_pids(&org).await;
     assert!(pids.len() >= 10, "the whole organism: {pids:?}");

@@ -15,10 +15,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use loadtest::heal::sse::{interpret, SseParser, StreamItem};
-use loadtest::web::WebSpec;
 use protocol::control::{CellEvent, CellState, CellsResponse, EventKind};
-use support::{infra_toml, serve_web, Organism};
+use protocol::events::{interpret, SseParser, StreamItem};
+use support::{serve_web, Organism};
+use synthweb::WebSpec;
 use tokio_util::sync::CancellationToken;
 
 const EXTRA: &str = r#"
@@ -159,17 +159,13 @@ fn signal(pid: u32, sig: nix::sys::signal::Signal) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_cell_of_any_role_causes_no_false_death_and_the_organism_returns_to_size() {
-    let web = serve_web(WebSpec {
+    let spec = WebSpec {
         seed: 43,
         pages: 200,
         hosts: 4,
         latency: Duration::ZERO,
-    })
-    .await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let org = Organism::up(&infra_toml(dir.path(), &web, 200.0, EXTRA), dir).await;
-    org.crawl(&web.web.seeds()).await;
-    org.wait_drained(Duration::from_secs(120), |_| {}).await;
+    };
+    let (web, org) = support::crawled(spec, EXTRA).await;
     let (word, _) = web.web.rare_words(1).into_iter().next().expect("word");
 
     let deaths = Arc::new(Mutex::new(Vec::new()));
@@ -291,10 +287,9 @@ async fn a_surplus_cell_is_retired_youngest_first() {
         latency: Duration::ZERO,
     })
     .await;
-    let dir = tempfile::tempdir().expect("tempdir");
     // The test organisms run with the support's cluster key: the test signs with it too.
     let key = support::test_key();
-    let org = Organism::up(&infra_toml(dir.path(), &web, 200.0, EXTRA), dir).await;
+    let org = Organism::on(&web, 200.0, EXTRA).await;
     let deaths = Arc::new(Mutex::new(Vec::new()));
     let watching = CancellationToken::new();
     for hc in &org.healthcheckers {

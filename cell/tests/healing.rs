@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use loadtest::web::WebSpec;
-use support::{infra_toml, serve_web, sigkill, Organism, Web};
+use support::{sigkill, Organism, Web};
+use synthweb::WebSpec;
 
 const EXTRA: &str = r#"
 [roles.api]
@@ -19,19 +19,13 @@ max = 4
 "#;
 
 async fn organism() -> (Web, Organism) {
-    let web = serve_web(WebSpec {
+    let spec = WebSpec {
         seed: 41,
         pages: 300,
         hosts: 6,
         latency: Duration::ZERO,
-    })
-    .await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let org = Organism::up(&infra_toml(dir.path(), &web, 200.0, EXTRA), dir).await;
-    let seeds = web.web.seeds();
-    org.crawl(&seeds).await;
-    org.wait_drained(Duration::from_secs(120), |_| {}).await;
-    (web, org)
+    };
+    support::crawled(spec, EXTRA).await
 }
 
 /// Search continuously through `front` until `stop`; count failures.

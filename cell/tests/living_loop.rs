@@ -7,8 +7,8 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use loadtest::web::WebSpec;
-use support::{assert_exact, infra_toml, serve_web, sigkill, Organism};
+use support::{assert_exact, serve_web, sigkill, Organism};
+use synthweb::WebSpec;
 
 const RATE: f64 = 100.0;
 
@@ -24,8 +24,7 @@ fn spec() -> WebSpec {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crawls_exactly_the_oracle_set_politely() {
     let web = serve_web(spec()).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let org = Organism::up(&infra_toml(dir.path(), &web, RATE, ""), dir).await;
+    let org = Organism::on(&web, RATE, "").await;
     let seeds = web.web.seeds();
     let accepted = org.crawl(&seeds).await;
     assert_eq!(
@@ -101,9 +100,8 @@ async fn crawls_exactly_the_oracle_set_politely() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crawler_killed_mid_crawl_loses_nothing() {
     let web = serve_web(WebSpec { seed: 12, ..spec() }).await;
-    let dir = tempfile::tempdir().expect("tempdir");
     // Slower hosts, so the crawl is surely still running when the crawler dies.
-    let org = Organism::up(&infra_toml(dir.path(), &web, 40.0, ""), dir).await;
+    let org = Organism::on(&web, 40.0, "").await;
     let seeds = web.web.seeds();
     org.crawl(&seeds).await;
     let victim = org.cells_of("crawler").await[0].clone();

@@ -34,7 +34,7 @@ fn count(c: &CellsResponse) -> BTreeMap<String, usize> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_checkers_grow_the_organism_and_replace_the_dead() {
-    let web = support::serve_web(loadtest::web::WebSpec {
+    let web = support::serve_web(synthweb::WebSpec {
         seed: 31,
         pages: 300,
         hosts: 5,

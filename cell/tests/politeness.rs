@@ -16,8 +16,11 @@ use axum::extract::{Path, State};
 use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::Router;
-use loadtest::web::WebSpec;
-use support::{assert_exact, infra_toml, serve_web, sigkill, Organism};
+use support::{
+    amqp_url, assert_exact, drop_database, fresh_database, infra_toml, serve_web, sigkill,
+    with_queue_name, Organism,
+};
+use synthweb::WebSpec;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -209,11 +212,8 @@ async fn crawl_politely(crawlers: usize, kill: bool) -> Seen {
     let host = polite_host().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let org = Organism::up(&polite_infra(dir.path(), &host, crawlers), dir).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while org.cells_of("crawler").await.len() < crawlers {
-        assert!(Instant::now() < deadline, "{crawlers} crawlers within 60 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    org.wait_cells("crawler", crawlers, Duration::from_secs(60))
+        .await;
     org.crawl(&["http://polite.test/".to_string()]).await;
     if kill {
         // Kill a crawler once the crawl is well under way.
@@ -293,11 +293,7 @@ async fn three_apis_duplicate_nothing_on_sqlite() {
     let toml =
         infra_toml(dir.path(), &web, 200.0, extra).replace("lease_secs = 3", "lease_secs = 60");
     let org = Organism::up(&toml, dir).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while org.cells_of("api").await.len() < 3 {
-        assert!(Instant::now() < deadline, "three apis within 60 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    org.wait_cells("api", 3, Duration::from_secs(60)).await;
     let seeds = web.web.seeds();
     org.crawl(&seeds).await;
     org.wait_drained(Duration::from_secs(300), |_| {}).await;
@@ -339,24 +335,9 @@ fn duplicate_fetches(web: &support::Web) -> usize {
     repeats.saturating_sub(redirects.len())
 }
 
-fn admin_url() -> String {
-    std::env::var("DATABASE_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-fn amqp_url() -> String {
-    std::env::var("AMQP_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
-}
-
 /// The same on PostgreSQL + RabbitMQ: a fresh database and queue of its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_apis_duplicate_nothing_on_postgres_and_rabbitmq() {
-    use sqlx::Connection;
     let web = serve_web(WebSpec {
         seed: 32,
         pages: 2000,
@@ -364,39 +345,20 @@ async fn three_apis_duplicate_nothing_on_postgres_and_rabbitmq() {
         latency: Duration::ZERO,
     })
     .await;
-    let db_name = format!("homeostat_polite_{}", std::process::id());
-    let mut admin = sqlx::PgConnection::connect(&admin_url())
-        .await
-        .expect("PostgreSQL answers (run scripts/engines.sh start)");
-    for sql in [
-        format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"),
-        format!("CREATE DATABASE {db_name}"),
-    ] {
-        sqlx::query(&sql).execute(&mut admin).await.expect(&sql);
-    }
-    let mut db_url = url::Url::parse(&admin_url()).expect("DATABASE_URL is a URL");
-    db_url.set_path(&db_name);
+    let (db_name, db_url) = fresh_database("homeostat_polite").await;
     let queue_name = format!("homeostat.polite.{}", std::process::id());
     let extra = format!(
         "[roles.api]\nmin = 3\nmax = 3\n\n[engines]\ndatabase = \"{db_url}\"\nqueue = \"{}\"\n",
         amqp_url()
     );
     let dir = tempfile::tempdir().expect("tempdir");
-    let toml = infra_toml(dir.path(), &web, 200.0, &extra).replacen(
-        "[queue]\n",
-        &format!("[queue]\nname = \"{queue_name}\"\nprefetch = 32\n"),
-        1,
-    );
+    let toml = with_queue_name(&infra_toml(dir.path(), &web, 200.0, &extra), &queue_name);
     let org = Organism::up(&toml, dir).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while org.cells_of("api").await.len() < 3 {
-        assert!(Instant::now() < deadline, "three apis within 60 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    org.wait_cells("api", 3, Duration::from_secs(60)).await;
     let seeds = web.web.seeds();
     org.crawl(&seeds).await;
     org.wait_drained(Duration::from_secs(420), |_| {}).await;
-    let indexed = org.indexed_pg(db_url.as_str()).await;
+    let indexed = org.indexed_pg(&db_url).await;
     assert_exact(&web.web, &indexed, &web.web.expect(&seeds, None));
     let duplicates = duplicate_fetches(&web);
     eprintln!(
@@ -408,7 +370,5 @@ async fn three_apis_duplicate_nothing_on_postgres_and_rabbitmq() {
         "pages fetched more than once with three apis"
     );
     org.stop().await;
-    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db_name} WITH (FORCE)"))
-        .execute(&mut admin)
-        .await;
+    drop_database(&db_name).await;
 }

@@ -10,8 +10,7 @@
 //! would: a configuration file, `cell up`, HTTP (`POST /crawl`, `GET /stats`), `/proc`, and the
 //! store read after the crawl. It changes nothing in the cells it measures.
 
-pub mod fresh;
-pub mod organism;
+pub mod engines_per_run;
 pub mod overlay;
 pub mod procfs;
 pub mod report;
@@ -27,11 +26,11 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::web::{ServedLog, SyntheticWeb, WebSpec};
-use fresh::{effective, Engine, FreshDatabase, StoreAt};
-use organism::{Launch, Organism};
+use crate::organism::{Launch, Organism};
+use engines_per_run::{effective, Engine, FreshDatabase, StoreAt};
 use overlay::BenchOverlay;
 use report::{CellUsage, Completeness, Ratio, Row, EMBEDDED};
+use synthweb::{ServedLog, Serving, SyntheticWeb, WebSpec};
 
 #[derive(Subcommand, Debug, Clone)]
 pub enum BenchCommand {
@@ -176,14 +175,7 @@ enum JsonLine<'a> {
 }
 
 fn print_json(line: &JsonLine<'_>) {
-    match serde_json::to_string(line) {
-        Ok(text) => {
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{text}");
-            let _ = out.flush();
-        }
-        Err(e) => eprintln!("bench: cannot encode a result as JSON: {e}"),
-    }
+    crate::json_lines::print("bench", line);
 }
 
 /// What a whole benchmark gave.
@@ -229,7 +221,9 @@ pub async fn crawl(args: &CrawlArgs, mut on_row: impl FnMut(&Row)) -> anyhow::Re
     }
     let configs = base_configs(&args.infra)?;
     let interrupt = CancellationToken::new();
-    cancel_on_signals(interrupt.clone());
+    // SIGINT/SIGTERM stop the organism of the run rather than orphan it (a supervisor killed
+    // by a signal could not stop its cells).
+    vitals::cancel_on_signals(interrupt.clone());
     let mut outcome = Outcome::default();
     // Printed once, at the end (`crawl_command`).
     let note = |outcome: &mut Outcome, text: String| {
@@ -298,30 +292,6 @@ pub async fn crawl(args: &CrawlArgs, mut on_row: impl FnMut(&Row)) -> anyhow::Re
         }
     }
     Ok(outcome)
-}
-
-/// Cancel `token` on Ctrl-C or SIGTERM, so the organism of the current run is stopped rather
-/// than orphaned (its supervisor, killed by a signal, could not stop its cells).
-fn cancel_on_signals(token: CancellationToken) {
-    tokio::spawn(async move {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut term) => {
-                    term.recv().await;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                    std::future::pending::<()>().await;
-                }
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term => {}
-        }
-        eprintln!("bench: interrupted; stopping the organism");
-        token.cancel();
-    });
 }
 
 /// The `cell` executable: `--cell`, or `cell` next to this executable.
@@ -398,19 +368,6 @@ struct Run<'a> {
     interrupt: &'a CancellationToken,
 }
 
-/// Stops the synthetic web's server when the run ends, however it ends.
-struct WebServer {
-    addr: std::net::SocketAddr,
-    log: ServedLog,
-    stop: CancellationToken,
-}
-
-impl Drop for WebServer {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
 impl Run<'_> {
     async fn run(&self, notes: &mut Vec<String>) -> anyhow::Result<Row> {
         let dir = tempfile::Builder::new()
@@ -418,7 +375,10 @@ impl Run<'_> {
             .tempdir()
             .context("creating a temporary directory")?;
         let data_dir = dir.path().join("data");
-        let web = self.serve_web().await?;
+        // Served until the run ends, however it ends.
+        let web = Serving::start(self.web.clone(), ServedLog::counting())
+            .await
+            .context("serving the synthetic web")?;
 
         let base: toml::Table = self
             .config
@@ -450,7 +410,7 @@ impl Run<'_> {
                     "{}: each run uses a queue of its own on {} (homeostat.bench.*); they stay \
                      on the broker afterwards (rabbitmqctl delete_queue NAME)",
                     self.config.label,
-                    fresh::redact(url)
+                    infra::redact(url)
                 ));
                 env.push(("AMQP_URL".into(), Some(url.clone())));
                 Some(name)
@@ -497,7 +457,7 @@ impl Run<'_> {
                              as it is: it should be fresh (empty), or the frontier finds the \
                              web's URLs already known",
                             self.config.label,
-                            fresh::redact(url)
+                            infra::redact(url)
                         ));
                         env.push(("DATABASE_URL".into(), Some(url.clone())));
                         StoreAt::Postgres(url.clone())
@@ -518,7 +478,7 @@ impl Run<'_> {
             grace: Duration::from_secs(self.args.grace_secs),
             ready_timeout: Duration::from_secs(120),
         };
-        let result = match Organism::start(&launch).await {
+        let result = match Organism::start(&launch, self.interrupt).await {
             Ok(mut organism) => {
                 let measured = self.measure(&mut organism, &web, &store).await;
                 let stopped = organism.stop().await;
@@ -556,30 +516,11 @@ impl Run<'_> {
         result
     }
 
-    async fn serve_web(&self) -> anyhow::Result<WebServer> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding the synthetic web")?;
-        let addr = listener
-            .local_addr()
-            .context("reading the synthetic web's address")?;
-        let log = ServedLog::counting();
-        let stop = CancellationToken::new();
-        let (web, served, until) = (self.web.clone(), log.clone(), stop.clone());
-        tokio::spawn(async move {
-            let shutdown = async move { until.cancelled().await };
-            if let Err(e) = crate::web::serve(web, listener, served, shutdown).await {
-                eprintln!("bench: the synthetic web stopped: {e}");
-            }
-        });
-        Ok(WebServer { addr, log, stop })
-    }
-
     /// Seed the crawl, wait for the frontier to drain, and measure.
     async fn measure(
         &self,
         organism: &mut Organism,
-        web: &WebServer,
+        web: &Serving,
         store: &StoreAt,
     ) -> anyhow::Result<Row> {
         let client = reqwest::Client::builder()

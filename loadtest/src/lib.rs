@@ -1,9 +1,12 @@
-//! loadtest: the bundled harness of the organism.
+//! loadtest: the bundled harness of the organism. The synthetic web it crawls is the `synthweb`
+//! crate.
 //!
-//! - [`web`]: the deterministic synthetic web, its HTTP server and its oracle.
 //! - [`bench`]: benchmarks of whole organisms (`loadtest bench crawl`).
 //! - [`heal`]: how fast the organism heals (`loadtest bench heal`).
+//! - [`organism`]: one `cell up` under either benchmark, started, followed and stopped.
+//! - [`json_lines`]: the `--json` output of both.
 
 pub mod bench;
 pub mod heal;
-pub mod web;
+pub mod json_lines;
+pub mod organism;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
-use loadtest::web::{self, ServedLog, SyntheticWeb, WebSpec};
+use synthweb::{ServedLog, SyntheticWeb, WebSpec};
 
 #[derive(Parser)]
 #[command(name = "loadtest", about = "The organism's bundled load-test harness")]
@@ -120,7 +120,7 @@ async fn web_command(args: WebArgs) -> anyhow::Result<()> {
             web.seeds()
         } else {
             for url in &args.urls {
-                if web::normalize(url).is_none() {
+                if synthweb::normalize(url).is_none() {
                     bail!("seed {url:?} is not an absolute http URL");
                 }
             }
@@ -179,7 +179,7 @@ async fn web_command(args: WebArgs) -> anyhow::Result<()> {
             std::future::pending::<()>().await;
         }
     };
-    web::serve(Arc::new(web), listener, ServedLog::counting(), shutdown)
+    synthweb::serve(Arc::new(web), listener, ServedLog::counting(), shutdown)
         .await
         .context("serving the synthetic web")
 }

@@ -6,6 +6,7 @@
 //! on, anything it cannot read.
 
 pub mod control;
+pub mod events;
 pub mod urls;
 
 use serde::{Deserialize, Serialize};

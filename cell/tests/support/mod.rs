@@ -4,47 +4,24 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use engines::Store;
-use loadtest::web::{ServedLog, SyntheticWeb, WebSpec};
 use protocol::control::{CellRecord, CellsResponse};
+use synthweb::{ServedLog, SyntheticWeb, WebSpec};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
-use tokio_util::sync::CancellationToken;
 
-pub struct Web {
-    pub web: Arc<SyntheticWeb>,
-    pub log: ServedLog,
-    pub addr: std::net::SocketAddr,
-    stop: CancellationToken,
-}
+/// The synthetic web a test's organism crawls, served until dropped.
+pub type Web = synthweb::Serving;
 
-impl Drop for Web {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
+/// Serve the web `spec` generates on loopback, keeping every request in its log.
 pub async fn serve_web(spec: WebSpec) -> Web {
-    let web = Arc::new(SyntheticWeb::generate(&spec));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    synthweb::Serving::start(Arc::new(SyntheticWeb::generate(&spec)), ServedLog::new())
         .await
-        .expect("bind web");
-    let addr = listener.local_addr().expect("addr");
-    let log = ServedLog::new();
-    let stop = CancellationToken::new();
-    let (w, l, s) = (web.clone(), log.clone(), stop.clone());
-    tokio::spawn(async move {
-        let _ = loadtest::web::serve(w, listener, l, async move { s.cancelled().await }).await;
-    });
-    Web {
-        web,
-        log,
-        addr,
-        stop,
-    }
+        .expect("serve the synthetic web")
 }
 
 pub struct Organism {
@@ -55,6 +32,37 @@ pub struct Organism {
     pub frontdoors: Vec<String>,
     pub healthcheckers: Vec<String>,
     pub client: reqwest::Client,
+}
+
+/// The `cell` binary as the tests run it: with the support's cluster key, logging at
+/// `HOMEOSTAT_TEST_LOG` (default `warn`) to the test's stderr, stdout piped, killed on drop.
+pub fn cell_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_cell"));
+    command
+        .env(
+            "HOMEOSTAT_LOG",
+            std::env::var("HOMEOSTAT_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .env(control::KEY_ENV, test_key().to_hex())
+        .env_remove(control::KEY_FILE_ENV)
+        // The test's infra file names the engines; the environment must not redirect them.
+        .env_remove("DATABASE_URL")
+        .env_remove("AMQP_URL")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    command
+}
+
+/// An organism on a web `spec` generates, configured with `extra`, that has crawled the web's
+/// seeds to the end.
+pub async fn crawled(spec: WebSpec, extra: &str) -> (Web, Organism) {
+    let web = serve_web(spec).await;
+    let org = Organism::on(&web, 200.0, extra).await;
+    org.crawl(&web.web.seeds()).await;
+    org.wait_drained(Duration::from_secs(120), |_| {}).await;
+    (web, org)
 }
 
 /// The organism's configuration for a test: everything on loopback, short leases.
@@ -113,29 +121,23 @@ pub fn reading_client() -> reqwest::Client {
 }
 
 impl Organism {
+    /// An organism crawling `web` (at `per_host_rate`), configured by [`infra_toml`] with
+    /// `extra`, in a temporary directory of its own.
+    pub async fn on(web: &Web, per_host_rate: f64, extra: &str) -> Organism {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Organism::up(&infra_toml(dir.path(), web, per_host_rate, extra), dir).await
+    }
+
     /// `cell up --infra FILE` and wait for its cells.
     pub async fn up(infra: &str, dir: tempfile::TempDir) -> Organism {
         let path = dir.path().join("organism.toml");
         std::fs::write(&path, infra).expect("write infra");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cell"))
+        let mut child = cell_command()
             .arg("up")
             .arg("--infra")
             .arg(&path)
             .arg("--grace-secs")
             .arg("5")
-            .env(
-                "HOMEOSTAT_LOG",
-                std::env::var("HOMEOSTAT_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .env(control::KEY_ENV, test_key().to_hex())
-            .env_remove(control::KEY_FILE_ENV)
-            // The test's infra file names the engines; the environment must not redirect them.
-            .env_remove("DATABASE_URL")
-            .env_remove("AMQP_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
             .spawn()
             .expect("start cell up");
         let stdout = child.stdout.take().expect("stdout");
@@ -279,6 +281,18 @@ impl Organism {
         Vec::new()
     }
 
+    /// Wait until `role` has at least `n` live cells.
+    pub async fn wait_cells(&self, role: &str, n: usize, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.cells_of(role).await.len() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{n} {role} cells within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Wait until `role` has `n` live cells none of which is in `gone`.
     pub async fn wait_replaced(
         &self,
@@ -340,4 +354,62 @@ pub fn assert_exact(web: &SyntheticWeb, indexed: &BTreeSet<String>, expected: &B
         missing.iter().map(describe).collect::<Vec<_>>(),
         extra.iter().map(describe).collect::<Vec<_>>()
     );
+}
+
+/// The PostgreSQL server the cluster tests create their databases on.
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// The RabbitMQ broker of the cluster tests.
+pub fn amqp_url() -> String {
+    std::env::var("AMQP_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A fresh database for one organism, named `{prefix}_{pid}_{n}`: its name and URL. Dropped by
+/// [`drop_database`].
+pub async fn fresh_database(prefix: &str) -> (String, String) {
+    use sqlx::Connection as _;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "{prefix}_{}_{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    );
+    let mut admin = sqlx::PgConnection::connect(&admin_url())
+        .await
+        .expect("PostgreSQL answers (run scripts/engines.sh start)");
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        sqlx::query(&sql).execute(&mut admin).await.expect(&sql);
+    }
+    let mut url = url::Url::parse(&admin_url()).expect("DATABASE_URL is a URL");
+    url.set_path(&name);
+    (name, url.to_string())
+}
+
+pub async fn drop_database(name: &str) {
+    use sqlx::Connection as _;
+    if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url()).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .execute(&mut admin)
+            .await;
+    }
+}
+
+/// `toml` with its queue named `name` (a queue of its own on a shared broker).
+pub fn with_queue_name(toml: &str, name: &str) -> String {
+    toml.replacen(
+        "[queue]\n",
+        &format!("[queue]\nname = \"{name}\"\nprefetch = 32\n"),
+        1,
+    )
 }

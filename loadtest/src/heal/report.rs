@@ -462,6 +462,37 @@ pub fn describe_failure(r: &ClientRecord, kills: &[KillRecord], frontdoors: &[St
     format!("{when}: {first}; {retry}")
 }
 
+/// One line about a kill, for the progress on stderr.
+pub fn describe_kill(k: &KillRecord, of: usize) -> String {
+    let ms = |v: Option<i64>| v.map_or("-".to_string(), |v| format!("{v} ms"));
+    let mut s = format!(
+        "{} kill {}/{of}: {} (pid {}, {}): declared dead after {}",
+        k.role,
+        k.index,
+        k.victim,
+        k.pid,
+        k.victim_addr,
+        ms(k.detection_ms)
+    );
+    match &k.replacement {
+        Some(r) => s.push_str(&format!(
+            ", replacement {r} requested {}, born {}, serving {}",
+            ms(k.requested_ms),
+            ms(k.replacement_born_ms),
+            ms(k.replacement_serving_ms)
+        )),
+        None => s.push_str(&format!(
+            ", replacement seen in /cells {}",
+            ms(k.replacement_in_cells_ms)
+        )),
+    }
+    s.push_str(&format!(", back at minimum {}", ms(k.back_at_minimum_ms)));
+    if let Some(note) = &k.note {
+        s.push_str(&format!(" [{note}]"));
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::load::Outcome;

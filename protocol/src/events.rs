@@ -1,8 +1,9 @@
-//! A minimal Server-Sent Events reader: bytes in (split anywhere), messages out, as the
-//! health checkers' `GET /events` sends them (`id:`, `event:`, `data:` lines, a blank line ends
-//! a message, `:` starts a comment such as a keep-alive).
+//! Reading the health checkers' event stream (`GET /events`): a minimal Server-Sent Events
+//! reader, bytes in (split anywhere), messages out, as the checkers send them (`id:`, `event:`,
+//! `data:` lines, a blank line ends a message, `:` starts a comment such as a keep-alive), and
+//! [`interpret`], what one message says. Used by `loadtest bench heal` and the cell's tests.
 
-use protocol::control::CellEvent;
+use crate::control::CellEvent;
 
 /// One dispatched SSE message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +121,7 @@ pub fn interpret(msg: &SseMessage) -> StreamItem {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use protocol::control::EventKind;
+    use crate::control::EventKind;
 
     const BORN: &str = r#"{"kind":"born","cell_id":"api-1-3","role":"api","at_ms":1700000000123,"reason":"first heartbeat","parent":"api-1-1"}"#;
 

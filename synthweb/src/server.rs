@@ -1,5 +1,6 @@
 //! The HTTP server of the synthetic web: one fallback handler that dispatches by `Host`.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -9,6 +10,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::Router;
+use tokio::sync::oneshot;
 
 use super::SyntheticWeb;
 
@@ -125,6 +127,43 @@ pub async fn serve(
     axum::serve(listener, app(web, log))
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// A synthetic web served on a loopback port by a background task, until this is dropped.
+pub struct Serving {
+    pub web: Arc<SyntheticWeb>,
+    /// The requests answered.
+    pub log: ServedLog,
+    /// Where it answers (`127.0.0.1:N`); crawlers resolve every host of the web here.
+    pub addr: SocketAddr,
+    /// Dropping it (with this handle) stops the server.
+    _stop: oneshot::Sender<()>,
+}
+
+impl Serving {
+    /// Bind `127.0.0.1:0` and serve `web` there, recording every request in `log`. An error
+    /// of the server afterwards is logged (the web is gone; its users notice).
+    pub async fn start(web: Arc<SyntheticWeb>, log: ServedLog) -> std::io::Result<Serving> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (served, served_log) = (web.clone(), log.clone());
+        tokio::spawn(async move {
+            // The sender is never used: its drop ends the wait.
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            if let Err(e) = serve(served, listener, served_log, shutdown).await {
+                tracing::error!(error = %e, "the synthetic web stopped");
+            }
+        });
+        Ok(Serving {
+            web,
+            log,
+            addr,
+            _stop: stop,
+        })
+    }
 }
 
 async fn answer(State(state): State<AppState>, request: Request) -> Response {

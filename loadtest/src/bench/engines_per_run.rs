@@ -1,4 +1,4 @@
-//! Which engines a run uses, and starting each run from empty ones.
+//! Engines per run: which engines a run uses, and starting each run from empty ones.
 //!
 //! - SQLite (store or queue): kept in the run's fresh data directory.
 //! - PostgreSQL: a database of its own per run (`CREATE DATABASE` on the configured server,
@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use engines::Store as _;
+use infra::redact;
 use sqlx::Connection as _;
 
 /// What an `engines.database` / `engines.queue` value (or `DATABASE_URL` / `AMQP_URL`) names.
@@ -42,19 +43,6 @@ pub fn effective(file_value: Option<&str>, env_value: Option<String>) -> Engine 
     match env_value.filter(|v| !v.is_empty()) {
         Some(v) => Engine::of(&v),
         None => Engine::of(file_value.unwrap_or("sqlite")),
-    }
-}
-
-/// A URL with its password masked, for messages.
-pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) => {
-            if parsed.password().is_some() {
-                let _ = parsed.set_password(Some("***"));
-            }
-            parsed.to_string()
-        }
-        Err(_) => "(unparsable URL)".to_string(),
     }
 }
 

@@ -1,5 +1,5 @@
-//! One `cell up` under the benchmark: started with a configuration file, its cells followed,
-//! and stopped with SIGTERM.
+//! One `cell up` under a benchmark (`bench crawl` and `bench heal` alike): started with a
+//! configuration file, its cells followed, and stopped with SIGTERM.
 //!
 //! `cell up` prints `homeostat is up: N cells; frontdoor URL URL` (earlier versions: `...; api
 //! URL`) once the organism serves, then a `  healthcheckers URL URL` line. The cells are read
@@ -19,6 +19,7 @@ use nix::unistd::Pid;
 use protocol::control::CellsResponse;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
 
 /// The line `cell up` prints once the organism serves.
 const UP_PREFIX: &str = "homeostat is up: ";
@@ -44,9 +45,9 @@ pub struct Launch {
 
 /// What `cell up` said on stdout.
 #[derive(Debug, Default)]
-struct Said {
-    /// Where clients go: the first front door (or api).
-    front: Option<String>,
+struct Announced {
+    /// Where clients go: the front doors (or the api).
+    frontdoors: Vec<String>,
     healthcheckers: Vec<String>,
     /// `HOMEOSTAT_CELL` lines, in order.
     cells: Vec<CellInfo>,
@@ -58,7 +59,11 @@ pub struct Organism {
     /// Where clients send `POST /crawl` and `GET /stats`: `http://ADDR` of the first front door
     /// (or of the api, for versions of `cell up` without front doors).
     pub front: String,
-    said: Arc<Mutex<Said>>,
+    /// Every front door `cell up` named (the api, for versions without front doors).
+    pub frontdoors: Vec<String>,
+    /// The health checkers `cell up` named (none, for versions that do not name them).
+    pub healthcheckers: Vec<String>,
+    said: Arc<Mutex<Announced>>,
     /// Every cell seen so far, by pid.
     seen: BTreeMap<u32, CellInfo>,
     client: reqwest::Client,
@@ -67,8 +72,9 @@ pub struct Organism {
 }
 
 impl Organism {
-    /// Start `cell up --infra FILE` and wait until it says it is up.
-    pub async fn start(launch: &Launch) -> anyhow::Result<Organism> {
+    /// Start `cell up --infra FILE` and wait until it says it is up. If `interrupt` is
+    /// cancelled meanwhile, `cell up` is stopped (it stops its cells) and this fails.
+    pub async fn start(launch: &Launch, interrupt: &CancellationToken) -> anyhow::Result<Organism> {
         let log = std::fs::File::create(&launch.log)
             .with_context(|| format!("creating {}", launch.log.display()))?;
         let mut command = Command::new(&launch.cell);
@@ -92,7 +98,7 @@ impl Organism {
             .spawn()
             .with_context(|| format!("starting {} up", launch.cell.display()))?;
         let stdout = child.stdout.take().context("taking cell up's stdout")?;
-        let said: Arc<Mutex<Said>> = Arc::default();
+        let said: Arc<Mutex<Announced>> = Arc::default();
         let (up_tx, up_rx) = tokio::sync::oneshot::channel();
         let heard = said.clone();
         // Read stdout to its end, so `cell up` never blocks on a full pipe.
@@ -103,8 +109,8 @@ impl Organism {
                 let mut said = lock(&heard);
                 if let Some(info) = CellInfo::parse(&line) {
                     said.cells.push(info);
-                } else if let Some(front) = parse_up_line(&line) {
-                    said.front = Some(front);
+                } else if let Some(frontdoors) = parse_up_line(&line) {
+                    said.frontdoors = frontdoors;
                     if let Some(tx) = up_tx.take() {
                         let _ = tx.send(());
                     }
@@ -117,11 +123,16 @@ impl Organism {
             up = up_rx => up.is_ok(),
             _ = child.wait() => false,
             _ = tokio::time::sleep(launch.ready_timeout) => {
+                stop_starting(&mut child, launch.grace).await;
                 bail!(
                     "cell up was not up within {:?}{}",
                     launch.ready_timeout,
                     tail_of(&launch.log)
                 );
+            }
+            _ = interrupt.cancelled() => {
+                stop_starting(&mut child, launch.grace).await;
+                bail!("interrupted while the organism was starting");
             }
         };
         if !up {
@@ -140,10 +151,15 @@ impl Organism {
         while lock(&said).healthcheckers.is_empty() && wait.elapsed() < Duration::from_secs(1) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let front = lock(&said).front.clone().unwrap_or_default();
+        let (frontdoors, healthcheckers) = {
+            let said = lock(&said);
+            (said.frontdoors.clone(), said.healthcheckers.clone())
+        };
         Ok(Organism {
             child,
-            front,
+            front: frontdoors.first().cloned().unwrap_or_default(),
+            frontdoors,
+            healthcheckers,
             said,
             seen: BTreeMap::new(),
             client: reqwest::Client::builder()
@@ -205,10 +221,12 @@ impl Organism {
     /// SIGTERM `cell up` and wait for it to drain its cells and exit. If it does not in time,
     /// SIGKILL it and every cell seen (a killed supervisor cannot stop them).
     pub async fn stop(mut self) -> anyhow::Result<()> {
+        // Learn the cells alive now, to kill them should `cell up` not stop them.
+        self.refresh().await;
         if let Some(pid) = self.child.id() {
             signal(pid, Signal::SIGTERM);
         }
-        let limit = self.grace + Duration::from_secs(15);
+        let limit = self.grace + Duration::from_secs(20);
         match tokio::time::timeout(limit, self.child.wait()).await {
             Ok(Ok(status)) if status.success() => Ok(()),
             Ok(Ok(status)) => bail!("cell up exited with {status}{}", tail_of(&self.log)),
@@ -227,14 +245,17 @@ impl Organism {
     }
 }
 
-/// `homeostat is up: 9 cells; frontdoor http://A http://B` -> `http://A`; also the older
-/// `homeostat is up: 3 cells; api http://A`.
-pub fn parse_up_line(line: &str) -> Option<String> {
+/// `homeostat is up: 9 cells; frontdoor http://A http://B` -> both front doors; also the
+/// older `homeostat is up: 3 cells; api http://A`.
+pub fn parse_up_line(line: &str) -> Option<Vec<String>> {
     let rest = line.strip_prefix(UP_PREFIX)?;
     let (_, named) = rest.split_once("; ")?;
     let mut words = named.split_whitespace();
     match words.next()? {
-        "frontdoor" | "api" => words.next().map(str::to_string),
+        "frontdoor" | "api" => {
+            let urls: Vec<String> = words.map(str::to_string).collect();
+            (!urls.is_empty()).then_some(urls)
+        }
         _ => None,
     }
 }
@@ -276,14 +297,23 @@ fn latest_per_name(cells: &[CellInfo]) -> Vec<CellInfo> {
     latest.into_values().cloned().collect()
 }
 
-fn signal(pid: u32, signal: Signal) {
+/// SIGTERM a `cell up` that is still starting and give it its grace to stop its cells.
+async fn stop_starting(child: &mut Child, grace: Duration) {
+    if let Some(pid) = child.id() {
+        signal(pid, Signal::SIGTERM);
+    }
+    let _ = tokio::time::timeout(grace + Duration::from_secs(10), child.wait()).await;
+}
+
+/// Send `signal` to `pid`; a process already gone is fine.
+pub fn signal(pid: u32, signal: Signal) {
     if let Ok(pid) = i32::try_from(pid) {
         // Already gone is fine.
         let _ = kill(Pid::from_raw(pid), signal);
     }
 }
 
-fn lock(said: &Mutex<Said>) -> std::sync::MutexGuard<'_, Said> {
+fn lock(said: &Mutex<Announced>) -> std::sync::MutexGuard<'_, Announced> {
     // Nothing holding this lock can leave it half-written.
     said.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -1,5 +1,9 @@
-//! The synthetic web: a deterministic web generated from a seed, served over HTTP on one
-//! loopback port, and the oracle that says exactly which URLs a correct crawler indexes.
+//! synthweb, the synthetic web: a deterministic web generated from a seed, served over HTTP on
+//! one loopback port, and the oracle that says exactly which URLs a correct crawler indexes.
+//!
+//! Two users: `cell up --demo` serves one beside the organism it starts, and the `loadtest`
+//! harness serves one to each benchmark run (and as `loadtest web`). The cell's tests crawl it
+//! too. It is a crate of its own so the production binary does not link the load-test harness.
 //!
 //! Every host ends in [`HOST_SUFFIX`]; the server dispatches by the `Host` header (any `:port`
 //! stripped), so URLs carry no port and the oracle does not depend on where the web is served.
@@ -36,7 +40,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 
 pub use oracle::normalize;
-pub use server::{app, serve, Served, ServedLog};
+pub use server::{app, serve, Served, ServedLog, Serving};
 
 /// Every host name of the synthetic web ends with this (a reserved TLD, RFC 2606).
 pub const HOST_SUFFIX: &str = ".test";
