@@ -2,9 +2,8 @@
 //! a whole organism on this machine (`cell up`), one role (`cell run ROLE`), or a reporter
 //! (`cell status`). The roles themselves live in their library crates.
 
+mod assemble;
 mod engines_setup;
-mod fence;
-mod registry;
 mod run;
 mod status;
 mod up;
