@@ -147,8 +147,10 @@ impl Organism {
             while let Ok(Some(line)) = lines.next_line().await {
                 let ready = protocol::OrganismReady::parse(&line)
                     .unwrap_or_else(|e| panic!("cell up printed a bad ready line: {e}: {line}"));
-                if let (Some(ready), Some(tx)) = (ready, tx.take()) {
-                    let _ = tx.send(ready);
+                if let Some(ready) = ready {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(ready);
+                    }
                 }
             }
         });
