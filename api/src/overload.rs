@@ -25,7 +25,11 @@ pub struct WeightController {
 
 impl WeightController {
     /// Ask, as `cell_id` through `client`, the front doors `registry` lists.
-    pub fn new(client: Arc<control::ControlClient>, cell_id: String, registry: CellsClient) -> Self {
+    pub fn new(
+        client: Arc<control::ControlClient>,
+        cell_id: String,
+        registry: CellsClient,
+    ) -> Self {
         Self {
             client,
             cell_id,

@@ -221,7 +221,10 @@ async fn a_misconfiguration_is_a_500_not_a_503() {
 #[tokio::test]
 async fn stats_are_versioned() {
     let (_d, st) = state().await;
-    let resp = app(st.clone()).oneshot(get("/stats")).await.expect("infallible");
+    let resp = app(st.clone())
+        .oneshot(get("/stats"))
+        .await
+        .expect("infallible");
     assert_eq!(resp.status(), StatusCode::OK);
     let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
         .await

@@ -150,7 +150,8 @@ pub fn frontdoor(
     addr: SocketAddr,
 ) -> anyhow::Result<frontdoor::AppState> {
     let mut fd = cfg.raw.frontdoor.clone();
-    fd.healthcheckers.extend(args.healthcheckers.iter().cloned());
+    fd.healthcheckers
+        .extend(args.healthcheckers.iter().cloned());
     let verifier = Arc::new(control::Verifier::new(key.clone(), WINDOW));
     verifier.answer_to([format!("http://{addr}")]);
     Ok(frontdoor::AppState::new(fd, verifier)?)

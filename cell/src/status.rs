@@ -67,8 +67,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     }
     for front in &organism.frontdoors {
         let url = format!("{front}/stats");
-        match protocol::client::get_versioned::<protocol::Stats>(&client, &url, None, None).await
-        {
+        match protocol::client::get_versioned::<protocol::Stats>(&client, &url, None, None).await {
             Ok(stats) => {
                 let f = &stats.frontier;
                 println!(

@@ -100,10 +100,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     };
     // The registry's reader, with the organism's read token (in cluster mode `/cells` answers
     // nobody else).
-    let registry = CellsClient::new(
-        file.healthcheckers.clone(),
-        Some(key.read_authorization()),
-    );
+    let registry = CellsClient::new(file.healthcheckers.clone(), Some(key.read_authorization()));
     std::fs::write(
         data_dir.join(ORGANISM_FILE),
         serde_json::to_vec_pretty(&file).expect("the organism file always serializes"),

@@ -36,5 +36,5 @@ pub use config::FetchConfig;
 pub use fetch::{CrawlAttempt, Fetcher, FetcherError};
 pub use ledger::{LedgerGate, LedgerLimits};
 pub use politeness::{HostGate, Politeness};
-pub use worker::{Worker, WorkerConfig, WorkerGauges};
 pub use role::{run, CrawlerState, RunError};
+pub use worker::{Worker, WorkerConfig, WorkerGauges};

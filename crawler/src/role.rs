@@ -13,8 +13,8 @@ use tokio_util::sync::CancellationToken;
 use crate::fence::FencedQueue;
 use crate::worker::IngestSender;
 use crate::{
-    FetchConfig, Fetcher, FetcherError, LedgerGate, LedgerLimits, Politeness, Worker,
-    WorkerConfig, WorkerGauges,
+    FetchConfig, Fetcher, FetcherError, LedgerGate, LedgerLimits, Politeness, Worker, WorkerConfig,
+    WorkerGauges,
 };
 
 /// What a crawler cell is given besides its life.

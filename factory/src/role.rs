@@ -347,7 +347,11 @@ impl FactoryState {
         pids.len()
     }
 
-    async fn start(self: &Arc<Self>, cell_id: &str, req: &ReplaceRequest) -> Result<(), FactoryError> {
+    async fn start(
+        self: &Arc<Self>,
+        cell_id: &str,
+        req: &ReplaceRequest,
+    ) -> Result<(), FactoryError> {
         // Power the dead cell off first: then its fixed address (if any) is free, and the
         // replacement takes that same address (clients know the front doors by address).
         let mut predecessor = None;

@@ -224,7 +224,11 @@ async fn an_unknown_route_is_a_404_naming_the_routes() {
         .expect("send");
     assert_eq!(resp.status(), 404);
     let body: protocol::ErrorBody = resp.json().await.expect("an error body");
-    assert!(body.error.contains("no such endpoint /control/nope"), "{}", body.error);
+    assert!(
+        body.error.contains("no such endpoint /control/nope"),
+        "{}",
+        body.error
+    );
 }
 
 /// The first factory starts a cell for a key and dies; the health checker asks the sibling with

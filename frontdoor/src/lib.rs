@@ -38,10 +38,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use backends::{Backend, BackendPoller};
 pub use balancer::{BackendStatus, Balancer};
 pub use config::FrontdoorConfig;
 pub use proxy::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
-pub use backends::{Backend, BackendPoller};
 
 /// The response header naming the api cell (its cell id) that answered.
 pub const BACKEND_HEADER: &str = "x-homeostat-backend";

@@ -275,8 +275,13 @@ mod tests {
 
     #[tokio::test]
     async fn an_unknown_route_is_a_404_naming_the_routes() {
-        let state = HealthcheckerState::new(HealthcheckerConfig::default(), ClusterKey::generate(), "hc");
-        for (method, path) in [("GET", "/nope"), ("POST", "/control/nope"), ("GET", "/cells/x")] {
+        let state =
+            HealthcheckerState::new(HealthcheckerConfig::default(), ClusterKey::generate(), "hc");
+        for (method, path) in [
+            ("GET", "/nope"),
+            ("POST", "/control/nope"),
+            ("GET", "/cells/x"),
+        ] {
             let req = Request::builder()
                 .method(method)
                 .uri(path)

@@ -101,7 +101,11 @@ struct Inner {
 }
 
 impl CellContext {
-    fn new(spec: CellSpec, addr: SocketAddr, key: Option<&ClusterKey>) -> (Self, watch::Receiver<Vital>) {
+    fn new(
+        spec: CellSpec,
+        addr: SocketAddr,
+        key: Option<&ClusterKey>,
+    ) -> (Self, watch::Receiver<Vital>) {
         let (vital, vital_rx) = watch::channel(Vital {
             state: CellState::Serving,
             pressure: 0.0,
@@ -273,7 +277,12 @@ impl Lifecycle {
     /// taking work) until it returns, under the drain rules of `drain` once `shutdown` is
     /// cancelled or a health checker asks the cell to retire or fences it; then say "retired"
     /// and stop beating.
-    pub async fn live<F, Fut, E>(self, shutdown: CancellationToken, drain: Drain, role: F) -> Result<(), E>
+    pub async fn live<F, Fut, E>(
+        self,
+        shutdown: CancellationToken,
+        drain: Drain,
+        role: F,
+    ) -> Result<(), E>
     where
         F: FnOnce(CancellationToken) -> Fut,
         Fut: std::future::Future<Output = Result<(), E>>,

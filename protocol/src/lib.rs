@@ -314,7 +314,10 @@ mod tests {
         };
         let bytes = serde_json::to_vec(&Versioned::new(stats.clone())).expect("serializes");
         let text = String::from_utf8_lossy(&bytes);
-        assert!(text.contains(r#""v":1"#) && text.contains(r#""pages_indexed":3"#), "{text}");
+        assert!(
+            text.contains(r#""v":1"#) && text.contains(r#""pages_indexed":3"#),
+            "{text}"
+        );
         assert_eq!(Versioned::<Stats>::decode(&bytes).expect("decodes"), stats);
         // A reader that ignores `v` still reads the body.
         let plain: Stats = serde_json::from_slice(&bytes).expect("plain decode");
@@ -344,7 +347,10 @@ mod tests {
             OrganismReady::parse(&ready.render()).expect("parses"),
             Some(ready.clone())
         );
-        assert_eq!(OrganismReady::parse("homeostat is up").expect("not ours"), None);
+        assert_eq!(
+            OrganismReady::parse("homeostat is up").expect("not ours"),
+            None
+        );
         let future = ready.render().replace(r#""v":1"#, r#""v":9"#);
         assert!(matches!(
             OrganismReady::parse(&future),

@@ -145,8 +145,14 @@ mod tests {
     #[test]
     fn ready_line_round_trips() {
         let line = ReadyLine::new("api", "127.0.0.1:1", 7);
-        assert_eq!(ReadyLine::parse(&line.render()).expect("parses"), Some(line));
-        assert_eq!(ReadyLine::parse("some log line").expect("not a ready line"), None);
+        assert_eq!(
+            ReadyLine::parse(&line.render()).expect("parses"),
+            Some(line)
+        );
+        assert_eq!(
+            ReadyLine::parse("some log line").expect("not a ready line"),
+            None
+        );
     }
 
     #[test]
