@@ -19,7 +19,7 @@ use protocol::{
 use sha2::Digest as _;
 
 use crate::query::{self, SearchParams};
-use crate::{frontier, AppState};
+use crate::{url_guard, AppState};
 
 /// Why a request was not served.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +44,9 @@ pub enum ApiError {
     /// An engine is unreachable or busy: try again.
     #[error("storage unavailable: {0}")]
     Unavailable(#[from] engines::EngineError),
+    /// This cell is set up wrong (e.g. it has no cluster key): asking again will not help.
+    #[error("{0}")]
+    Misconfigured(String),
 }
 
 impl IntoResponse for ApiError {
@@ -60,6 +63,10 @@ impl IntoResponse for ApiError {
                 tracing::warn!(error = %e, "request failed on the storage engine");
                 metrics::counter!("api_engine_errors_total").increment(1);
                 StatusCode::SERVICE_UNAVAILABLE
+            }
+            ApiError::Misconfigured(e) => {
+                tracing::error!(error = %e, "misconfigured");
+                StatusCode::INTERNAL_SERVER_ERROR
             }
         };
         let body = Json(ErrorBody {
@@ -145,8 +152,11 @@ async fn search(
     }))
 }
 
-async fn stats(State(state): State<AppState>) -> Result<Json<protocol::Stats>, ApiError> {
-    Ok(Json(state.store.stats(50).await?))
+/// Versioned: other cells (front doors, `cell status`) read it.
+async fn stats(
+    State(state): State<AppState>,
+) -> Result<Json<protocol::Versioned<protocol::Stats>>, ApiError> {
+    Ok(Json(protocol::Versioned::new(state.store.stats(50).await?)))
 }
 
 /// The header that makes `POST /crawl` exactly-once.
@@ -201,7 +211,7 @@ fn check_crawl(req: &CrawlRequest, cfg: &crate::ApiConfig) -> Result<CheckedCraw
     let mut rejected = Vec::new();
     let mut candidates: Vec<Candidate> = Vec::new();
     for seed in &req.seeds {
-        match frontier::candidate(seed, cfg) {
+        match url_guard::candidate(seed, cfg) {
             Ok(c) => {
                 if !candidates.iter().any(|k| k.url == c.url) {
                     candidates.push(c);
@@ -429,14 +439,14 @@ async fn ingest(
     for result in batch.results {
         let outcome = match result.outcome {
             Outcome::Failed { reason } => IngestOutcome::Failed { reason },
-            Outcome::Page(page) => match frontier::candidate(&page.final_url, cfg) {
+            Outcome::Page(page) => match url_guard::candidate(&page.final_url, cfg) {
                 Err(reason) => IngestOutcome::Failed {
                     reason: format!("final URL refused: {reason}"),
                 },
                 Ok(final_c) => {
                     let mut links = Vec::with_capacity(page.links.len());
                     for link in &page.links {
-                        match frontier::candidate(link, cfg) {
+                        match url_guard::candidate(link, cfg) {
                             Ok(c) => links.push(c),
                             Err(_) => links_refused += 1,
                         }

@@ -7,14 +7,22 @@
 //! cells: the first answer is kept in the store and given to every repeat.
 //!
 //! Entry points: [`app`] builds the axum `Router` (tested with `oneshot`, no socket); [`run`]
-//! serves it on a bound listener until a shutdown signal and runs the [`publisher`] beside it.
+//! serves it on a bound listener until a shutdown signal and runs the [`publisher`] beside it,
+//! with the cell's pressure reported in its heartbeats and followed by the [`overload`]
+//! controller.
+//!
+//! Code map: [`url_guard`] (normalization and trap guards before a URL reaches the store),
+//! [`query`] (search parameters to a checked query), `http` (handlers and the one error-to-status
+//! mapping, [`ApiError`]), [`permits`] (the host ledger's door), [`publisher`] (frontier to
+//! queue, dead letters to failed), [`overload`] (weight requests to the front doors).
 
 pub mod config;
-pub mod frontier;
 mod http;
+pub mod overload;
 pub mod permits;
 pub mod publisher;
 pub mod query;
+pub mod url_guard;
 
 use std::sync::Arc;
 
@@ -25,7 +33,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ApiConfig;
-pub use http::app;
+pub use http::{app, ApiError};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -129,15 +137,36 @@ impl AppState {
     }
 }
 
+/// Why the api role stopped other than by its shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("serving the api failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
 /// Serve the api role on `listener` until `shutdown` is cancelled, publishing the frontier as
-/// jobs that name `advertise` (this cell's base URL) as the place to send results.
+/// jobs that name this cell (`ctx.advertise()`) as the place to send results. The cell's load
+/// is its pressure; in an organism an overloaded cell asks the front doors for less traffic.
 pub async fn run(
+    ctx: lifecycle::CellContext,
     state: AppState,
     listener: TcpListener,
-    advertise: String,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let publisher = tokio::spawn(publisher::run(state.clone(), advertise, shutdown.clone()));
+) -> Result<(), RunError> {
+    let load = state.load.clone();
+    let cfg = state.cfg.clone();
+    let pressure = ctx.report_pressure(move || load.signals(&cfg));
+    if let Some(client) = ctx.client() {
+        let controller =
+            overload::WeightController::new(client, ctx.cell_id().to_string(), ctx.registry());
+        tokio::spawn(controller.run(pressure, shutdown.clone()));
+    }
+    tracing::info!(advertise = %ctx.advertise(), cell_id = %ctx.cell_id(), "api cell serving");
+    let publisher = tokio::spawn(publisher::run(
+        state.clone(),
+        ctx.advertise(),
+        shutdown.clone(),
+    ));
     state.ready.set(true);
     let router = app(state.clone());
     let stop = shutdown.clone();
@@ -151,7 +180,7 @@ pub async fn run(
     if let Err(e) = publisher.await {
         tracing::error!(error = %e, "publisher task failed");
     }
-    served.map_err(|e| anyhow::anyhow!("serving the api failed: {e}"))
+    served.map_err(RunError::Serve)
 }
 
 #[cfg(test)]

@@ -195,6 +195,46 @@ async fn crawl_accepts_and_rejects_with_reasons() {
     assert_eq!(stats["frontier"]["pending"], 1);
 }
 
+/// A misconfigured cell says so with a 500 (asking again will not help), never a 503.
+#[tokio::test]
+async fn a_misconfiguration_is_a_500_not_a_503() {
+    let (_d, st) = state().await;
+    assert!(st.permits_verifier.is_none(), "this api has no permit key");
+    let sealed = crawler().seal_to(api::permits::KIND, ADDR, &serde_json::json!({}));
+    let req = Request::post(api::permits::PATH)
+        .header("content-type", "application/json")
+        .header(SIGNATURE_HEADER, sealed.signature)
+        .body(Body::from(sealed.bytes))
+        .expect("request");
+    let (status, body) = call(&st, req).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no cluster key"),
+        "{body}"
+    );
+}
+
+/// `GET /stats` is read by other cells: it carries the wire version, and decodes checked.
+#[tokio::test]
+async fn stats_are_versioned() {
+    let (_d, st) = state().await;
+    let resp = app(st.clone())
+        .oneshot(get("/stats"))
+        .await
+        .expect("infallible");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    let value: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+    assert_eq!(value["v"], WIRE_VERSION);
+    let stats = protocol::Versioned::<protocol::Stats>::decode(&bytes).expect("versioned");
+    assert_eq!(stats.pages_indexed, 0);
+}
+
 #[tokio::test]
 async fn a_404_is_a_404() {
     let (_d, st) = state().await;

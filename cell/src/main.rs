@@ -2,11 +2,10 @@
 //! a whole organism on this machine (`cell up`), one role (`cell run ROLE`), or a reporter
 //! (`cell status`). The roles themselves live in their library crates.
 
+mod assemble;
 mod boot;
 mod engines_setup;
-mod fence;
 mod pool_setup;
-mod registry;
 mod run;
 mod status;
 mod up;

@@ -32,7 +32,6 @@ pub async fn pool_factory(
         EngineUrl::Postgres(url) => engines::pool::PoolLedger::connect_postgres(&url)
             .await
             .with_context(|| format!("connecting to PostgreSQL at {}", infra::redact(&url)))?,
-        ProviderKind::Ipmi => Ok(Arc::new(factory::power::ipmi::IpmiProvider::new())),
         other => anyhow::bail!("engines.database {other:?} is not a store engine"),
     };
     let section = &cfg.raw.pool;

@@ -33,13 +33,20 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         serde_json::from_slice(&bytes).with_context(|| format!("reading {}", path.display()))?;
     // In cluster mode the registry answers only with the read token (from the cluster key in
     // the environment, as every cell of the organism has it).
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .default_headers(crate::registry::read_headers())
-        .build()?;
-    let view = crate::registry::read(&client, &organism.healthcheckers)
+    let registry = protocol::client::CellsClient::new(
+        organism.healthcheckers.clone(),
+        control::ClusterKey::from_env()
+            .ok()
+            .map(|key| key.read_authorization()),
+    )
+    .with_timeout(Duration::from_secs(2));
+    let view = registry
+        .read()
         .await
         .context("no health checker answers: is the organism running?")?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()?;
     println!(
         "{:<28} {:<14} {:>8} {:<24} {:<11} {:>8} {:>9}",
         "CELL", "ROLE", "PID", "ADDRESS", "STATE", "PRESSURE", "AGE"
@@ -59,8 +66,9 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     for front in &organism.frontdoors {
-        if let Ok(resp) = client.get(format!("{front}/stats")).send().await {
-            if let Ok(stats) = resp.json::<protocol::Stats>().await {
+        let url = format!("{front}/stats");
+        match protocol::client::get_versioned::<protocol::Stats>(&client, &url, None, None).await {
+            Ok(stats) => {
                 let f = &stats.frontier;
                 println!(
                     "pages indexed {}; frontier pending {}, in flight {}, crawled {}, failed {}",
@@ -68,6 +76,7 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
                 );
                 break;
             }
+            Err(e) => tracing::debug!(error = %e, "no stats from this front door"),
         }
     }
     pool_status(&client, &organism.factories).await;

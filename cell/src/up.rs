@@ -18,7 +18,8 @@ use anyhow::Context as _;
 use clap::Args;
 use control::{ClusterKey, ControlClient, Signer};
 use factory::local::{CellSpec, Event, LocalProvider, Supervisor};
-use protocol::control::{CellsResponse, ReplaceReply, ReplaceRequest};
+use protocol::client::CellsClient;
+use protocol::control::{CellsResponse, ReplaceRequest};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -86,7 +87,6 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     } else {
         ClusterKey::generate()
     };
-    crate::registry::use_key(&key);
     let factory_addrs = [fixed_port("127.0.0.1:0")?, fixed_port("127.0.0.1:0")?];
     let hcs = [fixed_port("127.0.0.1:0")?, fixed_port("127.0.0.1:0")?];
     let frontdoors = frontdoor_addresses(&cfg.raw.frontdoor.listen)?;
@@ -98,6 +98,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         healthcheckers: hcs.iter().map(|a| format!("http://{a}")).collect(),
         frontdoors: frontdoors.iter().map(|a| format!("http://{a}")).collect(),
     };
+    // The registry's reader, with the organism's read token (in cluster mode `/cells` answers
+    // nobody else).
+    let registry = CellsClient::new(file.healthcheckers.clone(), Some(key.read_authorization()));
     std::fs::write(
         data_dir.join(ORGANISM_FILE),
         serde_json::to_vec_pretty(&file).expect("the organism file always serializes"),
@@ -169,10 +172,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         // Either factory will do: they share their request keys.
         let mut last = None;
         for factory in &file.factories {
-            let sent: anyhow::Result<ReplaceReply> = me
-                .send(factory, "/control/replace", ReplaceRequest::KIND, &request)
-                .await;
-            match sent {
+            match me.ask(factory, &request).await {
                 Ok(reply) => {
                     tracing::debug!(?reply, "health checker requested");
                     last = None;
@@ -182,7 +182,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             }
         }
         if let Some(e) = last {
-            return Err(e.context("asking the factories for a health checker"));
+            return Err(anyhow::Error::new(e).context("asking the factories for a health checker"));
         }
     }
     let minimums: BTreeMap<String, u32> = cfg
@@ -191,7 +191,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .into_iter()
         .filter(|(_, n)| *n > 0)
         .collect();
-    let view = wait_for_minimums(&file.healthcheckers, &minimums, &shutdown).await?;
+    let view = wait_for_minimums(&registry, &minimums, &shutdown).await?;
     for front in &file.frontdoors {
         wait_routable(front).await?;
     }
@@ -225,6 +225,18 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         println!("  search: curl '{front}/search?q={word}'");
     }
     println!("Ctrl-C drains and stops every cell.");
+    // The same, for tools and tests: one line of versioned JSON.
+    println!(
+        "{}",
+        protocol::OrganismReady {
+            v: protocol::WIRE_VERSION,
+            frontdoors: file.frontdoors.clone(),
+            healthcheckers: file.healthcheckers.clone(),
+            factories: file.factories.clone(),
+            cells: total,
+        }
+        .render()
+    );
 
     loop {
         tokio::select! {
@@ -245,7 +257,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
     eprintln!("draining the organism…");
     // Cells a previous factory started are not the current factory's children: stop them too.
-    let orphans = registry_pids(&file.healthcheckers).await;
+    let orphans = registry_pids(&registry).await;
     supervisor.join().await;
     for pid in &orphans {
         let _ = nix::sys::signal::kill(
@@ -278,12 +290,9 @@ fn alive(pid: u32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
 }
 
-async fn registry(healthcheckers: &[String]) -> Option<CellsResponse> {
-    crate::registry::read(&crate::registry::client(), healthcheckers).await
-}
-
-async fn registry_pids(healthcheckers: &[String]) -> Vec<u32> {
-    registry(healthcheckers)
+async fn registry_pids(registry: &CellsClient) -> Vec<u32> {
+    registry
+        .read()
         .await
         .map(|c| {
             c.roles
@@ -297,14 +306,14 @@ async fn registry_pids(healthcheckers: &[String]) -> Vec<u32> {
 }
 
 async fn wait_for_minimums(
-    healthcheckers: &[String],
+    registry: &CellsClient,
     minimums: &BTreeMap<String, u32>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<CellsResponse> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     let mut last = None;
     loop {
-        if let Some(view) = registry(healthcheckers).await {
+        if let Ok(view) = registry.read().await {
             let short: Vec<String> = minimums
                 .iter()
                 .filter(|(role, min)| {

@@ -127,7 +127,7 @@ async fn a_blank_machine_joins_with_dns_configuration_and_a_one_time_token() {
     let mut lines = BufReader::new(stdout).lines();
     let ready = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(line) = lines.next_line().await.expect("read") {
-            if let Some(r) = vitals::ReadyLine::parse(&line) {
+            if let Ok(Some(r)) = vitals::ReadyLine::parse(&line) {
                 return r;
             }
         }
@@ -200,7 +200,7 @@ async fn a_blank_machine_joins_with_dns_configuration_and_a_one_time_token() {
     let mut out = BufReader::new(out).lines();
     let became = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(line) = out.next_line().await.expect("read") {
-            if let Some(r) = vitals::ReadyLine::parse(&line) {
+            if let Ok(Some(r)) = vitals::ReadyLine::parse(&line) {
                 return r;
             }
         }

@@ -8,8 +8,8 @@ mod support;
 use std::time::Duration;
 
 use engines::pool::{PoolLedger, ServerState};
-use loadtest::web::WebSpec;
 use support::{infra_toml, serve_web, Organism};
+use synthweb::WebSpec;
 
 const POOL: &str = r#"
 [[server]]

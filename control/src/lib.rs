@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use hmac::{Hmac, Mac};
@@ -76,27 +75,33 @@ impl ClusterKey {
         hex::encode(&self.0)
     }
 
-    pub fn from_hex(text: &str) -> anyhow::Result<Self> {
-        let bytes = hex::decode(text.trim()).context("the cluster key is not hex")?;
-        anyhow::ensure!(
-            bytes.len() >= 16,
-            "the cluster key is too short ({} bytes; at least 16)",
-            bytes.len()
-        );
+    pub fn from_hex(text: &str) -> Result<Self, KeyError> {
+        let bytes = hex::decode(text.trim()).map_err(KeyError::NotHex)?;
+        if bytes.len() < 16 {
+            return Err(KeyError::TooShort(bytes.len()));
+        }
         Ok(Self(bytes))
     }
 
     /// From `HOMEOSTAT_CLUSTER_KEY` (hex) or the file named by `HOMEOSTAT_CLUSTER_KEY_FILE`.
-    pub fn from_env() -> anyhow::Result<Self> {
+    pub fn from_env() -> Result<Self, KeyError> {
+        let within = |origin: String| {
+            move |e: KeyError| KeyError::In {
+                origin,
+                error: Box::new(e),
+            }
+        };
         if let Ok(hex) = std::env::var(KEY_ENV) {
-            return Self::from_hex(&hex).with_context(|| format!("reading {KEY_ENV}"));
+            return Self::from_hex(&hex).map_err(within(KEY_ENV.to_string()));
         }
         if let Ok(path) = std::env::var(KEY_FILE_ENV) {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading the cluster key file {path}"))?;
-            return Self::from_hex(&text).with_context(|| format!("reading {path}"));
+            let text = std::fs::read_to_string(&path).map_err(|error| KeyError::File {
+                path: path.clone(),
+                error,
+            })?;
+            return Self::from_hex(&text).map_err(within(path));
         }
-        anyhow::bail!("no cluster key: set {KEY_ENV} (hex) or {KEY_FILE_ENV}")
+        Err(KeyError::Missing)
     }
 
     fn mac(&self) -> HmacSha256 {
@@ -115,6 +120,55 @@ impl ClusterKey {
     pub fn read_authorization(&self) -> String {
         format!("Bearer {}", self.read_token())
     }
+}
+
+/// Why the cluster key could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("no cluster key: set {KEY_ENV} (hex) or {KEY_FILE_ENV}")]
+    Missing,
+    #[error("the cluster key is not hex: {0}")]
+    NotHex(#[source] hex::FromHexError),
+    #[error("the cluster key is too short ({0} bytes; at least 16)")]
+    TooShort(usize),
+    #[error("reading the cluster key file {path}: {error}")]
+    File {
+        path: String,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("reading {origin}: {error}")]
+    In {
+        origin: String,
+        #[source]
+        error: Box<KeyError>,
+    },
+}
+
+/// Why a control message got no answer to use.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("sending {kind} to {url}: {error}")]
+    Transport {
+        kind: String,
+        url: String,
+        #[source]
+        error: reqwest::Error,
+    },
+    #[error("{url} refused {kind}: {status} {body}")]
+    Refused {
+        kind: String,
+        url: String,
+        status: reqwest::StatusCode,
+        body: String,
+    },
+    #[error("reading {url}'s answer to {kind}: {error}")]
+    Answer {
+        kind: String,
+        url: String,
+        #[source]
+        error: serde_json::Error,
+    },
 }
 
 /// Headers for a client that reads the organism's topology: `Authorization: Bearer <token>`
@@ -519,7 +573,7 @@ impl ControlClient {
         path: &str,
         kind: &str,
         body: &T,
-    ) -> anyhow::Result<R> {
+    ) -> Result<R, SendError> {
         let sealed = self.signer.seal_to(kind, base_url, body);
         let url = format!("{}{}", base_url.trim_end_matches('/'), path);
         let resp = self
@@ -530,17 +584,37 @@ impl ControlClient {
             .body(sealed.bytes)
             .send()
             .await
-            .with_context(|| format!("sending {kind} to {url}"))?;
+            .map_err(|error| SendError::Transport {
+                kind: kind.to_string(),
+                url: url.clone(),
+                error,
+            })?;
         let status = resp.status();
         let bytes = resp.bytes().await.unwrap_or_default();
         if !status.is_success() {
-            anyhow::bail!(
-                "{url} refused {kind}: {status} {}",
-                String::from_utf8_lossy(&bytes)
-            );
+            return Err(SendError::Refused {
+                kind: kind.to_string(),
+                url,
+                status,
+                body: String::from_utf8_lossy(&bytes).into_owned(),
+            });
         }
         let text: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
-        serde_json::from_slice(text).with_context(|| format!("reading {url}'s answer to {kind}"))
+        serde_json::from_slice(text).map_err(|error| SendError::Answer {
+            kind: kind.to_string(),
+            url,
+            error,
+        })
+    }
+
+    /// Send a typed request to the cell at `base_url` (at the request's own path, in its own
+    /// kind) and decode its typed answer.
+    pub async fn ask<Q: protocol::control::ControlRequest>(
+        &self,
+        base_url: &str,
+        request: &Q,
+    ) -> Result<Q::Reply, SendError> {
+        self.send(base_url, Q::PATH, Q::KIND, request).await
     }
 }
 

@@ -206,9 +206,18 @@ fn sniff_html(body: &[u8]) -> bool {
     head.windows(5).any(|w| w == b"<html") || head.windows(14).any(|w| w == b"<!doctype html")
 }
 
+/// Why a fetch stack could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum FetcherError {
+    #[error("invalid fetch configuration: {0}")]
+    Config(String),
+    #[error("building the HTTP client: {0}")]
+    Client(String),
+}
+
 impl Fetcher {
     /// A fetch stack with its own, in-process politeness (a crawler alone, tests).
-    pub fn new(cfg: FetchConfig) -> anyhow::Result<Self> {
+    pub fn new(cfg: FetchConfig) -> Result<Self, FetcherError> {
         let gate = Politeness::new(
             cfg.per_host_rate,
             cfg.per_host_burst,
@@ -219,10 +228,10 @@ impl Fetcher {
 
     /// A fetch stack whose per-host politeness is `gate` (the organism's host ledger, in a
     /// crawler cell).
-    pub fn with_gate(cfg: FetchConfig, gate: Arc<dyn HostGate>) -> anyhow::Result<Self> {
+    pub fn with_gate(cfg: FetchConfig, gate: Arc<dyn HostGate>) -> Result<Self, FetcherError> {
         if let Err(errors) = cfg.validate() {
             let list: Vec<String> = errors.iter().map(|(k, r)| format!("{k}: {r}")).collect();
-            anyhow::bail!("invalid fetch configuration: {}", list.join("; "));
+            return Err(FetcherError::Config(list.join("; ")));
         }
         let policy = Arc::new(AddressPolicy::new(cfg.allow_addresses.clone()));
         let resolver =
@@ -253,7 +262,7 @@ impl Fetcher {
             .pool_idle_timeout(Duration::from_secs(30))
             .pool_max_idle_per_host(usize::try_from(cfg.per_host_concurrency).unwrap_or(2))
             .build()
-            .map_err(|e| anyhow::anyhow!("building the HTTP client: {}", error_chain(&e)))?;
+            .map_err(|e| FetcherError::Client(error_chain(&e)))?;
         let limits = PageLimits {
             max_text_chars: cfg.max_text_chars,
             max_links: cfg.max_links,

@@ -170,7 +170,7 @@ enum Done {
 
 impl Worker {
     /// Run until `shutdown`, then drain: no new leases, finish fetches, send results, ack.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(self, shutdown: CancellationToken) {
         let client = self.ingest.clone();
         let per_host = self.per_host_concurrency.max(1);
         let mut waiting: HashMap<String, VecDeque<Job>> = HashMap::new();
@@ -179,7 +179,7 @@ impl Worker {
         let mut buffered = 0usize;
         let mut fetches: JoinSet<(String, Done)> = JoinSet::new();
         let mut results: Vec<Pending> = Vec::new();
-        let mut sends: JoinSet<(Vec<Pending>, anyhow::Result<()>)> = JoinSet::new();
+        let mut sends: JoinSet<(Vec<Pending>, Result<(), SendError>)> = JoinSet::new();
         let mut idle = Duration::from_millis(5);
         let mut send_backoff = Duration::from_millis(50);
         let mut send_blocked_until = tokio::time::Instant::now();
@@ -306,7 +306,7 @@ impl Worker {
             }
 
             if draining && fetches.is_empty() && results.is_empty() && sends.is_empty() {
-                return Ok(());
+                return;
             }
 
             {
@@ -483,7 +483,7 @@ async fn send_and_ack(
     apis: &[String],
     queue: &dyn JobQueue,
     batch: &[Pending],
-) -> anyhow::Result<()> {
+) -> Result<(), SendError> {
     // Results are grouped by the API that asked for them.
     let mut by_api: HashMap<&str, Vec<&Pending>> = HashMap::new();
     for p in batch {
@@ -505,9 +505,7 @@ async fn send_and_ack(
         }
         targets.extend(apis.iter().map(String::as_str).filter(|a| *a != reply_to));
         if targets.is_empty() {
-            last_err = Some(anyhow::anyhow!(
-                "no live api to send results to ({reply_to} is not one)"
-            ));
+            last_err = Some(SendError::NoLiveApi(reply_to.to_string()));
         }
         let mut sent = false;
         for target in targets {
@@ -516,7 +514,7 @@ async fn send_and_ack(
                     sent = true;
                     break;
                 }
-                Err(e) => last_err = Some(e.context(format!("sending results to {target}"))),
+                Err(e) => last_err = Some(SendError::Ingest(e)),
             }
         }
         if sent {
@@ -546,11 +544,17 @@ async fn post_ingest(
     client: &IngestSender,
     api: &str,
     body: &IngestBatch,
-) -> anyhow::Result<IngestReply> {
-    client
-        .client
-        .send(api, "/internal/ingest", IngestBatch::KIND, body)
-        .await
+) -> Result<IngestReply, control::SendError> {
+    client.client.ask(api, body).await
+}
+
+/// Why a batch of results was not stored (its jobs stay leased and are sent again).
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("no live api to send results to ({0} is not one)")]
+    NoLiveApi(String),
+    #[error("sending results: {0}")]
+    Ingest(#[source] control::SendError),
 }
 
 #[cfg(test)]

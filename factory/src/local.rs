@@ -12,7 +12,6 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
@@ -80,8 +79,39 @@ pub struct Started {
     pub stdin: Option<ChildStdin>,
 }
 
+/// Why a cell did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("starting {exe} as {name}: {error}")]
+    Spawn {
+        exe: String,
+        name: String,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("{name}: its {pipe} is not a pipe")]
+    NoPipe { name: String, pipe: &'static str },
+    #[error("reading {name}'s output: {error}")]
+    Read {
+        name: String,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("{name}'s ready line {line:?}: {error}")]
+    ReadyLine {
+        name: String,
+        line: String,
+        #[source]
+        error: protocol::WireError,
+    },
+    #[error("{name} exited before it was ready")]
+    Exited { name: String },
+    #[error("{name} was not ready within {after:?}")]
+    NotReady { name: String, after: Duration },
+}
+
 impl LocalProvider {
-    pub async fn start(&self, name: &str, spec: &CellSpec) -> anyhow::Result<Started> {
+    pub async fn start(&self, name: &str, spec: &CellSpec) -> Result<Started, StartError> {
         let mut cmd = Command::new(&self.exe);
         cmd.arg("run")
             .arg(&spec.role)
@@ -97,25 +127,46 @@ impl LocalProvider {
         } else {
             cmd.stdin(Stdio::null());
         }
-        let mut child = cmd
-            .spawn()
-            .with_context(|| format!("starting {} as {name}", self.exe.display()))?;
+        let mut child = cmd.spawn().map_err(|error| StartError::Spawn {
+            exe: self.exe.display().to_string(),
+            name: name.to_string(),
+            error,
+        })?;
+        let no_pipe = |pipe| StartError::NoPipe {
+            name: name.to_string(),
+            pipe,
+        };
         let stdin = child.stdin.take();
-        let stdout = child.stdout.take().context("child stdout")?;
-        let stderr = child.stderr.take().context("child stderr")?;
+        let stdout = child.stdout.take().ok_or_else(|| no_pipe("stdout"))?;
+        let stderr = child.stderr.take().ok_or_else(|| no_pipe("stderr"))?;
         forward(name.to_string(), BufReader::new(stderr));
         let mut lines = BufReader::new(stdout).lines();
         let ready = tokio::time::timeout(self.ready_timeout, async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(ready) = ReadyLine::parse(&line) {
-                    return Ok(ready);
+            while let Some(line) = lines.next_line().await.map_err(|error| StartError::Read {
+                name: name.to_string(),
+                error,
+            })? {
+                match ReadyLine::parse(&line) {
+                    Ok(Some(ready)) => return Ok(ready),
+                    Ok(None) => eprintln!("[{name}] {line}"),
+                    Err(error) => {
+                        return Err(StartError::ReadyLine {
+                            name: name.to_string(),
+                            line,
+                            error,
+                        })
+                    }
                 }
-                eprintln!("[{name}] {line}");
             }
-            anyhow::bail!("{name} exited before it was ready")
+            Err(StartError::Exited {
+                name: name.to_string(),
+            })
         })
         .await
-        .with_context(|| format!("{name} was not ready within {:?}", self.ready_timeout))
+        .map_err(|_| StartError::NotReady {
+            name: name.to_string(),
+            after: self.ready_timeout,
+        })
         .and_then(|r| r);
         let ready = match ready {
             Ok(ready) => ready,
@@ -190,7 +241,7 @@ impl Supervisor {
         spec: CellSpec,
         shutdown: CancellationToken,
         grace: Duration,
-    ) -> anyhow::Result<CellInfo> {
+    ) -> Result<CellInfo, StartError> {
         let first = self.provider.start(&name, &spec).await?;
         let slot = {
             let mut running = self.running.lock().await;

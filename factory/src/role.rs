@@ -40,12 +40,30 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use engines::factory_ledger::{Claim, ClaimOutcome, FactoryLedger};
+use protocol::client::CellsClient;
 use protocol::control::CellsResponse;
 
 use crate::lease::cmdline;
 use crate::local::{CellSpec, LocalProvider};
 
 pub const KEY_MEMORY: Duration = Duration::from_secs(30);
+
+/// Why a factory could not serve a request (answered 503: asking again may succeed).
+#[derive(Debug, thiserror::Error)]
+pub enum FactoryError {
+    /// The factories' shared ledger is unreachable.
+    #[error("the factory ledger: {0}")]
+    Ledger(#[from] engines::EngineError),
+    #[error(transparent)]
+    Start(#[from] crate::local::StartError),
+}
+
+/// Why the factory role stopped other than by its shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("serving the factory failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
 
 /// How long a fenced process has to disappear after its SIGKILL.
 pub const FENCE_WAIT: Duration = Duration::from_secs(5);
@@ -97,7 +115,7 @@ pub struct FactoryState {
     pub cell_args: Vec<String>,
     pub ready: vitals::Readiness,
     pub organism: Organism,
-    registry_client: reqwest::Client,
+    registry: CellsClient,
     children: Mutex<HashMap<String, Started>>,
     alive: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
     counter: AtomicU64,
@@ -120,13 +138,14 @@ impl FactoryState {
             fixed,
             cell_args,
             ready: vitals::Readiness::default(),
-            organism,
             // In cluster mode `/cells` answers only holders of the read token.
-            registry_client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(1))
-                .default_headers(control::read_headers_from_env())
-                .build()
-                .expect("a plain HTTP client always builds"),
+            registry: CellsClient::new(
+                organism.healthcheckers.clone(),
+                control::ClusterKey::from_env()
+                    .ok()
+                    .map(|key| key.read_authorization()),
+            ),
+            organism,
             children: Mutex::new(HashMap::new()),
             alive: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
@@ -136,7 +155,10 @@ impl FactoryState {
 
     /// Start a cell for `req` unless its key was already served (by this factory or a sibling)
     /// or its role is at its maximum.
-    pub async fn replace(self: &Arc<Self>, req: &ReplaceRequest) -> anyhow::Result<FactoryReply> {
+    pub async fn replace(
+        self: &Arc<Self>,
+        req: &ReplaceRequest,
+    ) -> Result<FactoryReply, FactoryError> {
         let now = now_ms();
         let memory = KEY_MEMORY.as_millis() as i64;
         let n = self.counter.fetch_add(1, Ordering::SeqCst) + 1;
@@ -221,7 +243,7 @@ impl FactoryState {
 
     /// Ask the pool for a machine: the purse admits or refuses at once; an admitted machine is
     /// brought up in the background and its cell joins by itself.
-    async fn from_pool(&self, req: &ReplaceRequest) -> anyhow::Result<FactoryReply> {
+    async fn from_pool(&self, req: &ReplaceRequest) -> Result<FactoryReply, FactoryError> {
         let pool = self.pool.get().expect("checked by pool_serves");
         if let (Some(dead), true) = (&req.parent, is_replacement(req)) {
             pool.fence_cell(dead).await;
@@ -261,7 +283,7 @@ impl FactoryState {
         &self,
         req: &ReplaceRequest,
         mine: &Claim,
-    ) -> anyhow::Result<Option<String>> {
+    ) -> Result<Option<String>, FactoryError> {
         let Some(&max) = self.organism.maxima.get(&req.role) else {
             return Ok(None);
         };
@@ -323,15 +345,7 @@ impl FactoryState {
     }
 
     async fn registry(&self) -> Option<CellsResponse> {
-        for hc in &self.organism.healthcheckers {
-            let Ok(resp) = self.registry_client.get(format!("{hc}/cells")).send().await else {
-                continue;
-            };
-            if let Ok(cells) = resp.json::<CellsResponse>().await {
-                return Some(cells);
-            }
-        }
-        None
+        self.registry.read().await.ok()
     }
 
     /// SIGKILL the processes on this machine that run cell `dead`, and wait until they are gone.
@@ -381,7 +395,11 @@ impl FactoryState {
         pids.len()
     }
 
-    async fn start(self: &Arc<Self>, cell_id: &str, req: &ReplaceRequest) -> anyhow::Result<()> {
+    async fn start(
+        self: &Arc<Self>,
+        cell_id: &str,
+        req: &ReplaceRequest,
+    ) -> Result<(), FactoryError> {
         // Power the dead cell off first: then its fixed address (if any) is free, and the
         // replacement takes that same address (clients know the front doors by address).
         let mut predecessor = None;
@@ -495,6 +513,7 @@ pub fn app(state: Arc<FactoryState>) -> Router {
         .route("/children", get(children))
         .route("/join", post(join))
         .route("/pool", get(pool_status))
+        .fallback(not_found)
         .with_state(state)
         .merge(vitals)
 }
@@ -521,12 +540,12 @@ async fn replace(
     match state.replace(&req).await {
         Ok(reply) => Json(reply).into_response(),
         Err(e) => {
-            tracing::warn!(error = %format!("{e:#}"), key = %req.request_key, "starting a cell failed");
+            tracing::warn!(error = %e, key = %req.request_key, "starting a cell failed");
             (
                 axum::http::StatusCode::SERVICE_UNAVAILABLE,
                 [("retry-after", "1")],
                 Json(protocol::ErrorBody {
-                    error: format!("starting a {} cell failed: {e:#}", req.role),
+                    error: format!("starting a {} cell failed: {e}", req.role),
                 }),
             )
                 .into_response()
@@ -604,6 +623,20 @@ async fn stop(State(state): State<Arc<FactoryState>>, headers: HeaderMap, body: 
     }
 }
 
+/// Any other path: 404, naming the routes there are.
+async fn not_found(uri: axum::http::Uri) -> Response {
+    (
+        axum::http::StatusCode::NOT_FOUND,
+        Json(protocol::ErrorBody {
+            error: format!(
+                "no such endpoint {}: see POST /control/replace, POST /control/stop, GET /children",
+                uri.path()
+            ),
+        }),
+    )
+        .into_response()
+}
+
 /// The cells this factory started, with their pids: in cluster mode only for a reader with
 /// the organism's read token (`control::Verifier::check_read`).
 async fn children(State(state): State<Arc<FactoryState>>, headers: HeaderMap) -> Response {
@@ -668,18 +701,25 @@ async fn pool_status(State(state): State<Arc<FactoryState>>, headers: HeaderMap)
     }
 }
 
-/// Serve until `shutdown`; then stop every cell this factory started.
+/// Serve until `shutdown`; then stop every cell this factory started, giving them the cell's
+/// grace period (`ctx.grace()`) before killing the laggards.
 pub async fn run(
+    ctx: lifecycle::CellContext,
     state: Arc<FactoryState>,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
-    grace: Duration,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
+    let grace = ctx.grace();
+    if let Some(pool) = state.pool.get() {
+        // Machines whose cell is gone are powered off.
+        pool.watch(Duration::from_secs(1), shutdown.clone());
+    }
     state.ready.set(true);
     let stop_serving = shutdown.clone();
     axum::serve(listener, app(state.clone()))
         .with_graceful_shutdown(async move { stop_serving.cancelled().await })
-        .await?;
+        .await
+        .map_err(RunError::Serve)?;
     state.ready.set(false);
     let pids: Vec<u32> = state.children().await.iter().map(|c| c.pid).collect();
     for pid in &pids {

@@ -18,7 +18,7 @@ fn fake_cell(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("fake-cell");
     std::fs::write(
         &path,
-        "#!/bin/sh\necho \"HOMEOSTAT_READY {\\\"role\\\":\\\"$2\\\",\\\"addr\\\":\\\"127.0.0.1:9\\\",\\\"pid\\\":$$}\"\nexec sleep 60\n",
+        "#!/bin/sh\necho \"HOMEOSTAT_READY {\\\"v\\\":1,\\\"role\\\":\\\"$2\\\",\\\"addr\\\":\\\"127.0.0.1:9\\\",\\\"pid\\\":$$}\"\nexec sleep 60\n",
     )
     .expect("write script");
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
@@ -174,7 +174,7 @@ async fn unsigned_forged_and_unknown_requests_start_nothing() {
         .expect("send");
     assert_eq!(unsigned.status(), 401);
     let intruder = ControlClient::new(Signer::new(ClusterKey::generate(), "intruder"));
-    let forged: anyhow::Result<ReplaceReply> = intruder
+    let forged: Result<ReplaceReply, control::SendError> = intruder
         .send(
             &url,
             "/control/replace",
@@ -184,7 +184,7 @@ async fn unsigned_forged_and_unknown_requests_start_nothing() {
         .await;
     assert!(forged.is_err());
     let friend = ControlClient::new(Signer::new(key.clone(), "hc"));
-    let unknown_role: anyhow::Result<ReplaceReply> = friend
+    let unknown_role: Result<ReplaceReply, control::SendError> = friend
         .send(
             &url,
             "/control/replace",
@@ -196,7 +196,7 @@ async fn unsigned_forged_and_unknown_requests_start_nothing() {
         )
         .await;
     assert!(unknown_role.is_err());
-    let wrong_kind: anyhow::Result<serde_json::Value> = friend
+    let wrong_kind: Result<serde_json::Value, control::SendError> = friend
         .send(&url, "/control/replace", "teleport", &request("w"))
         .await;
     assert!(
@@ -211,6 +211,24 @@ async fn unsigned_forged_and_unknown_requests_start_nothing() {
         .await
         .expect("healthz");
     assert_eq!(health.status(), 200);
+}
+
+#[tokio::test]
+async fn an_unknown_route_is_a_404_naming_the_routes() {
+    let key = ClusterKey::generate();
+    let (_dir, url, _state) = factory(&key).await;
+    let resp = reqwest::Client::new()
+        .post(format!("{url}/control/nope"))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(resp.status(), 404);
+    let body: protocol::ErrorBody = resp.json().await.expect("an error body");
+    assert!(
+        body.error.contains("no such endpoint /control/nope"),
+        "{}",
+        body.error
+    );
 }
 
 /// The first factory starts a cell for a key and dies; the health checker asks the sibling with

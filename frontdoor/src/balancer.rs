@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 
-use crate::registry::Backend;
+use crate::backends::Backend;
 
 /// Per-cell state kept longer than this after the cell left the registry is forgotten.
 const FORGET_AFTER: Duration = Duration::from_secs(600);

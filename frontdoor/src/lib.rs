@@ -6,9 +6,9 @@
 //! else is 404 at the door: no spelling of a path reaches the api's internal endpoints.
 //!
 //! Entry points: [`app`] builds the axum `Router` (tested without a socket); [`run`] serves it
-//! on a bound listener until a shutdown signal, with the [`registry::RegistryPoller`] beside it.
+//! on a bound listener until a shutdown signal, with the [`backends::BackendPoller`] beside it.
 //!
-//! - [`registry`]: the live api cells, from the health checkers' `GET /cells`, as a `watch`
+//! - [`backends`]: the live api cells, from the health checkers' `GET /cells`, as a `watch`
 //!   channel (the seam where tests feed a list by hand);
 //! - [`balancer`]: the weighted choice and the outlier detector;
 //! - `paths`: path normalization and the public routes;
@@ -19,18 +19,17 @@
 //! live cells, weights, ejections) is rebuilt from the registry and the cells within seconds,
 //! so any number of frontdoors can run side by side and one may die at any time.
 
+pub mod backends;
 pub mod balancer;
 pub mod config;
 pub mod paths;
 mod proxy;
-pub mod registry;
 mod weights;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use axum::extract::DefaultBodyLimit;
 use axum::handler::Handler as _;
 use axum::routing::post;
@@ -39,10 +38,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+pub use backends::{Backend, BackendPoller};
 pub use balancer::{BackendStatus, Balancer};
 pub use config::FrontdoorConfig;
 pub use proxy::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
-pub use registry::{Backend, RegistryPoller};
 
 /// The response header naming the api cell (its cell id) that answered.
 pub const BACKEND_HEADER: &str = "x-homeostat-backend";
@@ -105,19 +104,19 @@ pub struct AppState {
 impl AppState {
     /// A frontdoor that learns the live api cells from `cfg.healthcheckers` (polled by [`run`])
     /// and accepts weight requests that `verifier` opens.
-    pub fn new(cfg: FrontdoorConfig, verifier: Arc<control::Verifier>) -> anyhow::Result<Self> {
+    pub fn new(cfg: FrontdoorConfig, verifier: Arc<control::Verifier>) -> Result<Self, SetupError> {
         let (feed, backends) = watch::channel(Vec::new());
-        let mut state = Self::with_registry(cfg, verifier, backends)?;
+        let mut state = Self::with_backends(cfg, verifier, backends)?;
         state.feed = Some(feed);
         Ok(state)
     }
 
     /// A frontdoor whose live api cells come from `backends`, fed by the caller (no polling).
-    pub fn with_registry(
+    pub fn with_backends(
         cfg: FrontdoorConfig,
         verifier: Arc<control::Verifier>,
         backends: watch::Receiver<Vec<Backend>>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, SetupError> {
         let attempt = Duration::from_millis(cfg.attempt_timeout_ms);
         let client = reqwest::Client::builder()
             // Cells talk to each other directly, whatever proxy the environment names.
@@ -127,7 +126,7 @@ impl AppState {
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
             .build()
-            .context("building the frontdoor's HTTP client")?;
+            .map_err(SetupError::Client)?;
         let balancer = Balancer::new(
             rand::random(),
             cfg.eject_after_failures,
@@ -182,24 +181,41 @@ pub fn app(state: AppState) -> Router {
         .merge(vitals)
 }
 
+/// Why a frontdoor could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("building the frontdoor's HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
+/// Why the frontdoor role stopped other than by its shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("serving the frontdoor failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
 /// Serve the frontdoor on `listener` until `shutdown` is cancelled, then stop accepting and
 /// finish the requests in flight. Polls the health checkers meanwhile when the state was built
-/// with [`AppState::new`].
+/// with [`AppState::new`]. `ctx` is the cell's life, as every role gets it.
 pub async fn run(
+    ctx: lifecycle::CellContext,
     state: AppState,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
+    tracing::info!(addr = %ctx.addr(), cell_id = %ctx.cell_id(), "front door serving");
     // The registry keeps being read while in-flight requests retry, so it stops after serving.
     let background = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(feed) = state.feed.clone() {
-        let poller = RegistryPoller::new(
+        let registry = protocol::client::CellsClient::with_http(
             state.client.clone(),
             state.cfg.healthcheckers.clone(),
-            Duration::from_millis(state.cfg.registry_poll_ms),
-        )
-        .with_authorization(state.verifier.read_authorization());
+            Some(state.verifier.read_authorization()),
+        );
+        let poller =
+            BackendPoller::new(registry, Duration::from_millis(state.cfg.registry_poll_ms));
         tasks.spawn(poller.run(feed, background.clone()));
     }
     tasks.spawn(forget_departed(state.clone(), background.clone()));
@@ -229,7 +245,7 @@ pub async fn run(
             tracing::error!(error = %e, "a frontdoor background task failed");
         }
     }
-    served.context("serving the frontdoor failed")
+    served.map_err(RunError::Serve)
 }
 
 /// Trim the balancer's memory of cells that left the registry, whenever it changes.

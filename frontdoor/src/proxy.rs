@@ -12,8 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use protocol::ErrorBody;
 
+use crate::backends::Backend;
 use crate::paths::{self, Refusal};
-use crate::registry::Backend;
 use crate::{AppState, Counters, BACKEND_HEADER};
 
 /// The header that makes `POST /crawl` exactly-once (the api keeps the first answer per key).

@@ -183,7 +183,7 @@ struct Door {
     state: AppState,
     feed: watch::Sender<Vec<Backend>>,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<Result<(), frontdoor::RunError>>,
 }
 
 async fn serve(
@@ -191,20 +191,24 @@ async fn serve(
 ) -> (
     String,
     CancellationToken,
-    tokio::task::JoinHandle<anyhow::Result<()>>,
+    tokio::task::JoinHandle<Result<(), frontdoor::RunError>>,
 ) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let base = format!("http://{}", listener.local_addr().expect("addr"));
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(frontdoor::run(state, listener, shutdown.clone()));
+    let ctx = lifecycle::CellContext::detached(
+        lifecycle::CellSpec::alone("frontdoor", "frontdoor-test"),
+        listener.local_addr().expect("addr"),
+    );
+    let task = tokio::spawn(frontdoor::run(ctx, state, listener, shutdown.clone()));
     (base, shutdown, task)
 }
 
 async fn door(backends: Vec<Backend>, cfg: FrontdoorConfig) -> Door {
     let (feed, rx) = watch::channel(backends);
-    let state = AppState::with_registry(cfg, verifier(), rx)
+    let state = AppState::with_backends(cfg, verifier(), rx)
         .expect("state")
         .with_seed(42);
     let (base, shutdown, task) = serve(state.clone()).await;
@@ -461,7 +465,7 @@ async fn when_every_attempt_fails_the_answer_names_the_last_error() {
 #[tokio::test]
 async fn no_live_api_is_a_clear_503() {
     let (_feed, rx) = watch::channel(Vec::new());
-    let state = AppState::with_registry(test_config(), verifier(), rx).expect("state");
+    let state = AppState::with_backends(test_config(), verifier(), rx).expect("state");
     let resp = frontdoor::app(state)
         .oneshot(
             http::Request::get("/search?q=x")
@@ -488,7 +492,7 @@ async fn a_body_over_the_limit_is_refused_before_any_api_sees_it() {
         max_body_bytes: 1024,
         ..test_config()
     };
-    let state = AppState::with_registry(cfg, verifier(), rx).expect("state");
+    let state = AppState::with_backends(cfg, verifier(), rx).expect("state");
     let resp = frontdoor::app(state)
         .oneshot(
             http::Request::post("/crawl")
@@ -670,7 +674,7 @@ async fn the_registry_poller_follows_the_health_checkers() {
         "/cells",
         get(move || {
             let view = served.clone();
-            async move { Json(view.lock().expect("view").clone()) }
+            async move { Json(protocol::Versioned::new(view.lock().expect("view").clone())) }
         }),
     ));
     // A second health checker that never answers is skipped.

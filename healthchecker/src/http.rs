@@ -26,6 +26,7 @@ pub fn app(state: HealthcheckerState) -> Router {
         .route(HEARTBEAT_PATH, post(heartbeat))
         .route("/cells", get(cells))
         .route("/events", get(events))
+        .fallback(not_found)
         .with_state(state)
         .merge(vitals::router("healthchecker", ready))
 }
@@ -84,11 +85,26 @@ async fn heartbeat(
     }
 }
 
+/// Any other path: 404, naming the routes there are.
+async fn not_found(uri: axum::http::Uri) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(ErrorBody {
+            error: format!(
+                "no such endpoint {}: see POST {HEARTBEAT_PATH}, GET /cells, GET /events",
+                uri.path()
+            ),
+        }),
+    )
+        .into_response()
+}
+
+/// Versioned: every cell that reads the registry checks `v`.
 async fn cells(State(state): State<HealthcheckerState>, headers: HeaderMap) -> Response {
     if let Err(rejection) = state.0.verifier.check_read(&headers) {
         return rejection.into_response();
     }
-    Json(state.cells()).into_response()
+    Json(protocol::Versioned::new(state.cells())).into_response()
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,7 +258,7 @@ mod tests {
         let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
             .await
             .expect("body");
-        let cells: CellsResponse = serde_json::from_slice(&body).expect("json");
+        let cells: CellsResponse = protocol::Versioned::decode(&body).expect("versioned json");
         assert_eq!(cells.roles["api"][0].cell_id, "api-1");
         assert_eq!(cells.roles["api"][0].pid, Some(7));
 
@@ -255,6 +271,30 @@ mod tests {
             .await
             .expect("answer");
         assert_eq!(resp.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_route_is_a_404_naming_the_routes() {
+        let state =
+            HealthcheckerState::new(HealthcheckerConfig::default(), ClusterKey::generate(), "hc");
+        for (method, path) in [
+            ("GET", "/nope"),
+            ("POST", "/control/nope"),
+            ("GET", "/cells/x"),
+        ] {
+            let req = Request::builder()
+                .method(method)
+                .uri(path)
+                .body(Body::empty())
+                .expect("request");
+            let resp = app(state.clone()).oneshot(req).await.expect("answer");
+            assert_eq!(resp.status(), StatusCode::NOT_FOUND, "{method} {path}");
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .expect("body");
+            let error: ErrorBody = serde_json::from_slice(&body).expect("an error body");
+            assert!(error.error.contains("no such endpoint"), "{}", error.error);
+        }
     }
 
     #[tokio::test]

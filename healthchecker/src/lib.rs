@@ -47,7 +47,7 @@ use surplus::{Member, Surplus};
 pub const OBSERVER_STALL: Duration = Duration::from_millis(250);
 
 /// The factory's endpoint for [`ReplaceRequest`]s.
-pub const REPLACE_PATH: &str = "/control/replace";
+pub const REPLACE_PATH: &str = <ReplaceRequest as protocol::control::ControlRequest>::PATH;
 /// This role's endpoint for heartbeats.
 pub const HEARTBEAT_PATH: &str = "/control/heartbeat";
 
@@ -342,16 +342,12 @@ impl HealthcheckerState {
 
     async fn ask_factories(&self, request: &ReplaceRequest) -> Option<ReplaceReply> {
         for factory in &self.0.cfg.factories {
-            let answer: anyhow::Result<ReplaceReply> = self
-                .0
-                .client
-                .send(factory, REPLACE_PATH, ReplaceRequest::KIND, request)
-                .await;
+            let answer = self.0.client.ask(factory, request).await;
             match answer {
                 Ok(reply) => return Some(reply),
                 Err(e) => {
                     metrics::counter!("healthchecker_factory_errors_total").increment(1);
-                    tracing::debug!(factory = %factory, error = format!("{e:#}"), "factory did not answer");
+                    tracing::debug!(factory = %factory, error = %e, "factory did not answer");
                 }
             }
         }
@@ -404,13 +400,24 @@ pub fn now() -> Now {
     Now::with_wall_clock(tokio::time::Instant::now().into_std())
 }
 
+/// Why the healthchecker role stopped other than by its shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("serving the healthchecker failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
 /// Serve the healthchecker role on `listener` until `shutdown` is cancelled, with the detector
-/// sweeping every `sweep_ms` and the reconcile loop every `reconcile_ms`.
+/// sweeping every `sweep_ms` and the reconcile loop every `reconcile_ms`. The state already
+/// carries the cell's id (`HealthcheckerState::new`); `ctx` is the cell's life, as every role
+/// gets it.
 pub async fn run(
+    ctx: lifecycle::CellContext,
     state: HealthcheckerState,
     listener: TcpListener,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), RunError> {
+    tracing::info!(addr = %ctx.addr(), cell_id = %ctx.cell_id(), "health checker serving");
     let sweep_every = Duration::from_millis(state.0.cfg.sweep_ms.max(1));
     let reconcile_every = Duration::from_millis(state.0.cfg.reconcile_ms.max(1));
     let sweeper = {
@@ -460,7 +467,7 @@ pub async fn run(
             tracing::error!(task = name, error = %e, "healthchecker task failed");
         }
     }
-    served.map_err(|e| anyhow::anyhow!("serving the healthchecker failed: {e}"))
+    served.map_err(RunError::Serve)
 }
 
 #[cfg(test)]

@@ -74,7 +74,7 @@ fn spawn_cell(
             let sends = healthcheckers.iter().map(|hc| {
                 let (client, hb) = (client.clone(), hb.clone());
                 async move {
-                    let _: anyhow::Result<()> =
+                    let _: Result<(), control::SendError> =
                         client.send(hc, HEARTBEAT_PATH, Heartbeat::KIND, &hb).await;
                 }
             });
@@ -195,7 +195,7 @@ async fn start_factory(key: &ClusterKey, healthcheckers: Vec<String>) -> (String
 struct Checker {
     state: HealthcheckerState,
     stop: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
+    task: JoinHandle<Result<(), healthchecker::RunError>>,
 }
 
 async fn bind() -> (TcpListener, String) {
@@ -212,7 +212,16 @@ fn start_checker(
 ) -> Checker {
     let state = HealthcheckerState::new(cfg, key.clone(), name);
     let stop = CancellationToken::new();
-    let task = tokio::spawn(healthchecker::run(state.clone(), listener, stop.clone()));
+    let ctx = lifecycle::CellContext::detached(
+        lifecycle::CellSpec::alone("healthchecker", name),
+        listener.local_addr().expect("addr"),
+    );
+    let task = tokio::spawn(healthchecker::run(
+        ctx,
+        state.clone(),
+        listener,
+        stop.clone(),
+    ));
     Checker { state, stop, task }
 }
 

@@ -171,9 +171,57 @@ pub struct CellRecord {
     pub pid: Option<u32>,
 }
 
-/// `GET /cells`.
+/// `GET /cells` (served as [`crate::Versioned`], read with [`crate::client::CellsClient`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct CellsResponse {
     /// Live cells, by role.
     pub roles: BTreeMap<String, Vec<CellRecord>>,
+}
+
+impl CellsResponse {
+    /// Base URLs of the live cells of `role`, sorted.
+    pub fn addrs(&self, role: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .roles
+            .get(role)
+            .map(|v| v.iter().map(|c| c.addr.clone()).collect())
+            .unwrap_or_default();
+        out.sort();
+        out
+    }
+}
+
+/// A signed request one cell sends another: its envelope kind, the path it is posted to, and
+/// the answer it gets. `control::ControlClient::ask` sends any of them, typed.
+pub trait ControlRequest: Serialize {
+    /// The envelope kind.
+    const KIND: &'static str;
+    /// Where the receiving cell takes it.
+    const PATH: &'static str;
+    /// What the receiver answers (`()` for an empty answer).
+    type Reply: serde::de::DeserializeOwned;
+}
+
+impl ControlRequest for ReplaceRequest {
+    const KIND: &'static str = ReplaceRequest::KIND;
+    const PATH: &'static str = "/control/replace";
+    type Reply = ReplaceReply;
+}
+
+impl ControlRequest for StopRequest {
+    const KIND: &'static str = StopRequest::KIND;
+    const PATH: &'static str = "/control/stop";
+    type Reply = serde_json::Value;
+}
+
+impl ControlRequest for WeightRequest {
+    const KIND: &'static str = WeightRequest::KIND;
+    const PATH: &'static str = "/control/weight";
+    type Reply = ();
+}
+
+impl ControlRequest for crate::IngestBatch {
+    const KIND: &'static str = crate::IngestBatch::KIND;
+    const PATH: &'static str = "/internal/ingest";
+    type Reply = crate::IngestReply;
 }

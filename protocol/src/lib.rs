@@ -1,10 +1,12 @@
 //! Wire types shared by cells: everything one cell sends another, or persists for another to read.
 //!
-//! Architecture Invariant: this crate holds only serializable types and their validation. No I/O,
-//! no policy. Every type here is part of an IPC boundary, so every message carries a version
-//! (`v`), and a receiver must tolerate unknown fields (serde's default) and report, never panic
-//! on, anything it cannot read.
+//! Architecture Invariant: this crate holds only serializable types, their validation, and the
+//! typed clients that fetch them ([`client`]). No policy. Every type here is part of an IPC
+//! boundary, so every message carries a version (`v`; an answer served to another cell travels
+//! as [`Versioned`]), and a receiver must tolerate unknown fields (serde's default) and report,
+//! never panic on, anything it cannot read.
 
+pub mod client;
 pub mod control;
 pub mod events;
 pub mod urls;
@@ -199,8 +201,91 @@ pub enum WireError {
     Malformed(#[source] serde_json::Error),
     #[error("message version {0} is newer than this cell understands ({WIRE_VERSION})")]
     UnknownVersion(u32),
+    #[error("message has no version (`v`): it was not sent by a cell of this protocol")]
+    MissingVersion,
     #[error("invalid message: {0}")]
     Invalid(String),
+}
+
+/// An answer one cell serves another (`GET /cells`, `GET /stats`): the body's fields with the
+/// wire version `v` beside them (`{"v":1, ...}`). A reader that ignores `v` reads the body as
+/// before; [`Versioned::decode`] checks it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Versioned<T> {
+    /// Absent (`None`) only in what a sender outside this protocol wrote.
+    #[serde(default)]
+    pub v: Option<u32>,
+    #[serde(flatten)]
+    pub body: T,
+}
+
+impl<T> Versioned<T> {
+    /// `body` at this build's [`WIRE_VERSION`].
+    pub fn new(body: T) -> Self {
+        Self {
+            v: Some(WIRE_VERSION),
+            body,
+        }
+    }
+
+    /// The body, when `v` is one this cell understands.
+    pub fn checked(self) -> Result<T, WireError> {
+        match self.v {
+            None | Some(0) => Err(WireError::MissingVersion),
+            Some(v) if v > WIRE_VERSION => Err(WireError::UnknownVersion(v)),
+            Some(_) => Ok(self.body),
+        }
+    }
+}
+
+impl<T: serde::de::DeserializeOwned> Versioned<T> {
+    /// Decode a versioned answer, naming what was wrong: malformed JSON, no `v`, a `v` newer than
+    /// this build.
+    pub fn decode(bytes: &[u8]) -> Result<T, WireError> {
+        serde_json::from_slice::<Versioned<T>>(bytes)
+            .map_err(WireError::Malformed)?
+            .checked()
+    }
+}
+
+/// What `cell up` prints on stdout, after the words for people, once the organism serves:
+/// `HOMEOSTAT_ORGANISM_READY {json}`, for tools and tests (nothing parses the banner).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrganismReady {
+    pub v: u32,
+    /// Where clients go (base URLs).
+    pub frontdoors: Vec<String>,
+    /// Where the registry is read (`GET /cells`, `GET /events`).
+    pub healthcheckers: Vec<String>,
+    pub factories: Vec<String>,
+    /// Live cells when the organism reached its minimums.
+    pub cells: usize,
+}
+
+impl OrganismReady {
+    pub const PREFIX: &'static str = "HOMEOSTAT_ORGANISM_READY ";
+
+    pub fn render(&self) -> String {
+        format!(
+            "{}{}",
+            Self::PREFIX,
+            serde_json::to_string(self).expect("an OrganismReady always serializes")
+        )
+    }
+
+    /// `Ok(None)` for a line that is not the organism's ready line; an error names what is wrong
+    /// with one that is.
+    pub fn parse(line: &str) -> Result<Option<Self>, WireError> {
+        let Some(json) = line.trim_end().strip_prefix(Self::PREFIX) else {
+            return Ok(None);
+        };
+        let ready: Self = serde_json::from_str(json).map_err(WireError::Malformed)?;
+        match ready.v {
+            0 => Err(WireError::MissingVersion),
+            v if v > WIRE_VERSION => Err(WireError::UnknownVersion(v)),
+            _ => Ok(Some(ready)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -220,6 +305,58 @@ mod tests {
         let err = CrawlJob::decode(br#"{"v":99,"url":"http://a/","depth":0,"reply_to":""}"#)
             .expect_err("future version");
         assert!(err.to_string().contains("99"), "{err}");
+    }
+
+    #[test]
+    fn versioned_answers_round_trip_and_name_a_bad_version() {
+        let stats = Stats {
+            pages_indexed: 3,
+            ..Stats::default()
+        };
+        let bytes = serde_json::to_vec(&Versioned::new(stats.clone())).expect("serializes");
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            text.contains(r#""v":1"#) && text.contains(r#""pages_indexed":3"#),
+            "{text}"
+        );
+        assert_eq!(Versioned::<Stats>::decode(&bytes).expect("decodes"), stats);
+        // A reader that ignores `v` still reads the body.
+        let plain: Stats = serde_json::from_slice(&bytes).expect("plain decode");
+        assert_eq!(plain, stats);
+
+        let unversioned = br#"{"roles":{}}"#;
+        let err = Versioned::<control::CellsResponse>::decode(unversioned).expect_err("no v");
+        assert!(matches!(err, WireError::MissingVersion), "{err}");
+        assert!(err.to_string().contains("no version"), "{err}");
+        let future = br#"{"v":7,"roles":{}}"#;
+        let err = Versioned::<control::CellsResponse>::decode(future).expect_err("too new");
+        assert!(matches!(err, WireError::UnknownVersion(7)), "{err}");
+        let err = Versioned::<Stats>::decode(b"{\"v\":1,").expect_err("malformed");
+        assert!(err.to_string().contains("malformed"), "{err}");
+    }
+
+    #[test]
+    fn organism_ready_line_round_trips_and_names_a_bad_version() {
+        let ready = OrganismReady {
+            v: WIRE_VERSION,
+            frontdoors: vec!["http://127.0.0.1:1".into()],
+            healthcheckers: vec!["http://127.0.0.1:2".into()],
+            factories: vec!["http://127.0.0.1:3".into()],
+            cells: 9,
+        };
+        assert_eq!(
+            OrganismReady::parse(&ready.render()).expect("parses"),
+            Some(ready.clone())
+        );
+        assert_eq!(
+            OrganismReady::parse("homeostat is up").expect("not ours"),
+            None
+        );
+        let future = ready.render().replace(r#""v":1"#, r#""v":9"#);
+        assert!(matches!(
+            OrganismReady::parse(&future),
+            Err(WireError::UnknownVersion(9))
+        ));
     }
 
     #[test]

@@ -93,9 +93,13 @@ async fn render_metrics(State(s): State<VitalState>) -> impl IntoResponse {
     )
 }
 
-/// The line a cell prints on stdout once it listens, for the process that started it.
+/// The line a cell prints on stdout once it listens, for the process that started it
+/// (`HOMEOSTAT_READY {json}`, versioned like every message between cells).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReadyLine {
+    /// The wire version ([`protocol::WIRE_VERSION`]); 0 when absent.
+    #[serde(default)]
+    pub v: u32,
     pub role: String,
     pub addr: String,
     pub pid: u32,
@@ -103,6 +107,16 @@ pub struct ReadyLine {
 
 impl ReadyLine {
     pub const PREFIX: &'static str = "HOMEOSTAT_READY ";
+
+    /// The ready line of this build for a cell of `role` listening on `addr`.
+    pub fn new(role: impl Into<String>, addr: impl Into<String>, pid: u32) -> Self {
+        Self {
+            v: protocol::WIRE_VERSION,
+            role: role.into(),
+            addr: addr.into(),
+            pid,
+        }
+    }
 
     pub fn render(&self) -> String {
         format!(
@@ -112,9 +126,18 @@ impl ReadyLine {
         )
     }
 
-    /// Parse a stdout line; `None` when it is not a ready line.
-    pub fn parse(line: &str) -> Option<Self> {
-        serde_json::from_str(line.strip_prefix(Self::PREFIX)?).ok()
+    /// Parse a stdout line: `Ok(None)` when it is not a ready line; an error naming what is
+    /// wrong with a ready line this build cannot read (malformed, unversioned, too new).
+    pub fn parse(line: &str) -> Result<Option<Self>, protocol::WireError> {
+        let Some(json) = line.trim_end().strip_prefix(Self::PREFIX) else {
+            return Ok(None);
+        };
+        let ready: Self = serde_json::from_str(json).map_err(protocol::WireError::Malformed)?;
+        match ready.v {
+            0 => Err(protocol::WireError::MissingVersion),
+            v if v > protocol::WIRE_VERSION => Err(protocol::WireError::UnknownVersion(v)),
+            _ => Ok(Some(ready)),
+        }
     }
 }
 
@@ -124,12 +147,26 @@ mod tests {
 
     #[test]
     fn ready_line_round_trips() {
-        let line = ReadyLine {
-            role: "api".into(),
-            addr: "127.0.0.1:1".into(),
-            pid: 7,
-        };
-        assert_eq!(ReadyLine::parse(&line.render()), Some(line));
-        assert_eq!(ReadyLine::parse("some log line"), None);
+        let line = ReadyLine::new("api", "127.0.0.1:1", 7);
+        assert_eq!(
+            ReadyLine::parse(&line.render()).expect("parses"),
+            Some(line)
+        );
+        assert_eq!(
+            ReadyLine::parse("some log line").expect("not a ready line"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_ready_line_without_a_known_version_is_a_named_error() {
+        let unversioned = r#"HOMEOSTAT_READY {"role":"api","addr":"127.0.0.1:1","pid":7}"#;
+        let err = ReadyLine::parse(unversioned).expect_err("no version");
+        assert!(err.to_string().contains("no version"), "{err}");
+        let future = r#"HOMEOSTAT_READY {"v":2,"role":"api","addr":"127.0.0.1:1","pid":7}"#;
+        let err = ReadyLine::parse(future).expect_err("too new");
+        assert!(err.to_string().contains("version 2"), "{err}");
+        let err = ReadyLine::parse("HOMEOSTAT_READY {").expect_err("malformed");
+        assert!(err.to_string().contains("malformed"), "{err}");
     }
 }

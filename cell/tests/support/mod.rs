@@ -144,25 +144,23 @@ impl Organism {
         let (tx, rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             let mut tx = Some(tx);
-            let mut frontdoors = Vec::new();
             let mut lines = BufReader::new(stdout).lines();
+            // `cell up` says where everything is in one line of versioned JSON, for tools.
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(rest) = line.strip_prefix("homeostat is up: ") {
-                    if let Some(list) = rest.split("frontdoor ").nth(1) {
-                        frontdoors = list.split_whitespace().map(str::to_string).collect();
-                    }
-                } else if let Some(list) = line.trim().strip_prefix("healthcheckers ") {
-                    let hcs: Vec<String> = list.split_whitespace().map(str::to_string).collect();
+                let ready = protocol::OrganismReady::parse(&line)
+                    .unwrap_or_else(|e| panic!("cell up printed a bad ready line: {e}: {line}"));
+                if let Some(ready) = ready {
                     if let Some(tx) = tx.take() {
-                        let _ = tx.send((frontdoors.clone(), hcs));
+                        let _ = tx.send(ready);
                     }
                 }
             }
         });
-        let (frontdoors, healthcheckers) = tokio::time::timeout(Duration::from_secs(120), rx)
+        let ready = tokio::time::timeout(Duration::from_secs(120), rx)
             .await
             .expect("organism up within 120 s")
-            .expect("cell up printed its front doors and health checkers");
+            .expect("cell up printed its ready line");
+        let (frontdoors, healthcheckers) = (ready.frontdoors, ready.healthcheckers);
         Organism {
             child,
             dir,

@@ -5,6 +5,8 @@
 //! itself (it stalled and no health checker has answered since) or once it is fenced, it takes
 //! no new jobs and acknowledges none; the jobs it holds are delivered again (ingest is
 //! idempotent, so nothing is lost and nothing is counted twice).
+//!
+//! [`Standing`]: control::heartbeat::Standing
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,12 +16,14 @@ use control::heartbeat::Standing;
 use engines::{Delivery, DeliveryTag, EngineError, JobQueue, QueueDepth};
 use protocol::CrawlJob;
 
+/// A crawler's queue, asking its standing before every lease and acknowledgement.
 pub struct FencedQueue {
     inner: Arc<dyn JobQueue>,
     standing: Standing,
 }
 
 impl FencedQueue {
+    /// `inner`, guarded by `standing`.
     pub fn wrap(inner: Arc<dyn JobQueue>, standing: Standing) -> Arc<dyn JobQueue> {
         Arc::new(Self { inner, standing })
     }

@@ -1,22 +1,21 @@
-//! Which api cells are live: the health checkers' `GET /cells`, polled and merged into a
-//! `watch` channel of [`Backend`]s that the router reads on every request.
+//! The front door's backends: which api cells are live, from the health checkers' `GET /cells`
+//! (read with `protocol::client::CellsClient`), polled and merged into a `watch` channel of
+//! [`Backend`]s that the router reads on every request.
 //!
-//! The channel is the seam: [`RegistryPoller`] feeds it in a running cell, a test feeds it by
-//! hand (`AppState::with_registry`).
+//! The channel is the seam: [`BackendPoller`] feeds it in a running cell, a test feeds it by
+//! hand (`AppState::with_backends`).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use protocol::client::CellsClient;
 use protocol::control::{CellRecord, CellState, CellsResponse};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 /// The role whose cells the frontdoor routes to.
 pub const API_ROLE: &str = "api";
-
-/// How long one health checker may take to answer `GET /cells`.
-const POLL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// One api cell the frontdoor may route to.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,67 +86,35 @@ pub fn live_apis<'a>(views: impl IntoIterator<Item = &'a CellsResponse>) -> Vec<
 /// hold the others back, and publishes the union of the views of those that answered their
 /// last poll. A health checker that does not answer is skipped; when none answers, the last
 /// published list stays (a registry outage is not mistaken for the death of every api).
-pub struct RegistryPoller {
-    client: reqwest::Client,
-    healthcheckers: Vec<String>,
+pub struct BackendPoller {
+    registry: CellsClient,
     every: Duration,
-    /// `Bearer <read token>`: in cluster mode `/cells` answers no one else.
-    authorization: Option<String>,
 }
 
-impl RegistryPoller {
-    pub fn new(client: reqwest::Client, healthcheckers: Vec<String>, every: Duration) -> Self {
-        Self {
-            client,
-            healthcheckers,
-            every,
-            authorization: None,
-        }
-    }
-
-    /// Present `authorization` (the organism's read token) with every poll.
-    pub fn with_authorization(mut self, authorization: String) -> Self {
-        self.authorization = Some(authorization);
-        self
-    }
-
-    /// Ask one health checker for its cells.
-    pub async fn fetch(
-        client: &reqwest::Client,
-        healthchecker: &str,
-        authorization: Option<&str>,
-    ) -> Result<CellsResponse, reqwest::Error> {
-        let url = format!("{}/cells", healthchecker.trim_end_matches('/'));
-        let mut request = client.get(url);
-        if let Some(authorization) = authorization {
-            request = request.header(reqwest::header::AUTHORIZATION, authorization);
-        }
-        request
-            .timeout(POLL_TIMEOUT)
-            .send()
-            .await?
-            .error_for_status()?
-            .json::<CellsResponse>()
-            .await
+impl BackendPoller {
+    /// Poll the health checkers `registry` reads (with the read token it presents) every
+    /// `every`.
+    pub fn new(registry: CellsClient, every: Duration) -> Self {
+        Self { registry, every }
     }
 
     /// Poll until `shutdown`, publishing into `feed` whenever the live list changes.
     pub async fn run(self, feed: watch::Sender<Vec<Backend>>, shutdown: CancellationToken) {
-        if self.healthcheckers.is_empty() {
+        let healthcheckers = self.registry.healthcheckers().to_vec();
+        if healthcheckers.is_empty() {
             tracing::warn!("no health checker configured: the frontdoor knows no api cell");
             return;
         }
         // Each health checker's last answer; `None` while it does not answer.
         let views: Arc<Mutex<Vec<Option<CellsResponse>>>> =
-            Arc::new(Mutex::new(vec![None; self.healthcheckers.len()]));
+            Arc::new(Mutex::new(vec![None; healthcheckers.len()]));
         let mut loops = tokio::task::JoinSet::new();
-        for (slot, hc) in self.healthcheckers.iter().cloned().enumerate() {
-            let client = self.client.clone();
+        for (slot, hc) in healthcheckers.into_iter().enumerate() {
+            let registry = self.registry.clone();
             let views = views.clone();
             let feed = feed.clone();
             let shutdown = shutdown.clone();
             let every = self.every;
-            let authorization = self.authorization.clone();
             loops.spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -159,7 +126,7 @@ impl RegistryPoller {
                     }
                     let answer = tokio::select! {
                         _ = shutdown.cancelled() => return,
-                        a = Self::fetch(&client, &hc, authorization.as_deref()) => a,
+                        a = registry.fetch(&hc) => a,
                     };
                     let answer = match answer {
                         Ok(view) => {

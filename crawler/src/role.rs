@@ -1,0 +1,121 @@
+//! The crawler cell: its worker loop under the cell's life, its vitals on the listener, its
+//! politeness kept by the organism's host ledger (through the apis) when it is in an organism,
+//! its queue fenced by its standing, and its pressure reported in its heartbeats.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use engines::JobQueue;
+use lifecycle::CellContext;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::fence::FencedQueue;
+use crate::worker::IngestSender;
+use crate::{
+    FetchConfig, Fetcher, FetcherError, LedgerGate, LedgerLimits, Politeness, Worker, WorkerConfig,
+    WorkerGauges,
+};
+
+/// What a crawler cell is given besides its life.
+pub struct CrawlerState {
+    pub fetch: FetchConfig,
+    pub worker: WorkerConfig,
+    pub queue: Arc<dyn JobQueue>,
+    /// The queue's lease.
+    pub lease: Duration,
+    /// The queue's delivery limit.
+    pub max_deliveries: u32,
+    /// API base URLs to send results to when a job's own api does not answer, until the
+    /// registry lists live ones.
+    pub apis: Vec<String>,
+    /// Results travel signed with it.
+    pub key: control::ClusterKey,
+}
+
+/// Why the crawler role stopped other than by its shutdown.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("building the fetcher: {0}")]
+    Fetcher(#[from] FetcherError),
+}
+
+/// Crawl until `shutdown`, then drain (finish fetches, send results, acknowledge); serve the
+/// cell's vitals on `listener` meanwhile.
+pub async fn run(
+    ctx: CellContext,
+    state: CrawlerState,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let per_host = state.fetch.per_host_concurrency as usize;
+    let queue = FencedQueue::wrap(state.queue, ctx.standing().clone());
+    let ready = vitals::Readiness::default();
+    let vitals_router = vitals::router("crawler", ready.clone());
+    let vitals_stop = shutdown.clone();
+    let vitals_task = tokio::spawn(async move {
+        let _ = axum::serve(listener, vitals_router)
+            .with_graceful_shutdown(async move { vitals_stop.cancelled().await })
+            .await;
+    });
+    let (apis_tx, apis) = tokio::sync::watch::channel(state.apis);
+    crate::live_apis::follow(ctx.registry(), apis_tx, shutdown.clone());
+    let fetcher = Arc::new(fetcher(state.fetch, &ctx, apis.clone(), state.lease)?);
+    let gauges = Arc::new(WorkerGauges::default());
+    // Results go to the apis signed; a job's reply_to is trusted only when the registry lists
+    // it (when this cell follows health checkers).
+    let ingest = Arc::new(IngestSender::new(
+        state.key,
+        ctx.cell_id().to_string(),
+        ctx.in_organism(),
+    ));
+    let worker = Worker {
+        cfg: state.worker.clone(),
+        fetcher,
+        queue,
+        apis,
+        per_host_concurrency: per_host,
+        max_deliveries: state.max_deliveries,
+        lease: state.lease,
+        gauges: gauges.clone(),
+        ingest,
+    };
+    ready.set(true);
+    let worker_cfg = state.worker;
+    ctx.report_pressure(move || gauges.signals(&worker_cfg));
+    tracing::info!(addr = %ctx.addr(), cell_id = %ctx.cell_id(), "crawler cell working");
+    worker.run(shutdown).await;
+    ready.set(false);
+    vitals_task.abort();
+    Ok(())
+}
+
+/// The fetch stack of a crawler cell: in an organism (a signed client and apis), per-host
+/// politeness is the host ledger's, through the apis, whatever the number of crawlers; alone,
+/// it is this process's own.
+fn fetcher(
+    fetch: FetchConfig,
+    ctx: &CellContext,
+    apis: tokio::sync::watch::Receiver<Vec<String>>,
+    lease: Duration,
+) -> Result<Fetcher, FetcherError> {
+    // A job waits for its host at most a quarter of its lease (and a minute).
+    let horizon = (lease / 4).min(Duration::from_secs(60));
+    let Some(client) = ctx.client() else {
+        tracing::warn!("no health checkers: per-host politeness is this crawler's alone");
+        let gate = Politeness::new(
+            fetch.per_host_rate,
+            fetch.per_host_burst,
+            fetch.per_host_concurrency,
+        )
+        .with_horizon(horizon);
+        return Fetcher::with_gate(fetch, Arc::new(gate));
+    };
+    let limits = LedgerLimits {
+        concurrency: fetch.per_host_concurrency,
+        horizon,
+        hold: Duration::from_millis(fetch.total_timeout_ms) + Duration::from_secs(5),
+    };
+    let gate = LedgerGate::new(apis, client, limits);
+    Fetcher::with_gate(fetch, Arc::new(gate))
+}

@@ -1,0 +1,312 @@
+//! A cell's life, the same for every role: its identity, its heartbeats to the health checkers
+//! (through `control::heartbeat`), the pressure it measures and reports in them, its standing
+//! (fenced, asked to retire, in doubt), the drain notice before it stops, its ready line, and its
+//! retirement.
+//!
+//! The binary owns a [`Lifecycle`]: [`Lifecycle::begin`] starts the heartbeats once the cell's
+//! listener is bound, and [`Lifecycle::live`] runs the role under the drain rules and retires the
+//! cell when the role returns. Every role gets the same small interface, a [`CellContext`], and
+//! exposes the same shape: `run(ctx, state, listener, shutdown)` (and, for an HTTP role,
+//! `app(state) -> Router`). A role uses the context for what its policy needs (its pressure
+//! sampler, its standing, its signed client, the registry reader); the policy itself stays in the
+//! role's crate (the api's overload controller in `api`, the crawler's registry follower in
+//! `crawler`).
+//!
+//! Code map:
+//! - [`pressure`]: the sampler loop that puts a role's measured pressure into its heartbeats. The
+//!   homeostasis controller (what a cell does about its own pressure, beyond reporting it) goes
+//!   beside it, fed by the receiver [`CellContext::report_pressure`] returns.
+//! - [`drain`]: the drain notice (draining first, routed elsewhere, then stopped; at once when
+//!   fenced) and the drain bounded by the grace period.
+//!
+//! Architecture Invariant: nothing here knows a role by name; the binary's table (`cell run`)
+//! picks the role, its [`Drain`], and its state.
+
+pub mod drain;
+pub mod pressure;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use control::heartbeat::{Standing, Vital};
+use control::{ClusterKey, ControlClient, Signer};
+use protocol::control::CellState;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+pub use drain::Drain;
+
+/// Why a cell could not begin its life.
+#[derive(Debug, thiserror::Error)]
+pub enum LifeError {
+    /// Heartbeats are signed: a cell told of health checkers needs the cluster key.
+    #[error("heartbeats need the cluster key: {0}")]
+    Key(#[from] control::KeyError),
+}
+
+/// What the binary knows of a cell before it starts (its arguments).
+#[derive(Debug, Clone)]
+pub struct CellSpec {
+    pub role: String,
+    /// Unique for the cell's whole life (a replacement gets a new one).
+    pub cell_id: String,
+    /// The cell this one replaces or divided from.
+    pub parent: Option<String>,
+    /// Health checkers (base URLs) to beat to. None: the cell lives alone, without heartbeats.
+    pub healthcheckers: Vec<String>,
+    /// Factories (base URLs), for roles that ask for cells.
+    pub factories: Vec<String>,
+    /// Heartbeat interval (at least 10 ms).
+    pub heartbeat: Duration,
+    /// How long a drain may take before the cell exits anyway.
+    pub grace: Duration,
+}
+
+impl CellSpec {
+    /// A cell of `role` that lives alone: no health checkers, no factories (a role's own
+    /// tests, a role run by hand).
+    pub fn alone(role: impl Into<String>, cell_id: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            cell_id: cell_id.into(),
+            parent: None,
+            healthcheckers: Vec::new(),
+            factories: Vec::new(),
+            heartbeat: Duration::from_millis(100),
+            grace: Duration::from_secs(20),
+        }
+    }
+
+    fn interval(&self) -> Duration {
+        self.heartbeat.max(Duration::from_millis(10))
+    }
+}
+
+/// The small interface every role gets: who the cell is, where it listens, and its line to the
+/// organism. Cheap to clone.
+#[derive(Clone)]
+pub struct CellContext(Arc<Inner>);
+
+struct Inner {
+    spec: CellSpec,
+    addr: SocketAddr,
+    vital: watch::Sender<Vital>,
+    client: Option<Arc<ControlClient>>,
+    /// The organism's read token (`Bearer ...`), when this cell holds the cluster key.
+    read_authorization: Option<String>,
+    standing: Standing,
+    /// Cancelled when the cell retires: ends the context's own tasks (pressure sampling).
+    retired: CancellationToken,
+}
+
+impl CellContext {
+    fn new(
+        spec: CellSpec,
+        addr: SocketAddr,
+        key: Option<&ClusterKey>,
+    ) -> (Self, watch::Receiver<Vital>) {
+        let (vital, vital_rx) = watch::channel(Vital {
+            state: CellState::Serving,
+            pressure: 0.0,
+            signals: Default::default(),
+        });
+        let client = match key {
+            Some(key) if !spec.healthcheckers.is_empty() => Some(Arc::new(ControlClient::new(
+                Signer::new(key.clone(), spec.cell_id.clone()),
+            ))),
+            _ => None,
+        };
+        let standing = Standing::new(spec.interval());
+        let ctx = Self(Arc::new(Inner {
+            read_authorization: key.map(ClusterKey::read_authorization),
+            spec,
+            addr,
+            vital,
+            client,
+            standing,
+            retired: CancellationToken::new(),
+        }));
+        (ctx, vital_rx)
+    }
+
+    /// A context for a role that lives alone (no health checkers: no heartbeats, no signed
+    /// client), as in a role's own tests.
+    pub fn detached(spec: CellSpec, addr: SocketAddr) -> Self {
+        Self::new(spec, addr, None).0
+    }
+
+    pub fn cell_id(&self) -> &str {
+        &self.0.spec.cell_id
+    }
+
+    pub fn role(&self) -> &str {
+        &self.0.spec.role
+    }
+
+    /// The address the cell's listener is bound to.
+    pub fn addr(&self) -> SocketAddr {
+        self.0.addr
+    }
+
+    /// The base URL other cells reach this one at (`http://ADDR`).
+    pub fn advertise(&self) -> String {
+        format!("http://{}", self.0.addr)
+    }
+
+    pub fn parent(&self) -> Option<&str> {
+        self.0.spec.parent.as_deref()
+    }
+
+    pub fn healthcheckers(&self) -> &[String] {
+        &self.0.spec.healthcheckers
+    }
+
+    pub fn factories(&self) -> &[String] {
+        &self.0.spec.factories
+    }
+
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.0.spec.interval()
+    }
+
+    pub fn grace(&self) -> Duration {
+        self.0.spec.grace
+    }
+
+    /// Signed messages to other cells, as this cell (present when it beats to health checkers).
+    pub fn client(&self) -> Option<Arc<ControlClient>> {
+        self.0.client.clone()
+    }
+
+    /// What the health checkers' answers say of this cell.
+    pub fn standing(&self) -> &Standing {
+        &self.0.standing
+    }
+
+    /// True when the cell follows health checkers (and so trusts only what the registry lists).
+    pub fn in_organism(&self) -> bool {
+        !self.0.spec.healthcheckers.is_empty()
+    }
+
+    /// A reader of the organism's registry (`GET /cells`), with the read token when this cell
+    /// holds the cluster key.
+    pub fn registry(&self) -> protocol::client::CellsClient {
+        protocol::client::CellsClient::new(
+            self.0.spec.healthcheckers.clone(),
+            self.0.read_authorization.clone(),
+        )
+    }
+
+    /// Every heartbeat interval until the cell retires, put the pressure and signals `sample`
+    /// measures into the cell's heartbeat; the returned receiver follows the pressure.
+    pub fn report_pressure(
+        &self,
+        sample: impl Fn() -> (f64, Vec<(&'static str, f64)>) + Send + 'static,
+    ) -> watch::Receiver<f64> {
+        pressure::report(
+            self.0.vital.clone(),
+            self.heartbeat_interval(),
+            self.0.retired.clone(),
+            sample,
+        )
+    }
+
+    fn set_state(&self, state: CellState) {
+        self.0.vital.send_modify(|v| v.state = state);
+    }
+
+    /// Print the cell's ready line (`HOMEOSTAT_READY {json}`) for whoever started it.
+    fn announce(&self) {
+        println!(
+            "{}",
+            vitals::ReadyLine::new(self.role(), self.0.addr.to_string(), std::process::id())
+                .render()
+        );
+    }
+}
+
+/// A cell's life, owned by the binary: its heartbeats run from [`Lifecycle::begin`] until the
+/// role returns in [`Lifecycle::live`].
+pub struct Lifecycle {
+    ctx: CellContext,
+    beats: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+}
+
+impl Lifecycle {
+    /// Begin the life of a cell bound at `addr`: when it is told of health checkers, its
+    /// heartbeats start now, signed with `key` (required then).
+    pub fn begin(
+        spec: CellSpec,
+        key: Option<ClusterKey>,
+        addr: SocketAddr,
+    ) -> Result<Self, LifeError> {
+        let key = match (key, spec.healthcheckers.is_empty()) {
+            (Some(key), _) => Some(key),
+            (None, true) => None,
+            (None, false) => Some(ClusterKey::from_env()?),
+        };
+        let (ctx, vital_rx) = CellContext::new(spec, addr, key.as_ref());
+        let beats = ctx.client().map(|client| {
+            let stop = CancellationToken::new();
+            let task = control::heartbeat::spawn(
+                client,
+                ctx.healthcheckers().to_vec(),
+                control::heartbeat::Identity {
+                    cell_id: ctx.cell_id().to_string(),
+                    role: ctx.role().to_string(),
+                    addr: ctx.advertise(),
+                    parent: ctx.parent().map(str::to_string),
+                },
+                ctx.heartbeat_interval(),
+                vital_rx,
+                ctx.standing().clone(),
+                stop.clone(),
+            );
+            (stop, task)
+        });
+        Ok(Self { ctx, beats })
+    }
+
+    /// The interface the role gets.
+    pub fn context(&self) -> CellContext {
+        self.ctx.clone()
+    }
+
+    /// Live: print the ready line, run the role (`role` gets the token that tells it to stop
+    /// taking work) until it returns, under the drain rules of `drain` once `shutdown` is
+    /// cancelled or a health checker asks the cell to retire or fences it; then say "retired"
+    /// and stop beating.
+    pub async fn live<F, Fut, E>(
+        self,
+        shutdown: CancellationToken,
+        drain: Drain,
+        role: F,
+    ) -> Result<(), E>
+    where
+        F: FnOnce(CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+    {
+        let notice = drain.notice(self.ctx.heartbeat_interval());
+        let stop = drain::after_notice(&self.ctx, self.beats.is_some(), shutdown, notice);
+        self.ctx.announce();
+        let work = role(stop.clone());
+        let result = if drain.bounded() {
+            drain::bounded(&stop, self.ctx.grace(), work).await
+        } else {
+            work.await
+        };
+        self.retire().await;
+        result
+    }
+
+    /// Say "retired" and stop beating.
+    async fn retire(mut self) {
+        self.ctx.set_state(CellState::Retired);
+        self.ctx.0.retired.cancel();
+        if let Some((stop, task)) = self.beats.take() {
+            stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+    }
+}
