@@ -3,6 +3,7 @@
 #
 # 1. Provides PostgreSQL and RabbitMQ (scripts/engines.sh: uses running ones, else installs and
 #    starts throwaway loopback instances when root; fails saying what to run otherwise).
+#    Installs the pool providers' test peers (scripts/pool-tools.sh, scripts/moto.sh).
 # 2. cargo fmt --check, cargo clippy -D warnings, cargo test over the whole workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,6 +15,10 @@ fi
 
 scripts/engines.sh start
 trap 'scripts/engines.sh stop || true' EXIT
+# The pool providers' peers: ipmi_sim + ipmitool, wakeonlan, dnsmasq (Debian), moto (PyPI, in a
+# virtual environment). Installed when missing; the tests fail, never skip, without them.
+scripts/pool-tools.sh
+scripts/moto.sh >/dev/null
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

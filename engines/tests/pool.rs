@@ -39,7 +39,7 @@ impl PgDb {
             .execute(&mut admin)
             .await
             .expect("create database");
-        let mut url = url::Url::parse(&admin_url()).unwrap();
+        let mut url = url::Url::parse(&admin_url()).expect("ok");
         url.set_path(&name);
         Self {
             name,
@@ -87,8 +87,8 @@ fn req(key: usize, factory: &str, now: i64) -> AdmitRequest {
 /// ledger is checked to the micro.
 async fn cap_is_never_overrun(a: PoolLedger, b: PoolLedger) {
     let cost = 1_000_000; // 1.00 an hour
-    a.declare(&servers(20, cost), T0).await.unwrap();
-    b.declare(&servers(20, cost), T0).await.unwrap();
+    a.declare(&servers(20, cost), T0).await.expect("ok");
+    b.declare(&servers(20, cost), T0).await.expect("ok");
     let caps = Caps {
         per_hour: 10 * cost,
         per_month: 10_000 * cost,
@@ -103,7 +103,7 @@ async fn cap_is_never_overrun(a: PoolLedger, b: PoolLedger) {
     }
     let (mut admitted, mut refused) = (Vec::new(), 0);
     for t in tasks {
-        match t.await.unwrap().unwrap() {
+        match t.await.expect("ok").expect("ok") {
             AdmitOutcome::Admitted(s) => admitted.push(s),
             AdmitOutcome::Refused(r) => {
                 assert!(r.reason.contains("hourly cap"), "{}", r.reason);
@@ -121,15 +121,15 @@ async fn cap_is_never_overrun(a: PoolLedger, b: PoolLedger) {
     let spending = a
         .servers()
         .await
-        .unwrap()
+        .expect("ok")
         .into_iter()
         .filter(|s| s.state.spends())
         .count();
     assert_eq!(spending, 10);
     // A repeated key gets its server, not another.
     let mut repeat = req(0, "factory-b", T0 + 500);
-    repeat.request_key = admitted[0].request_key.clone().unwrap();
-    let again = b.admit(caps, &repeat).await.unwrap();
+    repeat.request_key = admitted[0].request_key.clone().expect("ok");
+    let again = b.admit(caps, &repeat).await.expect("ok");
     assert!(
         matches!(&again, AdmitOutcome::Already(s) if s.name == admitted[0].name),
         "{again:?}"
@@ -149,7 +149,7 @@ async fn cap_is_never_overrun(a: PoolLedger, b: PoolLedger) {
                 None
             )
             .await
-            .unwrap());
+            .expect("ok"));
         assert!(a
             .transition(
                 &s.name,
@@ -160,7 +160,7 @@ async fn cap_is_never_overrun(a: PoolLedger, b: PoolLedger) {
                 None
             )
             .await
-            .unwrap());
+            .expect("ok"));
         assert!(b
             .transition(
                 &s.name,
@@ -171,7 +171,7 @@ async fn cap_is_never_overrun(a: PoolLedger, b: PoolLedger) {
                 None
             )
             .await
-            .unwrap());
+            .expect("ok"));
         expected += accrue(cost, s.state_since_ms, off_at);
     }
     // Moving a server that is not in the expected state changes nothing.
@@ -185,21 +185,24 @@ async fn cap_is_never_overrun(a: PoolLedger, b: PoolLedger) {
             None
         )
         .await
-        .unwrap());
-    let summary = a.spend(caps, T0 + 10_000_000, T0 - 1_000).await.unwrap();
+        .expect("ok"));
+    let summary = a
+        .spend(caps, T0 + 10_000_000, T0 - 1_000)
+        .await
+        .expect("ok");
     assert_eq!(summary.ledger_total, expected);
     assert_eq!(summary.spending_servers, 0);
-    let rows = a.spend_rows().await.unwrap();
+    let rows = a.spend_rows().await.expect("ok");
     assert_eq!(rows.len(), 10);
     assert!(rows.iter().all(|r| r.ended_at_ms.is_some()));
     // To the cent: the total of the rows' amounts equals the sum of the periods.
     let cents = |m: i64| (m + 5_000) / 10_000;
     assert_eq!(
-        cents(rows.iter().map(|r| r.amount_micros.unwrap()).sum()),
+        cents(rows.iter().map(|r| r.amount_micros.expect("ok")).sum()),
         cents(expected)
     );
     // Every transition was recorded with its reason.
-    let history = a.transitions(&admitted[0].name).await.unwrap();
+    let history = a.transitions(&admitted[0].name).await.expect("ok");
     let path: Vec<&str> = history.iter().map(|t| t.to.as_str()).collect();
     assert_eq!(path, ["powering-on", "booting", "powering-off", "off"]);
     assert!(history[0].reason.contains("admitted for crawler"));
@@ -221,20 +224,23 @@ async fn tokens_are_one_time(ledger: PoolLedger) {
     ledger
         .issue_token(&token("abc123", T0 + 60_000))
         .await
-        .unwrap();
-    ledger.issue_token(&token("old000", T0 + 10)).await.unwrap();
+        .expect("ok");
+    ledger
+        .issue_token(&token("old000", T0 + 10))
+        .await
+        .expect("ok");
     let mut tasks = Vec::new();
     for i in 0..10 {
         let l = ledger.clone();
         tasks.push(tokio::spawn(async move {
             l.redeem_token("abc123", "0123456789abcdef", &format!("cell-{i}"), T0 + 100)
                 .await
-                .unwrap()
+                .expect("ok")
         }));
     }
     let mut ok = 0;
     for t in tasks {
-        match t.await.unwrap() {
+        match t.await.expect("ok") {
             Ok(r) => {
                 assert_eq!(r.role, "crawler");
                 assert_eq!(r.parent.as_deref(), Some("api-1"));
@@ -246,7 +252,7 @@ async fn tokens_are_one_time(ledger: PoolLedger) {
     assert_eq!(ok, 1);
     let r = |id: &'static str, secret: &'static str| {
         let l = ledger.clone();
-        async move { l.redeem_token(id, secret, "x", T0 + 100).await.unwrap() }
+        async move { l.redeem_token(id, secret, "x", T0 + 100).await.expect("ok") }
     };
     assert_eq!(
         r("old000", "0123456789abcdef").await,
@@ -260,7 +266,7 @@ async fn tokens_are_one_time(ledger: PoolLedger) {
         r("nope00", "0123456789abcdef").await,
         Err(TokenRefusal::Unknown)
     );
-    let lineage = ledger.lineage().await.unwrap();
+    let lineage = ledger.lineage().await.expect("ok");
     assert_eq!(lineage.len(), 1);
     assert_eq!(lineage[0].parent.as_deref(), Some("api-1"));
 }
@@ -268,29 +274,29 @@ async fn tokens_are_one_time(ledger: PoolLedger) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_cap_is_never_overrun_by_two_factories() {
     let db = PgDb::create().await;
-    let a = PoolLedger::connect_postgres(&db.url).await.unwrap();
-    let b = PoolLedger::connect_postgres(&db.url).await.unwrap();
+    let a = PoolLedger::connect_postgres(&db.url).await.expect("ok");
+    let b = PoolLedger::connect_postgres(&db.url).await.expect("ok");
     cap_is_never_overrun(a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_cap_is_never_overrun_by_two_factories() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("ok");
     let path = dir.path().join("store.db").to_string_lossy().to_string();
-    let a = PoolLedger::open_sqlite(&path).await.unwrap();
-    let b = PoolLedger::open_sqlite(&path).await.unwrap();
+    let a = PoolLedger::open_sqlite(&path).await.expect("ok");
+    let b = PoolLedger::open_sqlite(&path).await.expect("ok");
     cap_is_never_overrun(a, b).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_join_tokens_are_one_time() {
     let db = PgDb::create().await;
-    tokens_are_one_time(PoolLedger::connect_postgres(&db.url).await.unwrap()).await;
+    tokens_are_one_time(PoolLedger::connect_postgres(&db.url).await.expect("ok")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_join_tokens_are_one_time() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("ok");
     let path = dir.path().join("store.db").to_string_lossy().to_string();
-    tokens_are_one_time(PoolLedger::open_sqlite(&path).await.unwrap()).await;
+    tokens_are_one_time(PoolLedger::open_sqlite(&path).await.expect("ok")).await;
 }

@@ -726,7 +726,7 @@ mod tests {
         // 2026-11-26T01:02:03Z
         let now = 1_795_654_923_000;
         let start = month_start_ms(now);
-        let t = time::OffsetDateTime::from_unix_timestamp(start / 1000).unwrap();
+        let t = time::OffsetDateTime::from_unix_timestamp(start / 1000).expect("ok");
         assert_eq!(
             (t.year(), t.month() as u8, t.day(), t.hour()),
             (2026, 11, 1, 0)

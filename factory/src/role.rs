@@ -205,7 +205,7 @@ impl FactoryState {
                     refused: Some(refusal),
                 })
             }
-            Ok(None) if self.pool_serves(&req.role) => self.from_pool(req).await,
+            Ok(None) if self.pool_serves(&req.role) => self.start_on_pool_machine(req).await,
             Ok(None) => self.start(&mine.cell_id, req).await.map(|()| FactoryReply {
                 reply: ReplaceReply {
                     request_key: req.request_key.clone(),
@@ -243,7 +243,10 @@ impl FactoryState {
 
     /// Ask the pool for a machine: the purse admits or refuses at once; an admitted machine is
     /// brought up in the background and its cell joins by itself.
-    async fn from_pool(&self, req: &ReplaceRequest) -> Result<FactoryReply, FactoryError> {
+    async fn start_on_pool_machine(
+        &self,
+        req: &ReplaceRequest,
+    ) -> Result<FactoryReply, FactoryError> {
         let pool = self.pool.get().expect("checked by pool_serves");
         if let (Some(dead), true) = (&req.parent, is_replacement(req)) {
             pool.fence_cell(dead).await;

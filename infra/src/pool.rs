@@ -293,14 +293,14 @@ mod tests {
 
     #[test]
     fn the_example_files_are_valid() {
-        let pool = PoolFile::parse(EXAMPLE_POOL, "infra/pool.toml").unwrap();
+        let pool = PoolFile::parse(EXAMPLE_POOL, "infra/pool.toml").expect("ok");
         let kinds: BTreeSet<&str> = pool.servers.iter().map(|s| s.provider.as_str()).collect();
         assert_eq!(
             kinds,
             ["ec2", "ipmi", "local", "wol"].into_iter().collect(),
             "an example for each provider"
         );
-        let budget = BudgetFile::parse(EXAMPLE_BUDGET, "infra/budget.toml").unwrap();
+        let budget = BudgetFile::parse(EXAMPLE_BUDGET, "infra/budget.toml").expect("ok");
         assert!(budget.caps().per_hour > 0);
     }
 
@@ -325,7 +325,7 @@ provider = "ec2"
 hourly_cost = 0.1
 capacity = 0
 "#;
-        let err = PoolFile::parse(text, "pool.toml").unwrap_err();
+        let err = PoolFile::parse(text, "pool.toml").expect_err("refused");
         let shown = err.to_string();
         for expected in [
             "bad configuration in pool.toml",
@@ -353,16 +353,16 @@ capacity = 0
             "[[server]]\nname = \"a\"\nprovider = \"pxe\"\nhourly_cost = 1\n",
             "pool.toml",
         )
-        .unwrap_err();
+        .expect_err("refused");
         assert!(err.to_string().contains("(line 3)"), "{err}");
         let err = BudgetFile::parse("per_hour = 1\nper_month = 10\nper_day = 2\n", "budget.toml")
-            .unwrap_err();
+            .expect_err("refused");
         assert!(err.to_string().contains("per_day"), "{err}");
     }
 
     #[test]
     fn budget_caps_are_checked_and_exact() {
-        let b = BudgetFile::parse("per_hour = 10.01\nper_month = 720\n", "b").unwrap();
+        let b = BudgetFile::parse("per_hour = 10.01\nper_month = 720\n", "b").expect("ok");
         assert_eq!(
             b.caps(),
             Caps {
@@ -370,7 +370,7 @@ capacity = 0
                 per_month: 720_000_000
             }
         );
-        let err = BudgetFile::parse("per_hour = 5\nper_month = 1\n", "b").unwrap_err();
+        let err = BudgetFile::parse("per_hour = 5\nper_month = 1\n", "b").expect_err("refused");
         assert!(err.to_string().contains("per_month"), "{err}");
     }
 

@@ -462,17 +462,15 @@ fn rare_words_are_exact() {
 }
 
 #[test]
-fn big_webs_generate_fast_and_still_have_rare_words() {
+fn big_webs_still_have_rare_words() {
     let started = Instant::now();
     let web = SyntheticWeb::generate(&WebSpec {
         pages: 5000,
         hosts: 50,
         ..WebSpec::default()
     });
-    let took = started.elapsed();
-    println!("5000 pages in {took:?}");
-    // Well under a second in release; debug builds of this crate are several times slower.
-    assert!(took < Duration::from_secs(5), "{took:?}");
+    // Speed is the benchmarks' business (`loadtest bench`), not a test's: printed, not asserted.
+    println!("5000 pages in {:?}", started.elapsed());
     assert_eq!(web.page_count(), 5000);
     assert!(web.rare_words(50).len() == 50);
     let expected = web.expect(&web.seeds(), None);
