@@ -56,24 +56,21 @@ pub async fn pool_factory(
         providers.insert(kind, provider);
     }
     let key = control::ClusterKey::from_env()?;
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(1))
-        .default_headers(control::read_headers_from_env())
-        .build()?;
+    let reader = protocol::client::CellsClient::with_http(
+        reqwest::Client::builder()
+            .default_headers(control::read_headers_from_env())
+            .build()?,
+        healthcheckers,
+        None,
+    );
     let is_live: IsLive = Arc::new(move |cell_id: String| {
-        let (client, hcs) = (client.clone(), healthcheckers.clone());
+        let reader = reader.clone();
         Box::pin(async move {
-            for hc in &hcs {
-                let Ok(resp) = client.get(format!("{hc}/cells")).send().await else {
-                    continue;
-                };
-                if let Ok(cells) = resp.json::<protocol::control::CellsResponse>().await {
-                    return cells.roles.values().flatten().any(|c| {
-                        c.cell_id == cell_id && c.state != protocol::control::CellState::Retired
-                    });
-                }
-            }
-            false
+            reader.read().await.is_ok_and(|cells| {
+                cells.roles.values().flatten().any(|c| {
+                    c.cell_id == cell_id && c.state != protocol::control::CellState::Retired
+                })
+            })
         })
     });
     let settings = PoolSettings {

@@ -1,10 +1,11 @@
 //! One `cell up` under a benchmark (`bench crawl` and `bench heal` alike): started with a
 //! configuration file, its cells followed, and stopped with SIGTERM.
 //!
-//! `cell up` prints `homeostat is up: N cells; frontdoor URL URL` (earlier versions: `...; api
-//! URL`) once the organism serves, then a `  healthcheckers URL URL` line. The cells are read
-//! from the health checkers' registry (`GET /cells`, with each cell's pid), and from
-//! `HOMEOSTAT_CELL {json}` lines for versions of `cell up` that print them.
+//! `cell up` prints its machine-readable `HOMEOSTAT_ORGANISM_READY {json}` line
+//! ([`protocol::OrganismReady`]: front doors, health checkers, factories) once the organism
+//! serves; the words for people beside it are never parsed. The cells are read from the health
+//! checkers' registry (`GET /cells`, with each cell's pid), and from `HOMEOSTAT_CELL {json}` lines
+//! for versions of `cell up` that print them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -20,11 +21,6 @@ use protocol::control::CellsResponse;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
-
-/// The line `cell up` prints once the organism serves.
-const UP_PREFIX: &str = "homeostat is up: ";
-/// The line that follows it, naming the health checkers.
-const HEALTHCHECKERS_PREFIX: &str = "healthcheckers ";
 
 /// How to start `cell up`.
 #[derive(Debug, Clone)]
@@ -109,13 +105,12 @@ impl Organism {
                 let mut said = lock(&heard);
                 if let Some(info) = CellInfo::parse(&line) {
                     said.cells.push(info);
-                } else if let Some(frontdoors) = parse_up_line(&line) {
-                    said.frontdoors = frontdoors;
+                } else if let Ok(Some(ready)) = protocol::OrganismReady::parse(&line) {
+                    said.frontdoors = ready.frontdoors;
+                    said.healthcheckers = ready.healthcheckers;
                     if let Some(tx) = up_tx.take() {
                         let _ = tx.send(());
                     }
-                } else if let Some(urls) = parse_healthcheckers_line(&line) {
-                    said.healthcheckers = urls;
                 }
             }
         });
@@ -182,11 +177,10 @@ impl Organism {
             (said.healthcheckers.clone(), latest_per_name(&said.cells))
         };
         let mut answered = !now.is_empty();
+        let reader =
+            protocol::client::CellsClient::with_http(self.client.clone(), Vec::new(), None);
         for hc in &healthcheckers {
-            let Ok(resp) = self.client.get(format!("{hc}/cells")).send().await else {
-                continue;
-            };
-            let Ok(view) = resp.json::<CellsResponse>().await else {
+            let Ok(view) = reader.fetch(hc).await else {
                 continue;
             };
             now.extend(registry_cells(&view));
@@ -243,32 +237,6 @@ impl Organism {
             }
         }
     }
-}
-
-/// `homeostat is up: 9 cells; frontdoor http://A http://B` -> both front doors; also the
-/// older `homeostat is up: 3 cells; api http://A`.
-pub fn parse_up_line(line: &str) -> Option<Vec<String>> {
-    let rest = line.strip_prefix(UP_PREFIX)?;
-    let (_, named) = rest.split_once("; ")?;
-    let mut words = named.split_whitespace();
-    match words.next()? {
-        "frontdoor" | "api" => {
-            let urls: Vec<String> = words.map(str::to_string).collect();
-            (!urls.is_empty()).then_some(urls)
-        }
-        _ => None,
-    }
-}
-
-/// `  healthcheckers http://A http://B` -> both URLs.
-pub fn parse_healthcheckers_line(line: &str) -> Option<Vec<String>> {
-    let urls: Vec<String> = line
-        .trim_start()
-        .strip_prefix(HEALTHCHECKERS_PREFIX)?
-        .split_whitespace()
-        .map(str::to_string)
-        .collect();
-    (!urls.is_empty()).then_some(urls)
 }
 
 /// The registry's live cells that report a pid, as [`CellInfo`] (named by cell id).

@@ -13,7 +13,7 @@ use loadtest::bench::report::{
     per_second, ratios, render_ratios, render_table, CellUsage, Completeness, Row, EMBEDDED,
 };
 use loadtest::bench::{locate_cell, BenchCommand, CrawlArgs};
-use loadtest::organism::{parse_healthcheckers_line, parse_up_line, registry_cells};
+use loadtest::organism::registry_cells;
 
 fn overlay() -> BenchOverlay {
     BenchOverlay {
@@ -352,38 +352,29 @@ fn the_table_has_one_aligned_line_per_row_and_marks_replaced_cells() {
 }
 
 #[test]
-fn the_up_lines_name_the_front_door_and_the_health_checkers() {
-    let up = "homeostat is up: 9 cells; frontdoor http://127.0.0.1:7070 http://127.0.0.1:7071";
+fn the_organism_ready_line_names_the_front_doors_and_the_health_checkers() {
+    let ready = protocol::OrganismReady {
+        v: 1,
+        frontdoors: vec![
+            "http://127.0.0.1:7070".into(),
+            "http://127.0.0.1:7071".into(),
+        ],
+        healthcheckers: vec!["http://127.0.0.1:1".into()],
+        factories: vec!["http://127.0.0.1:2".into()],
+        cells: 9,
+    };
+    let line = ready.render();
     assert_eq!(
-        parse_up_line(up),
-        Some(vec![
-            "http://127.0.0.1:7070".to_string(),
-            "http://127.0.0.1:7071".to_string()
-        ])
+        protocol::OrganismReady::parse(&line).expect("valid"),
+        Some(ready)
     );
-    // Older `cell up`: no front doors, the api itself.
+    // The words for people are not the machine's line.
     assert_eq!(
-        parse_up_line("homeostat is up: 3 cells; api http://127.0.0.1:40001"),
-        Some(vec!["http://127.0.0.1:40001".to_string()])
-    );
-    assert_eq!(parse_up_line("homeostat is up: 3 cells; frontdoor"), None);
-    assert_eq!(
-        parse_up_line("  stats:  curl http://127.0.0.1:1/stats"),
+        protocol::OrganismReady::parse("homeostat is up: 9 cells; frontdoor http://a")
+            .expect("not ours"),
         None
     );
-    assert_eq!(parse_up_line("homeostat is up: 3 cells"), None);
-    assert_eq!(
-        parse_healthcheckers_line("  healthcheckers http://127.0.0.1:1 http://127.0.0.1:2"),
-        Some(vec![
-            "http://127.0.0.1:1".to_string(),
-            "http://127.0.0.1:2".to_string()
-        ])
-    );
-    assert_eq!(parse_healthcheckers_line("  healthcheckers"), None);
-    assert_eq!(
-        parse_healthcheckers_line("  cells:  curl http://x/cells"),
-        None
-    );
+    assert!(protocol::OrganismReady::parse("HOMEOSTAT_ORGANISM_READY {\"v\":1}").is_err());
 }
 
 #[test]

@@ -50,11 +50,9 @@ impl Killer<'_> {
 
     /// `GET /cells` from the first health checker in `order` that answers.
     async fn registry(&self, order: &[usize]) -> Option<(usize, CellsResponse)> {
+        let reader = protocol::client::CellsClient::with_http(self.http.clone(), Vec::new(), None);
         for &i in order {
-            let Ok(resp) = self.http.get(format!("{}/cells", self.hcs[i])).send().await else {
-                continue;
-            };
-            if let Ok(cells) = resp.json::<CellsResponse>().await {
+            if let Ok(cells) = reader.fetch(&self.hcs[i]).await {
                 return Some((i, cells));
             }
         }
