@@ -72,7 +72,7 @@ boot_timeout_secs = 60
 backoff_secs = 0.5
 "#;
     let boot_marker = dir.path().to_path_buf();
-    let org = Organism::up(&infra_toml(dir.path(), &web, 200.0, extra), dir).await;
+    let mut org = Organism::up(&infra_toml(dir.path(), &web, 200.0, extra), dir).await;
     let store = org.data_dir().join("store.db");
     let ledger = PoolLedger::open_sqlite(store.to_str().expect("utf-8"))
         .await
@@ -164,6 +164,8 @@ backoff_secs = 0.5
     let stats = org.wait_drained(Duration::from_secs(120), |_| {}).await;
     assert!(stats.frontier.crawled > 0);
 
+    // The organism's directory outlives it: the ledger is read after the stop.
+    let _kept = std::mem::replace(&mut org.dir, tempfile::tempdir().expect("tempdir"));
     org.stop().await;
     // Every machine is off, its spend closed; no machine process is left.
     let servers = ledger.servers().await.expect("servers");
