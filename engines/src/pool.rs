@@ -174,6 +174,11 @@ pub struct SpendRow {
     pub amount_micros: Option<Micros>,
 }
 
+/// Whole units (a TOML number such as `0.12`) to [`Micros`], rounded to the nearest micro.
+pub fn to_micros(units: f64) -> Micros {
+    (units * 1_000_000.0).round() as Micros
+}
+
 /// What `cost_per_hour` accrues over `[start, end)`, rounded to the nearest micro.
 pub fn accrue(cost_per_hour: Micros, start_ms: i64, end_ms: i64) -> Micros {
     let ms = i128::from((end_ms - start_ms).max(0));

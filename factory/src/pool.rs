@@ -149,12 +149,7 @@ fn per_minute(n: u32) -> DefaultDirectRateLimiter {
     ))
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or_default()
-}
+pub use control::now_ms;
 
 /// The first millisecond of the current UTC month.
 pub fn month_start_ms(now_ms: i64) -> i64 {
@@ -204,7 +199,7 @@ impl PoolFactory {
             .map(|s| engines::pool::DeclaredServer {
                 name: s.name.clone(),
                 provider: s.provider.as_str().into(),
-                hourly_cost_micros: (s.hourly_cost * 1_000_000.0).round() as i64,
+                hourly_cost_micros: engines::pool::to_micros(s.hourly_cost),
                 capacity: s.capacity as i32,
             })
             .collect();

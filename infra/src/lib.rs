@@ -221,14 +221,7 @@ impl Config {
         match path {
             None => Self::embedded(),
             Some(path) => {
-                let name = path.display().to_string();
-                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-                    file: name.clone(),
-                    problems: vec![Problem {
-                        key: "(file)".into(),
-                        reason: format!("cannot read: {e}"),
-                    }],
-                })?;
+                let (name, text) = read_file(path)?;
                 let mut cfg = Self::parse(&text, &name)?;
                 // The pool's files are relative to this file: made absolute now, so a copy of
                 // the configuration (what `cell up` gives its cells) still finds them.
@@ -248,16 +241,7 @@ impl Config {
     }
 
     pub fn parse(text: &str, file: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError {
-            file: file.to_string(),
-            problems: vec![Problem {
-                key: e
-                    .span()
-                    .map(|s| format!("(line {})", line_of(text, s.start)))
-                    .unwrap_or_else(|| "(toml)".into()),
-                reason: e.message().to_string(),
-            }],
-        })?;
+        let raw: RawConfig = parse_toml(text, file)?;
         Self::from_raw(raw, file)
     }
 
@@ -436,17 +420,9 @@ impl Config {
         }
     }
 
-    /// A path from `[pool]`, relative to the organism file's directory.
+    /// A path from `[pool]` (made absolute by [`Config::load`], relative to the organism file).
     pub fn pool_path(&self, value: &str) -> Option<PathBuf> {
-        if value.is_empty() {
-            return None;
-        }
-        let path = Path::new(value);
-        if path.is_absolute() || self.source.starts_with('<') {
-            return Some(path.to_path_buf());
-        }
-        let dir = Path::new(&self.source).parent().unwrap_or(Path::new(""));
-        Some(dir.join(path))
+        (!value.is_empty()).then(|| PathBuf::from(value))
     }
 
     /// The pool and budget files, loaded and checked, when `[pool] file` is set.
@@ -588,6 +564,36 @@ pub fn redact(value: &str) -> String {
         }
         None => value.to_string(),
     }
+}
+
+/// A configuration file's text and the name messages give it.
+pub(crate) fn read_file(path: &Path) -> Result<(String, String), ConfigError> {
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: name.clone(),
+        problems: vec![Problem {
+            key: "(file)".into(),
+            reason: format!("cannot read: {e}"),
+        }],
+    })?;
+    Ok((name, text))
+}
+
+/// Serde's reading of a TOML file, its error named by line.
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &str,
+) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError {
+        file: file.to_string(),
+        problems: vec![Problem {
+            key: e
+                .span()
+                .map(|s| format!("(line {})", line_of(text, s.start)))
+                .unwrap_or_else(|| "(toml)".into()),
+            reason: e.message().to_string(),
+        }],
+    })
 }
 
 fn line_of(text: &str, offset: usize) -> usize {

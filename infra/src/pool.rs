@@ -11,14 +11,9 @@ use std::path::Path;
 use factory::power::{ProviderKind, ServerSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::{line_of, ConfigError, Problem};
+use crate::{parse_toml, read_file as read, ConfigError, Problem};
 
-pub use engines::pool::{Caps, Micros};
-
-/// Whole units (a TOML number such as `0.12`) to [`Micros`], rounded to the nearest micro.
-pub fn to_micros(units: f64) -> Micros {
-    (units * 1_000_000.0).round() as Micros
-}
+pub use engines::pool::{to_micros, Caps, Micros};
 
 /// `pool.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -54,31 +49,6 @@ impl BudgetFile {
             per_month: to_micros(self.per_month),
         }
     }
-}
-
-fn read(path: &Path) -> Result<(String, String), ConfigError> {
-    let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-        file: name.clone(),
-        problems: vec![Problem {
-            key: "(file)".into(),
-            reason: format!("cannot read: {e}"),
-        }],
-    })?;
-    Ok((name, text))
-}
-
-fn parse_toml<T: serde::de::DeserializeOwned>(text: &str, file: &str) -> Result<T, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError {
-        file: file.to_string(),
-        problems: vec![Problem {
-            key: e
-                .span()
-                .map(|s| format!("(line {})", line_of(text, s.start)))
-                .unwrap_or_else(|| "(toml)".into()),
-            reason: e.message().to_string(),
-        }],
-    })
 }
 
 impl PoolFile {
