@@ -51,6 +51,16 @@ pub async fn pool_factory(
                 lease.clone(),
                 Duration::from_secs(20),
             )),
+            ProviderKind::Wol => Arc::new(factory::power::wol::WolProvider::new(Arc::new(
+                factory::pool::RetireThroughHealthcheckers {
+                    ledger: ledger.clone(),
+                    client: control::ControlClient::new(control::Signer::new(
+                        control::ClusterKey::from_env()?,
+                        factory_id.clone(),
+                    )),
+                    healthcheckers: healthcheckers.clone(),
+                },
+            ))),
             other => providers_for(other)?,
         };
         providers.insert(kind, provider);

@@ -110,15 +110,27 @@ async fn pool_status(client: &reqwest::Client, factories: &[String]) {
             "{:<16} {:<9} {:<13} {:<10} {:<28} {:>9}",
             "SERVER", "PROVIDER", "STATE", "ROLE", "CELL", "COST/H"
         );
+        let mut by_heartbeat = false;
         for s in pool["servers"].as_array().into_iter().flatten() {
+            let provider = s["provider"].as_str().unwrap_or("?");
+            let mut state = s["state"].as_str().unwrap_or("?").to_string();
+            if provider == "wol" {
+                state.push('*');
+                by_heartbeat = true;
+            }
             println!(
                 "{:<16} {:<9} {:<13} {:<10} {:<28} {:>9}",
                 s["name"].as_str().unwrap_or("?"),
-                s["provider"].as_str().unwrap_or("?"),
-                s["state"].as_str().unwrap_or("?"),
+                provider,
+                state,
                 s["role"].as_str().unwrap_or("-"),
                 s["cell_id"].as_str().unwrap_or("-"),
                 money(&s["hourly_cost_micros"]),
+            );
+        }
+        if by_heartbeat {
+            println!(
+                "* Wake-on-LAN cannot report power: the state is learnt from the cell's heartbeats"
             );
         }
         return;

@@ -51,8 +51,29 @@ impl HostLog {
         self.requests.lock().expect("log")[i].2 = Some(Instant::now());
     }
 
+    /// A request's record, ended when dropped: when the handler returns, or when the server
+    /// drops it because its client went away (a killed crawler's request is no longer in flight
+    /// once its connection closed).
+    fn open(&self, path: &str) -> OpenRequest {
+        OpenRequest {
+            log: self.clone(),
+            i: self.start(path),
+        }
+    }
+
     fn snapshot(&self) -> Vec<(String, Instant, Option<Instant>)> {
         self.requests.lock().expect("log").clone()
+    }
+}
+
+struct OpenRequest {
+    log: HostLog,
+    i: usize,
+}
+
+impl Drop for OpenRequest {
+    fn drop(&mut self) {
+        self.log.end(self.i);
     }
 }
 
@@ -66,9 +87,9 @@ fn page_html(n: usize) -> String {
 }
 
 async fn page(State(log): State<HostLog>, Path(n): Path<usize>) -> impl IntoResponse {
-    let i = log.start(&format!("/p/{n}"));
+    let open = log.open(&format!("/p/{n}"));
     tokio::time::sleep(PAGE_LATENCY).await;
-    log.end(i);
+    drop(open);
     if n >= PAGES {
         return (axum::http::StatusCode::NOT_FOUND, Html(String::new())).into_response();
     }
@@ -76,9 +97,9 @@ async fn page(State(log): State<HostLog>, Path(n): Path<usize>) -> impl IntoResp
 }
 
 async fn home(State(log): State<HostLog>) -> impl IntoResponse {
-    let i = log.start("/");
+    let open = log.open("/");
     tokio::time::sleep(PAGE_LATENCY).await;
-    log.end(i);
+    drop(open);
     Html(page_html(0).replace("page 0", "home"))
 }
 

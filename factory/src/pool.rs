@@ -492,7 +492,32 @@ impl PoolFactory {
         let deadline = tokio::time::Instant::now() + self.settings.off_timeout;
         loop {
             match provider.status(spec).await {
-                Ok(PowerState::Off) | Ok(PowerState::Unknown) => return Ok(()),
+                Ok(PowerState::Off) => return Ok(()),
+                // The provider cannot tell (Wake-on-LAN): the machine is off once its cell's
+                // heartbeats have ended.
+                Ok(PowerState::Unknown) => {
+                    let cell = match self.ledger.server(&spec.name).await {
+                        Ok(row) => row.and_then(|r| r.cell_id),
+                        Err(_) => None,
+                    };
+                    let live = match cell {
+                        Some(cell) => (self.is_live)(cell).await,
+                        None => false,
+                    };
+                    if !live {
+                        return Ok(());
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(PowerError::Transient {
+                            server: spec.name.clone(),
+                            detail: format!(
+                                "its cell still heartbeats {:?} after it was asked to shut down",
+                                self.settings.off_timeout
+                            ),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
                 Ok(PowerState::On) | Err(_) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -575,7 +600,9 @@ impl PoolFactory {
 
     /// Every `every`, power off the joined machines of this factory whose cell is no longer
     /// live (it retired as surplus, or died and was replaced): a machine without a cell only
-    /// spends.
+    /// spends. Machines of a factory that is itself no longer live are adopted: their joined
+    /// machines are watched the same way, and a bring-up it left half done (powering on or
+    /// booting for longer than the boot timeout, with nobody waiting for it) is powered off.
     pub fn watch(self: &Arc<Self>, every: Duration, stop: tokio_util::sync::CancellationToken) {
         let me = self.clone();
         tokio::spawn(async move {
@@ -589,28 +616,58 @@ impl PoolFactory {
                 let Ok(rows) = me.ledger.servers().await else {
                     continue;
                 };
-                for row in rows.into_iter().filter(|r| {
-                    r.state == ServerState::Joined && r.factory.as_deref() == Some(&me.factory_id)
-                }) {
-                    let Some(cell) = row.cell_id.clone() else {
-                        continue;
+                let mut owner_live: HashMap<String, bool> = HashMap::new();
+                for row in rows.into_iter().filter(|r| r.state.spends()) {
+                    let owner = row.factory.clone().unwrap_or_default();
+                    let adopted = if owner == me.factory_id {
+                        false
+                    } else {
+                        let live = match owner_live.get(&owner) {
+                            Some(live) => *live,
+                            None => {
+                                let live = !owner.is_empty() && (me.is_live)(owner.clone()).await;
+                                owner_live.insert(owner.clone(), live);
+                                live
+                            }
+                        };
+                        if live {
+                            continue;
+                        }
+                        true
                     };
-                    if (me.is_live)(cell.clone()).await {
-                        misses.remove(&cell);
-                        continue;
-                    }
-                    let n = misses.entry(cell.clone()).or_default();
+                    let (subject, reason) = match (row.state, row.cell_id.clone()) {
+                        (ServerState::Joined, Some(cell)) => {
+                            if (me.is_live)(cell.clone()).await {
+                                misses.remove(&row.name);
+                                continue;
+                            }
+                            (row.name.clone(), format!("cell {cell} is no longer live"))
+                        }
+                        (ServerState::PoweringOn | ServerState::Booting, _) if adopted => {
+                            let stuck =
+                                now_ms() - row.state_since_ms > bring_up_budget_ms(&me.settings);
+                            if !stuck {
+                                continue;
+                            }
+                            (
+                                row.name.clone(),
+                                format!(
+                                    "adopted from factory {owner}, which is gone: its bring-up \
+                                     produced no cell"
+                                ),
+                            )
+                        }
+                        _ => continue,
+                    };
+                    let n = misses.entry(subject.clone()).or_default();
                     *n += 1;
                     if *n < 3 {
                         continue;
                     }
-                    misses.remove(&cell);
-                    tracing::info!(server = %row.name, cell, "its cell is gone: powering the machine off");
-                    if let Err(e) = me
-                        .power_off(&row.name, &format!("cell {cell} is no longer live"))
-                        .await
-                    {
-                        tracing::warn!(server = %row.name, error = %e, "power-off failed");
+                    misses.remove(&subject);
+                    tracing::info!(server = %subject, adopted, reason, "powering the machine off");
+                    if let Err(e) = me.power_off(&subject, &reason).await {
+                        tracing::warn!(server = %subject, error = %e, "power-off failed");
                     }
                 }
             }
@@ -684,6 +741,61 @@ impl PoolFactory {
         let now = now_ms();
         self.ledger.spend(self.caps, now, month_start_ms(now)).await
     }
+}
+
+/// Wake-on-LAN's power-off: a magic packet cannot turn a machine off, so the factory orders its
+/// cell to retire through the health checkers (the order travels in the cell's next heartbeat
+/// answer); the cell drains and exits, and its machine's boot unit powers the machine off
+/// (`infra/cell-boot.service`). Whether it is off is learnt from the end of its heartbeats.
+pub struct RetireThroughHealthcheckers {
+    pub ledger: PoolLedger,
+    pub client: control::ControlClient,
+    pub healthcheckers: Vec<String>,
+}
+
+#[async_trait::async_trait]
+impl crate::power::wol::ShutdownAsker for RetireThroughHealthcheckers {
+    async fn ask(&self, server: &ServerSpec) -> Result<(), PowerError> {
+        let transient = |detail: String| PowerError::Transient {
+            server: server.name.clone(),
+            detail,
+        };
+        let row = self
+            .ledger
+            .server(&server.name)
+            .await
+            .map_err(|e| transient(format!("reading the inventory: {e}")))?;
+        let Some(cell_id) = row.and_then(|r| r.cell_id) else {
+            tracing::warn!(server = %server.name, "no cell joined from this machine: nothing can ask it to shut down");
+            return Ok(());
+        };
+        let order = protocol::control::RetireRequest {
+            cell_id: cell_id.clone(),
+            reason: format!("the factory takes machine {} out of service", server.name),
+        };
+        let mut told = 0;
+        let mut last = String::from("no health checkers");
+        for hc in &self.healthcheckers {
+            match self.client.ask(hc, &order).await {
+                Ok(_) => told += 1,
+                Err(e) => last = e.to_string(),
+            }
+        }
+        if told == 0 {
+            return Err(transient(format!(
+                "no health checker took the order to retire cell {cell_id}: {last}"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// How long a bring-up may take before an adopting factory gives up on it: every attempt's boot
+/// timeout and backoff.
+fn bring_up_budget_ms(settings: &PoolSettings) -> i64 {
+    let attempts = settings.max_attempts.max(1);
+    let backoff = settings.backoff.as_millis() as i64 * (1i64 << attempts.min(16));
+    settings.boot_timeout.as_millis() as i64 * attempts as i64 + backoff
 }
 
 enum Attempt {

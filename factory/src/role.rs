@@ -493,12 +493,35 @@ impl FactoryState {
     }
 
     /// SIGTERM a cell this factory started.
+    /// Stop a cell this factory started: a child process is sent SIGTERM (it drains); a cell
+    /// on a pool machine has its machine powered off, in the background (the provider's
+    /// power-off drains it: a BMC's soft power-off, a retire order for Wake-on-LAN).
     pub async fn stop(&self, cell_id: &str) -> bool {
-        let children = self.children.lock().await;
-        match children.get(cell_id) {
-            Some(c) => kill(Pid::from_raw(c.pid as i32), Signal::SIGTERM).is_ok(),
-            None => false,
+        {
+            let children = self.children.lock().await;
+            if let Some(c) = children.get(cell_id) {
+                return kill(Pid::from_raw(c.pid as i32), Signal::SIGTERM).is_ok();
+            }
         }
+        let Some(pool) = self.pool.get() else {
+            return false;
+        };
+        let Ok(rows) = pool.ledger.servers().await else {
+            return false;
+        };
+        let Some(row) = rows
+            .into_iter()
+            .find(|r| r.state.spends() && r.cell_id.as_deref() == Some(cell_id))
+        else {
+            return false;
+        };
+        let (pool, reason) = (pool.clone(), format!("cell {cell_id} was asked to stop"));
+        tokio::spawn(async move {
+            if let Err(e) = pool.power_off(&row.name, &reason).await {
+                tracing::warn!(server = %row.name, error = %e, "powering off a stopped cell's machine failed");
+            }
+        });
+        true
     }
 
     pub async fn children(&self) -> Vec<Started> {

@@ -148,3 +148,125 @@ async fn a_machine_that_never_joins_is_retried_quarantined_and_the_next_is_tried
         other => panic!("{other:?}"),
     }
 }
+
+/// A factory that died leaves machines behind: one it was still bringing up (nobody waits for
+/// it any more) and one joined whose cell is gone. Another factory adopts both and powers them
+/// off; machines of a live factory are left to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_factorys_machines_are_adopted_and_powered_off() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ledger = PoolLedger::open_sqlite(&dir.path().join("store.db").to_string_lossy())
+        .await
+        .expect("ledger");
+    let machines = LocalMachines::new(dud_machine(dir.path()), Vec::new(), Duration::from_secs(2));
+    let mut providers: HashMap<ProviderKind, Arc<dyn PowerProvider>> = HashMap::new();
+    providers.insert(ProviderKind::Local, Arc::new(machines));
+    // Live: the surviving factories, and no cell.
+    let is_live: IsLive =
+        Arc::new(|id: String| Box::pin(async move { id == "factory-b" || id == "factory-alive" }));
+    let servers = ["a-stuck", "b-orphan", "c-theirs"];
+    let pool = PoolFactory::new(
+        ledger.clone(),
+        vec!["crawler".into()],
+        servers.iter().map(|n| spec(n)).collect(),
+        providers,
+        Caps {
+            per_hour: 10_000_000,
+            per_month: 1_000_000_000,
+        },
+        "factory-b".into(),
+        "http://127.0.0.1:9".into(),
+        JoinConfig {
+            infra_toml: String::new(),
+            cluster_key_hex: String::new(),
+            cell_args: Vec::new(),
+        },
+        PoolSettings {
+            boot_timeout: Duration::from_millis(200),
+            max_attempts: 1,
+            backoff: Duration::from_millis(10),
+            off_timeout: Duration::from_secs(5),
+            ..PoolSettings::default()
+        },
+        is_live,
+    );
+    pool.declare().await.expect("declare");
+    // What the other factories left in the shared inventory.
+    let admit = |key: &str, factory: &str| engines::pool::AdmitRequest {
+        request_key: key.into(),
+        role: "crawler".into(),
+        factory: factory.into(),
+        now_ms: factory::pool::now_ms(),
+        month_start_ms: 0,
+    };
+    let caps = pool.caps;
+    for (key, factory, server, cell) in [
+        ("k-stuck", "factory-a", "a-stuck", None),
+        ("k-orphan", "factory-a", "b-orphan", Some("crawler-gone")),
+        (
+            "k-theirs",
+            "factory-alive",
+            "c-theirs",
+            Some("crawler-gone-too"),
+        ),
+    ] {
+        match ledger
+            .admit(caps, &admit(key, factory))
+            .await
+            .expect("admit")
+        {
+            engines::pool::AdmitOutcome::Admitted(row) => assert_eq!(row.name, server),
+            other => panic!("{other:?}"),
+        }
+        if let Some(cell) = cell {
+            ledger
+                .transition(
+                    server,
+                    &[ServerState::PoweringOn],
+                    ServerState::Joined,
+                    "joined",
+                    factory::pool::now_ms(),
+                    Some(cell),
+                )
+                .await
+                .expect("joined");
+        }
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    pool.watch(Duration::from_millis(50), stop.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let rows = ledger.servers().await.expect("servers");
+        let state = |n: &str| {
+            rows.iter()
+                .find(|r| r.name == n)
+                .map(|r| r.state)
+                .expect("declared")
+        };
+        if state("a-stuck") == ServerState::Off && state("b-orphan") == ServerState::Off {
+            // The live factory's machine is its own business.
+            assert_eq!(state("c-theirs"), ServerState::Joined);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not adopted within 20 s: {rows:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    let stuck = ledger.transitions("a-stuck").await.expect("history");
+    assert!(
+        stuck
+            .iter()
+            .any(|t| t.reason.contains("adopted from factory factory-a")),
+        "{stuck:#?}"
+    );
+    let orphan = ledger.transitions("b-orphan").await.expect("history");
+    assert!(
+        orphan
+            .iter()
+            .any(|t| t.reason.contains("crawler-gone is no longer live")),
+        "{orphan:#?}"
+    );
+}

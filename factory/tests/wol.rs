@@ -9,7 +9,7 @@
 //! naming what to install, when it is missing.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,27 +20,17 @@ use factory::power::wol::{
 use factory::power::{JoinData, PowerError, PowerProvider, PowerState, ProviderKind, ServerSpec};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
+mod peers;
+
+use peers::{eventually, require_tool};
+
 const MAC: Mac = [0x52, 0x54, 0x00, 0xab, 0xcd, 0x01];
 const MAC_TEXT: &str = "52:54:00:ab:cd:01";
 const PATIENCE: Duration = Duration::from_secs(30);
 
-fn require_tool(command: &str, package: &str) -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
-        .map(|dir| dir.join(command))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "`{command}` is not installed: this test needs it. Run scripts/pool-tools.sh \
-                 (as root) or `apt-get install {package}`."
-            )
-        })
-}
-
 /// The machine a wake starts: writes its pid into `dir/machine.pid`, then sleeps.
 fn machine(dir: &Path) -> MachineCommand {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ipmi/machine.sh");
+    let script = peers::fixture("ipmi/machine.sh");
     let pid_file = dir.join("machine.pid");
     Box::new(move || {
         let mut command = tokio::process::Command::new(&script);
@@ -63,17 +53,6 @@ fn alive(pid: i32) -> bool {
     !stat
         .rsplit_once(')')
         .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-}
-
-async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(value) = check() {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "gave up waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn settle(
@@ -202,7 +181,10 @@ async fn wake_on_lan_round_trip_with_a_second_sender() {
         .await
         .expect("power on");
     let woken = settle(&listener, "the wake", |s| s.machine.is_some()).await;
-    let pid = eventually("the machine to write its pid", || read_pid(dir.path())).await;
+    let pid = eventually("the machine to write its pid", async || {
+        read_pid(dir.path())
+    })
+    .await;
     eprintln!(
         "wol round trip: machine running {} ms after the power-on request",
         asked.elapsed().as_millis()
@@ -253,7 +235,7 @@ async fn wake_on_lan_round_trip_with_a_second_sender() {
         .expect("run wakeonlan");
     assert!(output.status.success(), "wakeonlan failed: {output:?}");
     let state = settle(&listener, "wakeonlan's wake", |s| s.counts.woken == 2).await;
-    let second = eventually("the second machine's pid", || read_pid(dir.path())).await;
+    let second = eventually("the second machine's pid", async || read_pid(dir.path())).await;
     assert_ne!(second, pid);
     assert_eq!(state.machine, u32::try_from(second).ok());
     assert_eq!(state.counts.ignored(), 0, "{:?}", state.counts);
@@ -262,7 +244,7 @@ async fn wake_on_lan_round_trip_with_a_second_sender() {
     agent_task.abort();
     let _ = agent_task.await;
     drop(Arc::into_inner(listener).expect("the agent released the listener"));
-    eventually("the machine to die with the listener", || {
+    eventually("the machine to die with the listener", async || {
         (!alive(second)).then_some(())
     })
     .await;
@@ -355,14 +337,14 @@ async fn only_the_right_mac_and_secure_on_password_wake_the_machine() {
         .expect("power on");
     expected.woken += 1;
     let state = settle(&listener, "the wake", |s| s.counts == expected).await;
-    let pid = eventually("the machine's pid", || read_pid(dir.path())).await;
+    let pid = eventually("the machine's pid", async || read_pid(dir.path())).await;
     assert_eq!(state.machine, u32::try_from(pid).ok());
     assert!(alive(pid));
     // Five kinds of garbage, another MAC, no password and a wrong one.
     assert_eq!(state.counts.ignored(), 8);
 
     drop(listener);
-    eventually("the machine to die with the listener", || {
+    eventually("the machine to die with the listener", async || {
         (!alive(pid)).then_some(())
     })
     .await;

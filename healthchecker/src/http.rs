@@ -1,5 +1,5 @@
-//! The healthchecker's HTTP surface: `POST /control/heartbeat` (signed), `GET /cells`,
-//! `GET /events` (Server-Sent Events), plus the vitals every cell serves.
+//! The healthchecker's HTTP surface: `POST /control/heartbeat` and `POST /control/retire`
+//! (signed), `GET /cells`, `GET /events` (Server-Sent Events), plus the vitals every cell serves.
 //!
 //! `/cells` and `/events` show the organism's topology (addresses, pids, lineage): in cluster
 //! mode ([`control::Verifier::guard_reads`]) they answer only a reader presenting the read token
@@ -12,7 +12,7 @@ use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use protocol::control::{Directive, Heartbeat, HeartbeatReply};
+use protocol::control::{Directive, Heartbeat, HeartbeatReply, RetireReply, RetireRequest};
 use protocol::ErrorBody;
 use serde::Deserialize;
 
@@ -24,6 +24,7 @@ pub fn app(state: HealthcheckerState) -> Router {
     let ready = state.ready();
     Router::new()
         .route(HEARTBEAT_PATH, post(heartbeat))
+        .route("/control/retire", post(retire))
         .route("/cells", get(cells))
         .route("/events", get(events))
         .fallback(not_found)
@@ -85,13 +86,37 @@ async fn heartbeat(
     }
 }
 
+/// A signed order to retire a cell (the factory's, for a machine it cannot power off): 200 with
+/// whether the cell is live here; the envelope's rejection when it did not open.
+async fn retire(
+    State(state): State<HealthcheckerState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match control::receive::<RetireRequest>(&state.0.verifier, RetireRequest::KIND, &headers, &body)
+    {
+        Ok((_, order)) if order.cell_id.is_empty() => (
+            StatusCode::BAD_REQUEST,
+            Json(ErrorBody {
+                error: "retire: cell_id is empty".into(),
+            }),
+        )
+            .into_response(),
+        Ok((_, order)) => Json(RetireReply {
+            live: state.order_retire(&order.cell_id, &order.reason, now()),
+        })
+        .into_response(),
+        Err(rejection) => rejection.into_response(),
+    }
+}
+
 /// Any other path: 404, naming the routes there are.
 async fn not_found(uri: axum::http::Uri) -> Response {
     (
         StatusCode::NOT_FOUND,
         Json(ErrorBody {
             error: format!(
-                "no such endpoint {}: see POST {HEARTBEAT_PATH}, GET /cells, GET /events",
+                "no such endpoint {}: see POST {HEARTBEAT_PATH}, POST /control/retire, GET /cells, GET /events",
                 uri.path()
             ),
         }),

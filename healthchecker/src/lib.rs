@@ -21,6 +21,7 @@ pub mod reconcile;
 pub mod registry;
 pub mod surplus;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -68,10 +69,17 @@ struct Shared {
 }
 
 /// The registry and the controllers change together, under one lock.
+/// How long an ordered retirement waits for a cell this checker has not seen leave.
+pub const ORDER_KEEP: Duration = Duration::from_secs(600);
+
 struct Core {
     registry: Registry,
     reconciler: Reconciler,
     surplus: Surplus,
+    /// Retirements ordered from outside (the factory, for a machine it cannot power off), by
+    /// cell, with their reason and when they were ordered: told to the cell in every heartbeat
+    /// answer until it is gone.
+    ordered: HashMap<String, (std::time::Instant, String)>,
     /// When this checker last looked at the registry (sweep or heartbeat), to notice its own
     /// stalls.
     last_look: Option<std::time::Instant>,
@@ -123,6 +131,7 @@ impl HealthcheckerState {
                 registry: Registry::new(cfg.phi_params()),
                 reconciler,
                 surplus: Surplus::new(cfg.minimums.clone()),
+                ordered: HashMap::new(),
                 last_look: None,
             }),
             cfg,
@@ -192,6 +201,7 @@ impl HealthcheckerState {
         let directive = core
             .surplus
             .asked_of(&cell_id)
+            .or_else(|| core.ordered.get(&cell_id).map(|(_, r)| r.as_str()))
             .map(|reason| Directive::Retire {
                 reason: reason.to_string(),
             });
@@ -230,12 +240,25 @@ impl HealthcheckerState {
         core.last_look = Some(now.at);
     }
 
+    /// Order `cell_id` to drain and retire: its heartbeat answers say so until it is gone (or
+    /// for [`ORDER_KEEP`], for a cell that never beats here). True when the cell is live here.
+    pub fn order_retire(&self, cell_id: &str, reason: &str, now: Now) -> bool {
+        let mut core = self.core();
+        core.ordered
+            .retain(|_, (at, _)| now.at.saturating_duration_since(*at) < ORDER_KEEP);
+        core.ordered
+            .insert(cell_id.to_string(), (now.at, reason.to_string()));
+        tracing::info!(cell = cell_id, reason, "retirement ordered");
+        core.registry.is_live(cell_id)
+    }
+
     /// Let the detector look at every cell at `now`; returns who left.
     pub fn sweep(&self, now: Now) -> Vec<Departure> {
         let mut core = self.core();
         self.notice_own_stall(&mut core, now);
         let departures = core.registry.sweep(now);
         for d in &departures {
+            core.ordered.remove(&d.cell_id);
             if d.dead {
                 core.reconciler
                     .cell_died(&d.cell_id, &d.role, &d.event.reason, now.at);

@@ -113,6 +113,27 @@ impl StopRequest {
     pub const KIND: &'static str = "stop";
 }
 
+/// Ask the health checkers to tell a cell, in its next heartbeat answer, to drain and retire
+/// ([`Directive::Retire`]). The factory sends it to take a machine it cannot power off itself
+/// (Wake-on-LAN): the cell drains, exits, and its machine's boot unit powers the machine off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetireRequest {
+    pub cell_id: String,
+    pub reason: String,
+}
+
+impl RetireRequest {
+    pub const KIND: &'static str = "retire";
+}
+
+/// A health checker's answer to a [`RetireRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetireReply {
+    /// Whether this checker knows the cell as live (it tells the cell at its next heartbeat
+    /// either way, should one come).
+    pub live: bool,
+}
+
 /// An api cell asks the front doors for a lower (or restored) share of traffic.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WeightRequest {
@@ -212,6 +233,12 @@ impl ControlRequest for StopRequest {
     const KIND: &'static str = StopRequest::KIND;
     const PATH: &'static str = "/control/stop";
     type Reply = serde_json::Value;
+}
+
+impl ControlRequest for RetireRequest {
+    const KIND: &'static str = RetireRequest::KIND;
+    const PATH: &'static str = "/control/retire";
+    type Reply = RetireReply;
 }
 
 impl ControlRequest for WeightRequest {
