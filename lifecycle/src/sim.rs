@@ -342,6 +342,8 @@ pub struct Report {
     pub started: u32,
     pub repeats: u32,
     pub refused: u32,
+    /// Cell-ticks that held, by reason.
+    pub holds: BTreeMap<&'static str, u64>,
 }
 
 impl Report {
@@ -887,6 +889,9 @@ impl<'a> World<'a> {
             };
             let d = ctrl.tick(at, own, &view);
             if d.action == Action::Hold {
+                if let std::borrow::Cow::Borrowed(why) = d.reason {
+                    *self.report.holds.entry(why).or_default() += 1;
+                }
                 continue;
             }
             if let Action::Divide { keys, .. } = &d.action {
@@ -942,7 +947,9 @@ impl<'a> World<'a> {
         let Some(leader) = self.checkers.iter().position(|c| c.frozen_until.is_none()) else {
             return;
         };
-        let timeout = self.sc.params.pending_timeout;
+        // A request whose cell has not joined by a boot and a detection time is asked again
+        // (the health checkers' `request_timeout`).
+        let timeout = self.factory.boot + self.sc.factory.jitter + self.sc.detect_after;
         for role in 0..self.sc.roles.len() {
             let counted = self.checkers[leader].published[role].counted();
             self.reconcile.retain(|(r, slot), at| {

@@ -214,9 +214,11 @@ fn fault_storms_a_role_dying_together_a_frozen_checker_a_slow_factory_and_lossy_
         );
         let back = f.back_to_min_ms.expect("back to the minimum");
         assert!(back <= 100_000, "seed {seed}: back after {back} ms");
-        // Never left below the minimum for long (deaths are replaced within a boot or two).
+        // Never left below the minimum for long: at 20 crashes per cell-hour a role at its
+        // minimum of 4 loses a cell every 45 s, each replaced within a detection and a boot or
+        // two. At most 30 s of the 260 in all (120 quarter-second ticks).
         assert!(
-            f.under_min_ticks <= 200,
+            f.under_min_ticks <= 120,
             "seed {seed}: {} ticks under min",
             f.under_min_ticks
         );
@@ -245,25 +247,33 @@ fn tired_cells_are_replaced_and_the_role_keeps_its_size() {
 }
 
 /// The organism at ten thousand cells: 9 cells' worth of work to 6,000 (10,000 cells at 0.6),
-/// for a few seeds, with one-second ticks.
+/// with one-second ticks, lossy links and a trickle of crashes. One seed here (about nine
+/// seconds in a debug build); the example `homeostasis_figures` runs more in release.
 #[test]
 fn ten_thousand_cells_step_and_return() {
-    for seed in 0..2 {
-        let r = run(&Scenario::ten_thousand_step(seed));
-        always(&r, "big");
-        let f = &r.roles[0];
-        println!("seed {seed}: {}", r.summary());
-        assert!(f.peak_cells >= 10_000, "seed {seed}: {}", r.summary());
-        assert!(
-            f.capacity_ms.is_some_and(|c| c <= 60_000),
-            "{}",
-            r.summary()
-        );
-        assert_eq!(f.reversals, 0);
-        assert!(
-            f.back_to_min_ms.is_some_and(|b| b <= 170_000),
-            "{}",
-            r.summary()
-        );
-    }
+    let seed = 0;
+    let mut sc = Scenario::ten_thousand_step(seed);
+    sc.faults.link_loss = 0.05;
+    sc.faults.crash_per_hour = 2.0;
+    let r = run(&sc);
+    always(&r, "big");
+    let f = &r.roles[0];
+    println!("seed {seed}: {}", r.summary());
+    assert!(f.peak_cells >= 10_000, "{}", r.summary());
+    assert!(
+        f.first_divide_ms.is_some_and(|d| d <= 3_000),
+        "{}",
+        r.summary()
+    );
+    assert!(
+        f.capacity_ms.is_some_and(|c| c <= 45_000),
+        "{}",
+        r.summary()
+    );
+    assert_eq!(f.reversals, 0, "{}", r.summary());
+    assert!(
+        f.back_to_min_ms.is_some_and(|b| b <= 150_000),
+        "{}",
+        r.summary()
+    );
 }
