@@ -1149,6 +1149,60 @@ mod tests {
     }
 
     #[test]
+    fn the_next_round_waits_for_the_end_of_the_last_and_a_gap_in_reads_puts_a_cell_out_of_touch() {
+        let t0 = Instant::now();
+        let idle = serving(&[("a", 0.05), ("b", 0.05), ("c", 0.05), ("d", 0.05)]);
+        let mut with_draining = idle.clone();
+        with_draining.push(("e", CellState::Draining, 0.0, OLD));
+        // (case, the reads: from ms, to ms, every ms, rows listing a draining cell?)
+        type Reads = &'static [(u64, u64, bool)];
+        let cases: [(&str, Reads, u64); 3] = [
+            ("regular reads, no round", &[(0, 20_000, false)], 10_000),
+            // A round is listed from 8 s to 11 s: the next may start 5 s after the first read
+            // without it (11 s).
+            (
+                "a round under way",
+                &[
+                    (0, 8_000, false),
+                    (8_000, 11_000, true),
+                    (11_000, 20_000, false),
+                ],
+                16_000,
+            ),
+            // No read from 8 s to 11 s (the round, if any, was missed): out of touch until
+            // 5 s of regular reads, the same moment as the siblings that saw the round end.
+            (
+                "a gap in reads",
+                &[(0, 8_000, false), (11_000, 20_000, false)],
+                16_000,
+            ),
+        ];
+        for (name, reads, retire_at) in cases {
+            let mut c = Controller::new(Params::default(), bounds(1, 10), "crawler", "d");
+            let mut view_now = None;
+            let mut got = None;
+            for k in 0..=80u64 {
+                let ms = k * 250;
+                let now = t0 + Duration::from_millis(ms);
+                if let Some((_, _, draining)) = reads
+                    .iter()
+                    .find(|(from, to, _)| (*from..*to).contains(&ms))
+                {
+                    let rows = if *draining { &with_draining } else { &idle };
+                    view_now = Some(view(now, c.params(), rows));
+                }
+                let v = view_now.as_ref().expect("a first read at 0");
+                let d = c.tick(now, own(0.05), v);
+                if d.action == Action::Retire {
+                    got = Some(ms);
+                    break;
+                }
+            }
+            assert_eq!(got, Some(retire_at), "{name}");
+        }
+    }
+
+    #[test]
     fn throttle_comes_before_division_and_lifts_under_the_target() {
         let t0 = Instant::now();
         let p = Params {

@@ -955,11 +955,12 @@ impl<'a> World<'a> {
             self.reconcile.retain(|(r, slot), at| {
                 *r != role || (*slot > counted && now.saturating_sub(*at) < timeout)
             });
-            let outstanding = self.reconcile.keys().filter(|(r, _)| *r == role).count() as u32;
+            // The slots above the cells counted, up to the minimum, skipping those asked.
             let min = self.sc.roles[role].bounds.min;
-            let mut slot = counted + outstanding;
-            while slot < min {
-                slot += 1;
+            for slot in counted + 1..=min {
+                if self.reconcile.contains_key(&(role, slot)) {
+                    continue;
+                }
                 let attempt = self
                     .reconcile_attempts
                     .get(&(role, slot))

@@ -215,10 +215,13 @@ fn fault_storms_a_role_dying_together_a_frozen_checker_a_slow_factory_and_lossy_
         let back = f.back_to_min_ms.expect("back to the minimum");
         assert!(back <= 100_000, "seed {seed}: back after {back} ms");
         // Never left below the minimum for long: at 20 crashes per cell-hour a role at its
-        // minimum of 4 loses a cell every 45 s, each replaced within a detection and a boot or
-        // two. At most 30 s of the 260 in all (120 quarter-second ticks).
+        // minimum of 4 loses a cell every 45 s, and the replacement is asked as soon as the
+        // death is detected (a booting cell counts). At most 10 s in all (40 ticks). Seed 16
+        // found a checker re-asking an outstanding slot instead of the free one below it (52 s
+        // under the minimum); seeds 1, 4 and 33 found pending slots held by deaths and a
+        // machine that crashed before its first heartbeat kept on the books forever.
         assert!(
-            f.under_min_ticks <= 120,
+            f.under_min_ticks <= 40,
             "seed {seed}: {} ticks under min",
             f.under_min_ticks
         );
@@ -255,6 +258,8 @@ fn ten_thousand_cells_step_and_return() {
     let mut sc = Scenario::ten_thousand_step(seed);
     sc.faults.link_loss = 0.05;
     sc.faults.crash_per_hour = 2.0;
+    // Back at the minimum about 95 s after the load ends at 130 s; the idle tail is not run.
+    sc.duration = Duration::from_secs(240);
     let r = run(&sc);
     always(&r, "big");
     let f = &r.roles[0];
