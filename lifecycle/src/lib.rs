@@ -13,9 +13,11 @@
 //! `crawler`).
 //!
 //! Code map:
-//! - [`pressure`]: the sampler loop that puts a role's measured pressure into its heartbeats. The
-//!   homeostasis controller (what a cell does about its own pressure, beyond reporting it) goes
-//!   beside it, fed by the receiver [`CellContext::report_pressure`] returns.
+//! - [`pressure`]: the sampler loop that puts a role's measured pressure into its heartbeats.
+//! - [`homeostasis`]: what a cell does about its role's pressure (hold, throttle, divide,
+//!   retire, ask for its replacement), decided by each cell on its own pressure and its
+//!   siblings' in the registry; pure, fed every heartbeat. [`sim`] runs the same controller in
+//!   a seeded, virtual-time organism (factory, health checkers, faults) to check it at scale.
 //! - [`drain`]: the drain notice (draining first, routed elsewhere, then stopped; at once when
 //!   fenced) and the drain bounded by the grace period.
 //!
@@ -23,7 +25,9 @@
 //! picks the role, its [`Drain`], and its state.
 
 pub mod drain;
+pub mod homeostasis;
 pub mod pressure;
+pub mod sim;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
