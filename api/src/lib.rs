@@ -60,6 +60,35 @@ pub struct Load {
     pub in_flight: std::sync::atomic::AtomicUsize,
     /// Exponentially weighted mean latency, microseconds.
     pub latency_ewma_us: std::sync::atomic::AtomicU64,
+    /// Requests recorded, and the count at the last sample: a cell that served nothing since
+    /// lets its latency figure decay (an idle cell is not a slow one).
+    pub recorded: std::sync::atomic::AtomicU64,
+    pub sampled: std::sync::atomic::AtomicU64,
+    /// Requests in flight integrated over time since the last sample: their mean over the
+    /// sample interval, steadier than a count taken at one instant.
+    area: std::sync::Mutex<Area>,
+}
+
+/// The integral of the in-flight count over time.
+#[derive(Debug, Default)]
+struct Area {
+    /// Start of the current sample window, and the last change of the count.
+    window: Option<std::time::Instant>,
+    last_change: Option<std::time::Instant>,
+    count: usize,
+    /// Request-microseconds in this window.
+    integral: f64,
+}
+
+impl Area {
+    fn advance(&mut self, now: std::time::Instant) {
+        if let Some(last) = self.last_change {
+            self.integral +=
+                self.count as f64 * now.saturating_duration_since(last).as_micros() as f64;
+        }
+        self.last_change = Some(now);
+        self.window.get_or_insert(now);
+    }
 }
 
 impl Load {
@@ -68,7 +97,17 @@ impl Load {
     pub fn enter(self: &Arc<Self>) -> InFlight {
         self.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.count(1);
         InFlight(self.clone())
+    }
+
+    fn count(&self, delta: isize) {
+        let mut area = self
+            .area
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        area.advance(std::time::Instant::now());
+        area.count = area.count.saturating_add_signed(delta);
     }
 
     pub fn record(&self, took: std::time::Duration) {
@@ -82,19 +121,48 @@ impl Load {
             old - old / 8 + sample / 8
         };
         self.latency_ewma_us.store(new, Relaxed);
+        self.recorded.fetch_add(1, Relaxed);
+    }
+
+    /// The mean number of requests in flight since the last call.
+    fn mean_in_flight(&self) -> f64 {
+        let now = std::time::Instant::now();
+        let mut area = self
+            .area
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        area.advance(now);
+        let window = area
+            .window
+            .map_or(0.0, |w| now.saturating_duration_since(w).as_micros() as f64);
+        let mean = if window > 0.0 {
+            area.integral / window
+        } else {
+            area.count as f64
+        };
+        area.integral = 0.0;
+        area.window = Some(now);
+        mean
     }
 
     /// Pressure (1.0 = at the configured targets) and the signals behind it.
     pub fn signals(&self, cfg: &ApiConfig) -> (f64, Vec<(&'static str, f64)>) {
         use std::sync::atomic::Ordering::Relaxed;
         let in_flight = self.in_flight.load(Relaxed) as f64;
+        let recorded = self.recorded.load(Relaxed);
+        if self.sampled.swap(recorded, Relaxed) == recorded && in_flight == 0.0 {
+            let old = self.latency_ewma_us.load(Relaxed);
+            self.latency_ewma_us.store(old - old / 4, Relaxed);
+        }
         let latency_ms = self.latency_ewma_us.load(Relaxed) as f64 / 1000.0;
-        let p = (in_flight / f64::from(cfg.target_in_flight.max(1)))
+        let mean = self.mean_in_flight();
+        let p = (mean / f64::from(cfg.target_in_flight.max(1)))
             .max(latency_ms / f64::from(cfg.target_latency_ms.max(1)));
         (
             p,
             vec![
                 ("requests_in_flight", in_flight),
+                ("requests_in_flight_mean", mean),
                 ("latency_ms", latency_ms),
             ],
         )
@@ -110,6 +178,7 @@ impl Drop for InFlight {
         self.0
             .in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.count(-1);
     }
 }
 
@@ -194,11 +263,14 @@ mod tests {
             target_latency_ms: 100,
             ..ApiConfig::default()
         };
-        let load = Load::default();
+        let load = Arc::new(Load::default());
         assert_eq!(load.signals(&cfg).0, 0.0);
-        load.in_flight
-            .store(5, std::sync::atomic::Ordering::Relaxed);
-        assert!((load.signals(&cfg).0 - 0.5).abs() < 1e-9);
+        // Five requests held open for the whole window: a mean of five in flight.
+        let held: Vec<InFlight> = (0..5).map(|_| load.enter()).collect();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let (p, _) = load.signals(&cfg);
+        assert!((p - 0.5).abs() < 0.05, "five of ten in flight: {p}");
+        drop(held);
         for _ in 0..100 {
             load.record(std::time::Duration::from_millis(200));
         }

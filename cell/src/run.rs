@@ -58,7 +58,7 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    fn spec(&self, role: &str) -> CellSpec {
+    fn spec(&self, role: &str, cfg: &infra::Config) -> CellSpec {
         CellSpec {
             role: role.to_string(),
             cell_id: self
@@ -70,8 +70,38 @@ impl RunArgs {
             factories: self.factories.clone(),
             heartbeat: Duration::from_millis(self.heartbeat_ms),
             grace: Duration::from_secs(self.grace_secs),
+            homeostasis: homeostasis(role, cfg),
         }
     }
+}
+
+/// The controller's settings for a cell of `role`, when its role regulates itself.
+fn homeostasis(role: &str, cfg: &infra::Config) -> Option<lifecycle::regulate::Homeostasis> {
+    use lifecycle::homeostasis::{Bounds, Params};
+    let h = &cfg.raw.homeostasis;
+    if !h.roles.iter().any(|r| r == role) {
+        return None;
+    }
+    let secs = Duration::from_secs_f64;
+    let bounds = cfg.bounds(role);
+    Some(lifecycle::regulate::Homeostasis {
+        params: Params {
+            high: h.high,
+            low: h.low,
+            target: h.target,
+            grow_confirm: secs(h.grow_confirm_secs),
+            shrink_confirm: secs(h.shrink_confirm_secs),
+            grow_cooldown: secs(h.grow_cooldown_secs),
+            shrink_cooldown: secs(h.shrink_cooldown_secs),
+            shrink_after_grow: secs(h.shrink_after_grow_secs),
+            grow_step: h.grow_step,
+            ..Params::default()
+        },
+        bounds: Bounds {
+            min: bounds.min,
+            max: bounds.max,
+        },
+    })
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -88,7 +118,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     // Every role signs or checks control messages with the organism's key.
     let key = control::ClusterKey::from_env()?;
     let role = args.role.as_str();
-    let spec = args.spec(role);
+    let spec = args.spec(role, &cfg);
     let any_port = "127.0.0.1:0".to_string();
     match role {
         "api" => {

@@ -28,6 +28,8 @@ pub struct Vital {
     pub state: CellState,
     pub pressure: f64,
     pub signals: std::collections::BTreeMap<String, f64>,
+    /// The latest homeostasis decision, told in every heartbeat until a newer one.
+    pub decision: Option<protocol::control::DecisionNote>,
 }
 
 /// Who the cell is, for every heartbeat.
@@ -90,6 +92,16 @@ impl Standing {
     /// Cancelled when a health checker asks this cell to drain and retire.
     pub fn retire_requested(&self) -> &CancellationToken {
         &self.0.retire
+    }
+
+    /// The cell decided by itself to drain and retire (apoptosis): the same path as a health
+    /// checker's request.
+    pub fn retire_self(&self, reason: &str) {
+        if !self.0.retire.is_cancelled() {
+            tracing::info!(reason, "retiring by its own decision");
+            lock(&self.0.reason).get_or_insert_with(|| reason.to_string());
+            self.0.retire.cancel();
+        }
     }
 
     /// Why the cell was fenced or asked to retire.
@@ -245,6 +257,7 @@ async fn beat_one(
             seq: seq.fetch_add(1, Ordering::SeqCst) + 1,
             interval_ms: interval.as_millis() as u64,
             pid: Some(std::process::id()),
+            decision: v.decision,
         };
         let sent = tokio::time::timeout(
             deadline,

@@ -69,6 +69,7 @@ pub async fn run(
         ctx.cell_id().to_string(),
         ctx.in_organism(),
     ));
+    let queue_for_depth = queue.clone();
     let worker = Worker {
         cfg: state.worker.clone(),
         fetcher,
@@ -82,12 +83,54 @@ pub async fn run(
     };
     ready.set(true);
     let worker_cfg = state.worker;
+    measure_backlog(&ctx, queue_for_depth, gauges.clone(), shutdown.clone());
     ctx.report_pressure(move || gauges.signals(&worker_cfg));
     tracing::info!(addr = %ctx.addr(), cell_id = %ctx.cell_id(), "crawler cell working");
     worker.run(shutdown).await;
     ready.set(false);
     vitals_task.abort();
     Ok(())
+}
+
+/// Every second, the queue's ready jobs per live crawler (the registry's count; 1 alone), for
+/// the pressure: a backlog the crawlers cannot drain soon is what makes the role divide.
+fn measure_backlog(
+    ctx: &CellContext,
+    queue: Arc<dyn engines::JobQueue>,
+    gauges: Arc<WorkerGauges>,
+    shutdown: CancellationToken,
+) {
+    let registry = ctx.in_organism().then(|| ctx.registry());
+    tokio::spawn(async move {
+        loop {
+            if let Ok(depth) = queue.depth().await {
+                let crawlers = match &registry {
+                    Some(r) => r.read().await.ok().map(|cells| {
+                        cells
+                            .roles
+                            .get("crawler")
+                            .map(|v| {
+                                v.iter()
+                                    .filter(|c| c.state != protocol::control::CellState::Draining)
+                                    .count()
+                            })
+                            .unwrap_or(0)
+                    }),
+                    None => Some(1),
+                };
+                if let Some(n) = crawlers {
+                    let per = depth.ready as usize / n.max(1);
+                    gauges
+                        .backlog_per_crawler
+                        .store(per, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+        }
+    });
 }
 
 /// The fetch stack of a crawler cell: in an organism (a signed client and apis), per-host

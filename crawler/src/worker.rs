@@ -36,6 +36,8 @@ pub struct WorkerConfig {
     pub ingest_flush_ms: u64,
     /// Results held while no API answers before leasing stops.
     pub max_pending_results: usize,
+    /// Ready jobs in the queue per live crawler at which a crawler's pressure is 1.0.
+    pub backlog_full: usize,
 }
 
 impl Default for WorkerConfig {
@@ -46,6 +48,7 @@ impl Default for WorkerConfig {
             ingest_batch: 32,
             ingest_flush_ms: 20,
             max_pending_results: 1024,
+            backlog_full: 256,
         }
     }
 }
@@ -58,6 +61,7 @@ impl WorkerConfig {
             ("lease_batch", self.lease_batch),
             ("ingest_batch", self.ingest_batch),
             ("max_pending_results", self.max_pending_results),
+            ("backlog_full", self.backlog_full),
         ] {
             if v == 0 {
                 out.push((key.to_string(), "must be at least 1".to_string()));
@@ -76,6 +80,8 @@ pub struct WorkerGauges {
     pub buffered: std::sync::atomic::AtomicUsize,
     /// Results not yet taken by an api.
     pub unsent: std::sync::atomic::AtomicUsize,
+    /// The queue's ready jobs per live crawler, as last measured ([`WorkerGauges::backlog`]).
+    pub backlog_per_crawler: std::sync::atomic::AtomicUsize,
 }
 
 impl WorkerGauges {
@@ -87,13 +93,18 @@ impl WorkerGauges {
         let buffered = self.buffered.load(Relaxed) as f64;
         let unsent = self.unsent.load(Relaxed) as f64;
         let slots = in_flight / cfg.concurrency.max(1) as f64;
-        let backlog = unsent / cfg.max_pending_results.max(1) as f64;
+        let unsent_share = unsent / cfg.max_pending_results.max(1) as f64;
+        // The queue's backlog, shared by the live crawlers: full when each has `backlog_full`
+        // jobs waiting (the role needs more crawlers to drain it in good time).
+        let per_crawler = self.backlog_per_crawler.load(Relaxed) as f64;
+        let queue = per_crawler / cfg.backlog_full.max(1) as f64;
         (
-            slots.max(backlog),
+            slots.max(unsent_share).max(queue),
             vec![
                 ("fetches_in_flight", in_flight),
                 ("jobs_buffered", buffered),
                 ("results_unsent", unsent),
+                ("queue_backlog_per_crawler", per_crawler),
             ],
         )
     }

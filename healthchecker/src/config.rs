@@ -40,6 +40,10 @@ pub struct HealthcheckerConfig {
     /// file that still sets `[healthchecker.minimums]`).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub minimums: BTreeMap<String, u32>,
+    /// Roles whose cells regulate their own number (`[homeostasis].roles`): their surplus is
+    /// theirs to retire, not the leader's. Filled by `infra`, never read from a file.
+    #[serde(skip)]
+    pub regulated: std::collections::BTreeSet<String>,
 }
 
 impl Default for HealthcheckerConfig {
@@ -57,6 +61,7 @@ impl Default for HealthcheckerConfig {
             message_window_ms: 30_000,
             factories: Vec::new(),
             minimums: BTreeMap::new(),
+            regulated: Default::default(),
         }
     }
 }

@@ -191,6 +191,7 @@ mod tests {
             seq,
             interval_ms: 100,
             pid: Some(7),
+            decision: None,
         }
     }
 

@@ -130,7 +130,14 @@ impl HealthcheckerState {
             core: Mutex::new(Core {
                 registry: Registry::new(cfg.phi_params()),
                 reconciler,
-                surplus: Surplus::new(cfg.minimums.clone()),
+                // Self-regulating roles retire their own surplus (`lifecycle::homeostasis`).
+                surplus: Surplus::new(
+                    cfg.minimums
+                        .iter()
+                        .filter(|(role, _)| !cfg.regulated.contains(*role))
+                        .map(|(role, n)| (role.clone(), *n))
+                        .collect(),
+                ),
                 ordered: HashMap::new(),
                 last_look: None,
             }),
@@ -512,6 +519,7 @@ mod tests {
             seq,
             interval_ms: 100,
             pid: None,
+            decision: None,
         }
     }
 

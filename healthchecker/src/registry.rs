@@ -165,6 +165,10 @@ impl Registry {
                     events.push(event);
                 }
             }
+            let seen = entry.last.decision.as_ref().map_or(0, |d| d.n);
+            if let Some(d) = hb.decision.as_ref().filter(|d| d.n > seen) {
+                events.push(decided(&hb, d, now));
+            }
             entry.last = hb;
         } else {
             let mut birth = "first heartbeat".to_string();
@@ -195,6 +199,9 @@ impl Registry {
             events.push(event(EventKind::Born, &hb, now, birth));
             if let Some(event) = transition(&hb, now, "first heartbeat") {
                 events.push(event);
+            }
+            if let Some(d) = &hb.decision {
+                events.push(decided(&hb, d, now));
             }
             let mut detector = PhiDetector::new(self.params, Duration::from_millis(hb.interval_ms));
             detector.heartbeat(now.at);
@@ -462,6 +469,21 @@ fn state_name(state: CellState) -> String {
         .unwrap_or_else(|| format!("{state:?}"))
 }
 
+/// A cell's homeostasis decision as an event: its reason with the figures behind it.
+fn decided(hb: &Heartbeat, d: &protocol::control::DecisionNote, now: Now) -> CellEvent {
+    let figures: Vec<String> = d
+        .figures
+        .iter()
+        .map(|(k, v)| format!("{k}={}", (v * 100.0).round() / 100.0))
+        .collect();
+    event(
+        d.event_kind(),
+        hb,
+        now,
+        format!("{}: {} [{}]", d.action, d.reason, figures.join(" ")),
+    )
+}
+
 fn event(kind: EventKind, hb: &Heartbeat, now: Now, reason: String) -> CellEvent {
     CellEvent {
         kind,
@@ -490,6 +512,7 @@ pub(crate) mod tests {
             seq,
             interval_ms: 100,
             pid: None,
+            decision: None,
         }
     }
 

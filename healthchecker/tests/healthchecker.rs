@@ -70,6 +70,7 @@ fn spawn_cell(
                 seq,
                 interval_ms: BEAT.as_millis() as u64,
                 pid: None,
+                decision: None,
             };
             let sends = healthcheckers.iter().map(|hc| {
                 let (client, hb) = (client.clone(), hb.clone());
@@ -587,6 +588,7 @@ async fn forged_unsigned_and_replayed_heartbeats_are_rejected_and_counted() {
         seq,
         interval_ms: 100,
         pid: None,
+        decision: None,
     };
     let post = |bytes: Vec<u8>, sig: Option<String>| {
         let mut req = client

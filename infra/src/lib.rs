@@ -34,6 +34,7 @@ pub struct RawConfig {
     pub frontdoor: frontdoor::FrontdoorConfig,
     pub demo: Demo,
     pub pool: PoolSection,
+    pub homeostasis: HomeostasisSection,
 }
 
 /// `[pool]`: where the server pool and the purse are, and how machines are brought up.
@@ -74,6 +75,52 @@ impl Default for PoolSection {
             power_offs_per_minute: 20,
             token_ttl_secs: 900,
             boot_dir: String::new(),
+        }
+    }
+}
+
+/// How cells regulate their own number (`lifecycle::homeostasis`): every cell of these roles
+/// watches its pressure and its siblings', divides when the role is overloaded and retires when
+/// it is idle, within `[roles.ROLE]` min and max.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HomeostasisSection {
+    /// The roles whose cells regulate themselves (the health checkers' surplus retirement
+    /// leaves them alone). Empty: none; the health checkers keep minimums and retire surplus.
+    pub roles: Vec<String>,
+    /// Above this mean pressure (1.0 = at capacity) a role is overloaded.
+    pub high: f64,
+    /// Below this pressure a cell is idle.
+    pub low: f64,
+    /// The pressure a role is sized for: between low and high.
+    pub target: f64,
+    /// How long an overload must hold before a cell divides, seconds.
+    pub grow_confirm_secs: f64,
+    /// How long a cell must stay idle before it retires, seconds.
+    pub shrink_confirm_secs: f64,
+    /// Least time between two divisions asked by one cell, seconds.
+    pub grow_cooldown_secs: f64,
+    /// Least time between two retirement rounds of a role, seconds.
+    pub shrink_cooldown_secs: f64,
+    /// No retirement while the role's youngest cell is younger than this, seconds.
+    pub shrink_after_grow_secs: f64,
+    /// Cells asked per division at least (a division asks up to doubling the role).
+    pub grow_step: u32,
+}
+
+impl Default for HomeostasisSection {
+    fn default() -> Self {
+        Self {
+            roles: vec!["api".into(), "crawler".into()],
+            high: 0.8,
+            low: 0.3,
+            target: 0.6,
+            grow_confirm_secs: 2.0,
+            shrink_confirm_secs: 10.0,
+            grow_cooldown_secs: 3.0,
+            shrink_cooldown_secs: 5.0,
+            shrink_after_grow_secs: 30.0,
+            grow_step: 4,
         }
     }
 }
@@ -407,6 +454,44 @@ impl Config {
                 );
             }
         }
+        let h = &raw.homeostasis;
+        for role in &h.roles {
+            if !["api", "crawler"].contains(&role.as_str()) {
+                push(
+                    "homeostasis.roles".into(),
+                    format!("{role:?}: only api and crawler cells regulate their number"),
+                );
+            }
+        }
+        if !(h.low > 0.0 && h.low < h.target && h.target < h.high && h.high.is_finite()) {
+            push(
+                "homeostasis".into(),
+                format!(
+                    "the marks must satisfy 0 < low < target < high: low {}, target {}, high {}",
+                    h.low, h.target, h.high
+                ),
+            );
+        }
+        for (key, secs) in [
+            ("homeostasis.grow_confirm_secs", h.grow_confirm_secs),
+            ("homeostasis.shrink_confirm_secs", h.shrink_confirm_secs),
+            ("homeostasis.grow_cooldown_secs", h.grow_cooldown_secs),
+            ("homeostasis.shrink_cooldown_secs", h.shrink_cooldown_secs),
+            (
+                "homeostasis.shrink_after_grow_secs",
+                h.shrink_after_grow_secs,
+            ),
+        ] {
+            if !(secs.is_finite() && (0.0..=86_400.0).contains(&secs)) {
+                push(
+                    key.into(),
+                    "must be a number of seconds from 0 to 86400".into(),
+                );
+            }
+        }
+        if h.grow_step == 0 {
+            push("homeostasis.grow_step".into(), "must be at least 1".into());
+        }
         if problems.is_empty() {
             Ok(Self {
                 raw,
@@ -487,6 +572,7 @@ impl Config {
             .iter()
             .map(|(role, b)| (role.clone(), b.min))
             .collect();
+        hc.regulated = self.raw.homeostasis.roles.iter().cloned().collect();
         hc
     }
 

@@ -121,6 +121,7 @@ mod tests {
             factories: Vec::new(),
             heartbeat: Duration::from_millis(100),
             grace: Duration::from_secs(5),
+            homeostasis: None,
         }
     }
 

@@ -18,6 +18,8 @@
 //!   retire, ask for its replacement), decided by each cell on its own pressure and its
 //!   siblings' in the registry; pure, fed every heartbeat. [`sim`] runs the same controller in
 //!   a seeded, virtual-time organism (factory, health checkers, faults) to check it at scale.
+//! - [`regulate`]: the controller at work in a live cell: registry reads, decisions acted on
+//!   (divide through the factories, retire, throttle) and published in heartbeats.
 //! - [`drain`]: the drain notice (draining first, routed elsewhere, then stopped; at once when
 //!   fenced) and the drain bounded by the grace period.
 //!
@@ -27,6 +29,7 @@
 pub mod drain;
 pub mod homeostasis;
 pub mod pressure;
+pub mod regulate;
 pub mod sim;
 
 use std::net::SocketAddr;
@@ -65,6 +68,10 @@ pub struct CellSpec {
     pub heartbeat: Duration,
     /// How long a drain may take before the cell exits anyway.
     pub grace: Duration,
+    /// For a cell of a self-regulating role: its homeostasis controller's settings. The
+    /// controller runs once the role reports its pressure, when the cell has health checkers,
+    /// factories and the cluster key.
+    pub homeostasis: Option<regulate::Homeostasis>,
 }
 
 impl CellSpec {
@@ -79,6 +86,7 @@ impl CellSpec {
             factories: Vec::new(),
             heartbeat: Duration::from_millis(100),
             grace: Duration::from_secs(20),
+            homeostasis: None,
         }
     }
 
@@ -102,6 +110,8 @@ struct Inner {
     standing: Standing,
     /// Cancelled when the cell retires: ends the context's own tasks (pressure sampling).
     retired: CancellationToken,
+    /// Whether the homeostasis controller asked the role to shed optional work.
+    throttled: watch::Sender<bool>,
 }
 
 impl CellContext {
@@ -114,6 +124,7 @@ impl CellContext {
             state: CellState::Serving,
             pressure: 0.0,
             signals: Default::default(),
+            decision: None,
         });
         let client = match key {
             Some(key) if !spec.healthcheckers.is_empty() => Some(Arc::new(ControlClient::new(
@@ -130,6 +141,7 @@ impl CellContext {
             client,
             standing,
             retired: CancellationToken::new(),
+            throttled: watch::channel(false).0,
         }));
         (ctx, vital_rx)
     }
@@ -208,12 +220,24 @@ impl CellContext {
         &self,
         sample: impl Fn() -> (f64, Vec<(&'static str, f64)>) + Send + 'static,
     ) -> watch::Receiver<f64> {
-        pressure::report(
+        let rx = pressure::report(
             self.0.vital.clone(),
             self.heartbeat_interval(),
             self.0.retired.clone(),
             sample,
-        )
+        );
+        if let Some(h) = &self.0.spec.homeostasis {
+            if self.in_organism() && !self.factories().is_empty() {
+                regulate::spawn(self.clone(), h.clone(), rx.clone());
+            }
+        }
+        rx
+    }
+
+    /// Follows whether the homeostasis controller asked this cell to shed optional work
+    /// (seed 003: throttle before dividing).
+    pub fn throttled(&self) -> watch::Receiver<bool> {
+        self.0.throttled.subscribe()
     }
 
     fn set_state(&self, state: CellState) {

@@ -55,6 +55,7 @@ mod tests {
             factories: Vec::new(),
             heartbeat: Duration::from_millis(100),
             grace: Duration::from_secs(1),
+            homeostasis: None,
         };
         let ctx = CellContext::detached(spec, "127.0.0.1:1".parse().expect("addr"));
         let level = Arc::new(AtomicU64::new(0));

@@ -1,6 +1,6 @@
 //! `loadtest`: the bundled harness. `loadtest web` serves the synthetic web or prints its oracle;
 //! `loadtest bench crawl` benchmarks whole organisms against it; `loadtest bench heal` measures
-//! how fast one heals.
+//! how fast one heals; `loadtest bench grow` how it finds its size.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -37,6 +37,9 @@ enum BenchCommand {
     /// organism declares each death and serves a replacement, and the client requests that
     /// failed.
     Heal(loadtest::heal::HealArgs),
+    /// How the organism finds its size: the homeostasis simulation at 10,000 cells, then a step
+    /// of search load on a real organism (time to decide, to serve, reversals, back to minimum).
+    Grow(loadtest::grow::GrowArgs),
 }
 
 #[derive(Args)]
@@ -91,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Web(args) => web_command(args).await,
         Command::Bench(BenchCommand::Bench(command)) => loadtest::bench::run(command).await,
         Command::Bench(BenchCommand::Heal(args)) => loadtest::heal::heal_command(&args).await,
+        Command::Bench(BenchCommand::Grow(args)) => loadtest::grow::grow_command(&args).await,
     };
     match result {
         // `loadtest web --expect | head` is not an error.

@@ -45,6 +45,35 @@ pub struct Heartbeat {
     /// Operating-system process id on its machine (local provider).
     #[serde(default)]
     pub pid: Option<u32>,
+    /// The cell's latest homeostasis decision (not a hold), repeated in its heartbeats until a
+    /// newer one replaces it; the health checkers record each one once, as an event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<DecisionNote>,
+}
+
+/// A decision of a cell's homeostasis controller: what it did, why, and the figures behind it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecisionNote {
+    /// Increases with every decision of this cell.
+    pub n: u64,
+    /// `divide`, `retire`, `replace`, `throttle`, `unthrottle`.
+    pub action: String,
+    pub reason: String,
+    /// The figures it was taken on (cells, pending, load, mean, desired, min, max, ...).
+    #[serde(default)]
+    pub figures: BTreeMap<String, f64>,
+}
+
+impl DecisionNote {
+    /// The event kind a decision is recorded as.
+    pub fn event_kind(&self) -> EventKind {
+        match self.action.as_str() {
+            "divide" | "replace" => EventKind::Divided,
+            "throttle" | "unthrottle" => EventKind::Throttled,
+            "retire" => EventKind::Retiring,
+            _ => EventKind::Unknown,
+        }
+    }
 }
 
 impl Heartbeat {
@@ -169,6 +198,15 @@ pub enum EventKind {
     Retired,
     Dead,
     Replaced,
+    /// The cell asked the factory for siblings (or for its own replacement, when tired).
+    Divided,
+    /// The cell started or stopped shedding optional work.
+    Throttled,
+    /// The cell decided to drain and retire (apoptosis).
+    Retiring,
+    /// A kind from a newer cell that this build does not know.
+    #[serde(other)]
+    Unknown,
 }
 
 /// One live cell as the registry (`GET /cells`) shows it.

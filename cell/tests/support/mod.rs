@@ -65,8 +65,15 @@ pub async fn crawled(spec: WebSpec, extra: &str) -> (Web, Organism) {
     (web, org)
 }
 
-/// The organism's configuration for a test: everything on loopback, short leases.
+/// The organism's configuration for a test: everything on loopback, short leases. Cells do
+/// not regulate their own number (a test of another subject counts its cells) unless `extra`
+/// has a `[homeostasis]` section.
 pub fn infra_toml(dir: &std::path::Path, web: &Web, per_host_rate: f64, extra: &str) -> String {
+    let homeostasis = if extra.contains("[homeostasis]") {
+        ""
+    } else {
+        "[homeostasis]\nroles = []\n"
+    };
     format!(
         r#"
 [organism]
@@ -92,6 +99,7 @@ total_timeout_ms = 5000
 [crawler.fetch.resolve]
 "{suffix}" = "{addr}"
 
+{homeostasis}
 {extra}
 "#,
         data = dir.join("data").display(),

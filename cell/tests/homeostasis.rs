@@ -1,0 +1,267 @@
+//! Homeostasis end to end, on the local provider: the cells find their own number. No central
+//! autoscaler: every api and crawler cell runs the controller on its own pressure and its
+//! siblings' (`lifecycle::homeostasis`), asks the factory for siblings when its role is
+//! overloaded and retires itself when it is idle, within `[roles.ROLE]` min and max.
+//!
+//! - A step of client search load grows the api cells; dropping it shrinks them to the minimum;
+//!   no client request fails meanwhile.
+//! - A large crawl seeded at once grows the crawlers with the backlog and shrinks them when it
+//!   drains; the crawl is exact against the oracle and no host sees two requests closer than
+//!   its politeness gap while the crawlers come and go.
+//!
+//! The controller's windows are shortened for the tests (seconds, not tens of seconds); the
+//! decisions travel in heartbeats and come back as `divided` and `retiring` events.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use protocol::control::EventKind;
+use protocol::events::{interpret, SseParser, StreamItem};
+use support::{assert_exact, infra_toml, serve_web, Organism};
+use synthweb::WebSpec;
+
+/// Short windows, so a test sees growth and shrinking within seconds.
+const QUICK: &str = r#"
+[homeostasis]
+roles = ["api", "crawler"]
+grow_confirm_secs = 1.0
+shrink_confirm_secs = 2.0
+grow_cooldown_secs = 1.0
+shrink_cooldown_secs = 2.0
+shrink_after_grow_secs = 4.0
+"#;
+
+/// Poll the registry until `role` has a count satisfying `done`; returns the counts seen.
+async fn wait_count(
+    org: &Organism,
+    role: &str,
+    limit: Duration,
+    what: &str,
+    mut done: impl FnMut(usize) -> bool,
+) -> usize {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let cells = org.cells_of(role).await;
+        let serving = cells
+            .iter()
+            .filter(|c| c.state != protocol::control::CellState::Draining)
+            .count();
+        if done(serving) {
+            return serving;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{role}: {what} within {limit:?}; now {serving}: {cells:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The events a health checker holds (`GET /events?since=0`: its ring, replayed), read for
+/// half a second, as (kind, cell, reason).
+async fn events(org: &Organism) -> Vec<(EventKind, String, String)> {
+    let url = format!("{}/events?since=0", org.healthcheckers[0]);
+    let mut resp = org.client.get(&url).send().await.expect("GET /events");
+    let mut parser = SseParser::new();
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline, resp.chunk()).await {
+        for msg in parser.feed(&chunk) {
+            if let StreamItem::Cell(e) = interpret(&msg) {
+                out.push((e.kind, e.cell_id, e.reason));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_of_search_load_grows_the_apis_and_they_shrink_back() {
+    let web = serve_web(WebSpec {
+        seed: 61,
+        pages: 200,
+        hosts: 4,
+        latency: Duration::ZERO,
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra =
+        format!("[roles.api]\nmin = 1\nmax = 3\n\n[roles.crawler]\nmin = 1\nmax = 1\n{QUICK}");
+    let toml = infra_toml(dir.path(), &web, 200.0, &extra).replacen(
+        "[api]\nlisten = \"127.0.0.1:0\"\n",
+        "[api]\nlisten = \"127.0.0.1:0\"\ntarget_in_flight = 1\ntarget_latency_ms = 2000\n",
+        1,
+    );
+    let org = Organism::up(&toml, dir).await;
+    org.crawl(&web.web.seeds()).await;
+    org.wait_drained(Duration::from_secs(120), |_| {}).await;
+    assert_eq!(
+        wait_count(&org, "api", Duration::from_secs(30), "one api", |n| n == 1).await,
+        1
+    );
+
+    // The step: eight clients searching back to back through the front doors.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let words = [
+        "page", "web", "host", "link", "title", "text", "home", "site",
+    ];
+    let mut clients = Vec::new();
+    for (i, word) in words.into_iter().enumerate() {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        let door = org.frontdoors[i % org.frontdoors.len()].clone();
+        let http = reqwest::Client::new();
+        clients.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let resp = http
+                    .get(format!("{door}/search"))
+                    .query(&[("q", word), ("limit", "10")])
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await;
+                match resp {
+                    Ok(r) if r.status().is_success() => ok.fetch_add(1, Ordering::SeqCst),
+                    Ok(r) => {
+                        eprintln!("search failed: {}", r.status());
+                        failed.fetch_add(1, Ordering::SeqCst)
+                    }
+                    Err(e) => {
+                        eprintln!("search failed: {e}");
+                        failed.fetch_add(1, Ordering::SeqCst)
+                    }
+                };
+            }
+        }));
+    }
+    let step = tokio::time::Instant::now();
+    let grown = wait_count(&org, "api", Duration::from_secs(60), "growth", |n| n >= 2).await;
+    let to_growth = step.elapsed();
+    // Hold the load a little while the role settles.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let peak = org.cells_of("api").await.len();
+    assert!(peak <= 3, "never above max: {peak}");
+    stop.store(true, Ordering::SeqCst);
+    for c in clients {
+        c.await.expect("client");
+    }
+    let ended = tokio::time::Instant::now();
+    wait_count(
+        &org,
+        "api",
+        Duration::from_secs(90),
+        "back to the minimum",
+        |n| n == 1,
+    )
+    .await;
+    let to_min = ended.elapsed();
+    let (ok, failed) = (ok.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    eprintln!(
+        "homeostasis (api): {grown} apis {:.1} s after the step, peak {peak}; back to 1 api {:.1} s \
+         after the load ended; {ok} searches, {failed} failed",
+        to_growth.as_secs_f64(),
+        to_min.as_secs_f64()
+    );
+    assert_eq!(failed, 0, "no client request fails");
+    let events = events(&org).await;
+    assert!(
+        events
+            .iter()
+            .any(|(k, _, r)| *k == EventKind::Divided && r.starts_with("divide:")),
+        "a divided event with its reason: {events:#?}"
+    );
+    assert!(
+        events.iter().any(|(k, _, _)| *k == EventKind::Retiring),
+        "a retiring event: {events:#?}"
+    );
+    org.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crawlers_grow_with_a_large_crawl_and_shrink_when_it_drains() {
+    const RATE: f64 = 5.0;
+    let web = serve_web(WebSpec {
+        seed: 62,
+        pages: 800,
+        hosts: 40,
+        latency: Duration::from_millis(100),
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let extra =
+        format!("[roles.crawler]\nmin = 1\nmax = 4\n\n[crawler.worker]\nconcurrency = 8\n{QUICK}");
+    let org = Organism::up(&infra_toml(dir.path(), &web, RATE, &extra), dir).await;
+    assert_eq!(
+        wait_count(
+            &org,
+            "crawler",
+            Duration::from_secs(30),
+            "one crawler",
+            |n| n == 1
+        )
+        .await,
+        1
+    );
+    let seeds = web.web.seeds();
+    org.crawl(&seeds).await;
+    let started = tokio::time::Instant::now();
+    let stats = org.wait_drained(Duration::from_secs(300), |_| {}).await;
+    let crawl_time = started.elapsed();
+    // Every crawler born after the first divided from another, and says so.
+    let events = events(&org).await;
+    let born = events
+        .iter()
+        .filter(|(k, c, _)| *k == EventKind::Born && c.starts_with("crawler"))
+        .count();
+    let divided = events
+        .iter()
+        .filter(|(k, _, _)| *k == EventKind::Divided)
+        .count();
+    assert!(
+        born >= 2 && divided >= 1,
+        "the crawlers divided with the backlog: {events:#?}"
+    );
+    let drained = tokio::time::Instant::now();
+    wait_count(
+        &org,
+        "crawler",
+        Duration::from_secs(90),
+        "back to the minimum",
+        |n| n == 1,
+    )
+    .await;
+    eprintln!(
+        "homeostasis (crawler): {born} crawlers born, {divided} divisions; back to 1 crawler \
+         {:.1} s after the crawl drained ({} pages in {:.1} s)",
+        drained.elapsed().as_secs_f64(),
+        stats.frontier.crawled,
+        crawl_time.as_secs_f64()
+    );
+
+    // Exact against the oracle.
+    let expected = web.web.expect(&seeds, None);
+    assert_exact(&web.web, &org.indexed().await, &expected);
+
+    // No host saw two requests closer than its politeness gap (1 / per_host_rate), measured
+    // on the server's answers (its latency is constant), with a scheduling tolerance.
+    let gap = Duration::from_secs_f64(1.0 / RATE);
+    let tolerance = Duration::from_millis(15);
+    let mut by_host: BTreeMap<String, Vec<std::time::Instant>> = BTreeMap::new();
+    for s in web.log.snapshot() {
+        by_host.entry(s.host.clone()).or_default().push(s.at);
+    }
+    for (host, mut times) in by_host {
+        times.sort();
+        for w in times.windows(2) {
+            let between = w[1] - w[0];
+            assert!(
+                between + tolerance >= gap,
+                "{host}: two requests {between:?} apart, politeness gap {gap:?}"
+            );
+        }
+    }
+    org.stop().await;
+}

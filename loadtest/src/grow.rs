@@ -1,0 +1,366 @@
+//! `loadtest bench grow`: how the organism finds its size. Two parts:
+//!
+//! 1. **The simulation at 10,000 cells** (`lifecycle::sim`, the same controller code in virtual
+//!    time): a load step from nine cells' worth of work to ten thousand, seeded; time from the
+//!    step to the first division, to capacity, reversals, time back to the minimum.
+//! 2. **A real organism on the local provider** (`cell up`, embedded engines): after a warm-up
+//!    crawl of the synthetic web, a step of client search load through the front doors; from
+//!    the health checkers' event stream and registry: the time from the step to the first
+//!    `divided` decision and to the new api cell serving, the decisions that reverse direction
+//!    while the load holds steady, and the time back to the role's minimum after it ends; and
+//!    the client requests that failed.
+//!
+//! Figures are printed, not asserted (the machine is shared and noisy).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use protocol::control::{CellEvent, CellState, EventKind};
+use protocol::events::{interpret, SseParser, StreamItem};
+use synthweb::{ServedLog, Serving, SyntheticWeb, WebSpec};
+use tokio_util::sync::CancellationToken;
+
+use crate::organism::{Launch, Organism};
+
+#[derive(Args, Debug, Clone)]
+pub struct GrowArgs {
+    /// Clients searching back to back during the step.
+    #[arg(long, default_value_t = 12)]
+    pub clients: usize,
+    /// How long the load holds after the step, seconds [default: 600; 40 with --quick].
+    #[arg(long)]
+    pub steady_secs: Option<u64>,
+    /// A short run: 40 s of steady load, one simulation seed.
+    #[arg(long)]
+    pub quick: bool,
+    /// The requests in flight one api cell is sized for (`[api] target_in_flight`).
+    #[arg(long, default_value_t = 2)]
+    pub target_in_flight: u32,
+    /// The api role's most cells.
+    #[arg(long, default_value_t = 4)]
+    pub max_apis: u32,
+    /// Simulation seeds at 10,000 cells [default: 3; 1 with --quick]; 0 skips the simulation.
+    #[arg(long)]
+    pub sim_seeds: Option<u64>,
+    /// Skip the real organism (the simulation only).
+    #[arg(long)]
+    pub sim_only: bool,
+    /// The `cell` executable [default: `cell` next to this executable].
+    #[arg(long, value_name = "PATH")]
+    pub cell: Option<std::path::PathBuf>,
+}
+
+pub async fn grow_command(args: &GrowArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.clients > 0, "--clients must be at least 1");
+    anyhow::ensure!(
+        args.max_apis >= 2,
+        "--max-apis must be at least 2 (min is 1)"
+    );
+    let seeds = args.sim_seeds.unwrap_or(if args.quick { 1 } else { 3 });
+    for seed in 0..seeds {
+        let started = Instant::now();
+        let report = lifecycle::sim::run(&lifecycle::sim::Scenario::ten_thousand_step(seed));
+        println!(
+            "grow (simulation, 10,000 cells, seed {seed}, {} ms): {}",
+            started.elapsed().as_millis(),
+            report.summary()
+        );
+    }
+    if args.sim_only {
+        return Ok(());
+    }
+    let steady = Duration::from_secs(
+        args.steady_secs
+            .unwrap_or(if args.quick { 40 } else { 600 }),
+    );
+    organism_run(args, steady).await
+}
+
+/// What the event stream told, stamped with the bench's clock.
+#[derive(Default)]
+struct Seen {
+    events: Vec<(Instant, CellEvent)>,
+}
+
+fn follow_events(url: String, seen: Arc<Mutex<Seen>>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .default_headers(control::read_headers_from_env())
+            .build()
+            .unwrap_or_default();
+        while !stop.is_cancelled() {
+            let Ok(mut resp) = client.get(format!("{url}/events")).send().await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let mut parser = SseParser::new();
+            loop {
+                let chunk = tokio::select! {
+                    c = resp.chunk() => c,
+                    () = stop.cancelled() => return,
+                };
+                let Ok(Some(chunk)) = chunk else { break };
+                for msg in parser.feed(&chunk) {
+                    if let StreamItem::Cell(e) = interpret(&msg) {
+                        lock(&seen).events.push((Instant::now(), e));
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn organism_run(args: &GrowArgs, steady: Duration) -> anyhow::Result<()> {
+    let cell = crate::bench::locate_cell(args.cell.as_deref())?;
+    let dir = tempfile::Builder::new()
+        .prefix("homeostat-grow-")
+        .tempdir()
+        .context("creating a temporary directory")?;
+    let web = Arc::new(SyntheticWeb::generate(&WebSpec {
+        seed: 11,
+        pages: 400,
+        hosts: 8,
+        latency: Duration::ZERO,
+    }));
+    let server = Serving::start(web.clone(), ServedLog::counting())
+        .await
+        .context("serving the synthetic web")?;
+    let text = crate::heal::infra_toml(&dir.path().join("data"), web.host_suffix(), server.addr)
+        .replace(
+            "[roles.api]\nmin = 2\nmax = 4\n",
+            &format!("[roles.api]\nmin = 1\nmax = {}\n", args.max_apis),
+        )
+        .replace(
+            "[api]\nlisten = \"127.0.0.1:0\"\n",
+            &format!(
+                "[api]\nlisten = \"127.0.0.1:0\"\ntarget_in_flight = {}\ntarget_latency_ms = 1000\n",
+                args.target_in_flight
+            ),
+        );
+    infra::Config::parse(&text, "the grow benchmark's configuration")?;
+    let infra_path = dir.path().join("organism.toml");
+    std::fs::write(&infra_path, &text)?;
+    let interrupt = CancellationToken::new();
+    vitals::cancel_on_signals(interrupt.clone());
+    let mut env = vec![
+        ("DATABASE_URL".to_string(), None),
+        ("AMQP_URL".to_string(), None),
+    ];
+    if std::env::var_os("HOMEOSTAT_LOG").is_none() {
+        env.push(("HOMEOSTAT_LOG".into(), Some("warn".into())));
+    }
+    let launch = Launch {
+        cell,
+        infra: infra_path,
+        log: dir.path().join("cell-up.log"),
+        env,
+        grace: Duration::from_secs(5),
+        ready_timeout: Duration::from_secs(150),
+    };
+    let mut up = Organism::start(&launch, &interrupt).await?;
+    let result = measure(args, steady, &mut up, &web, &interrupt).await;
+    let stopped = up.stop().await;
+    drop(server);
+    result?;
+    stopped
+}
+
+async fn api_cells(client: &reqwest::Client, hcs: &[String]) -> Option<Vec<(String, CellState)>> {
+    let reader = protocol::client::CellsClient::with_http(client.clone(), hcs.to_vec(), None);
+    let cells = reader.read().await.ok()?;
+    Some(
+        cells
+            .roles
+            .get("api")
+            .map(|v| v.iter().map(|c| (c.cell_id.clone(), c.state)).collect())
+            .unwrap_or_default(),
+    )
+}
+
+async fn measure(
+    args: &GrowArgs,
+    steady: Duration,
+    up: &mut Organism,
+    web: &SyntheticWeb,
+    interrupt: &CancellationToken,
+) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .default_headers(control::read_headers_from_env())
+        .timeout(Duration::from_secs(5))
+        .build()?;
+    // Warm-up: a crawl, so that searches find pages; then wait for the api role at its minimum.
+    let seeds = web.seeds();
+    client
+        .post(format!("{}/crawl", up.front))
+        .json(&serde_json::json!({ "seeds": seeds }))
+        .send()
+        .await
+        .context("POST /crawl")?;
+    let warm = Instant::now();
+    loop {
+        anyhow::ensure!(!interrupt.is_cancelled(), "interrupted");
+        let stats: Option<protocol::Stats> =
+            match client.get(format!("{}/stats", up.front)).send().await {
+                Ok(r) => r.json().await.ok(),
+                Err(_) => None,
+            };
+        let apis = api_cells(&client, &up.healthcheckers)
+            .await
+            .unwrap_or_default();
+        if stats.is_some_and(|s| s.frontier.drained() && s.frontier.crawled > 0) && apis.len() == 1
+        {
+            break;
+        }
+        anyhow::ensure!(
+            warm.elapsed() < Duration::from_secs(300),
+            "the warm-up crawl did not drain to one api within 300 s"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "grow: warm ({:.1} s); the step: {} clients",
+        warm.elapsed().as_secs_f64(),
+        args.clients
+    );
+
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let stop_events = CancellationToken::new();
+    for hc in up.healthcheckers.iter().take(1) {
+        follow_events(hc.clone(), seen.clone(), stop_events.clone());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let words: Vec<String> = [
+        "page", "web", "link", "home", "title", "text", "site", "host",
+    ]
+    .iter()
+    .map(|w| w.to_string())
+    .collect();
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stop_load = CancellationToken::new();
+    let step = Instant::now();
+    let mut clients = Vec::new();
+    for n in 0..args.clients {
+        let (client, door, words) = (
+            client.clone(),
+            up.frontdoors[n % up.frontdoors.len()].clone(),
+            words.clone(),
+        );
+        let (ok, failed, stop) = (ok.clone(), failed.clone(), stop_load.clone());
+        clients.push(tokio::spawn(async move {
+            let mut i = n;
+            while !stop.is_cancelled() {
+                i += 1;
+                let word = &words[i % words.len()];
+                let r = client
+                    .get(format!("{door}/search"))
+                    .query(&[("q", word.as_str()), ("limit", "10")])
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().is_success() => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    // The load holds for `steady`; the role's peak is followed meanwhile.
+    let mut peak = 1;
+    let mut serving_at: Option<Duration> = None;
+    let before: Vec<String> = api_cells(&client, &up.healthcheckers)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    while step.elapsed() < steady && !interrupt.is_cancelled() {
+        if let Some(apis) = api_cells(&client, &up.healthcheckers).await {
+            peak = peak.max(apis.len());
+            if serving_at.is_none()
+                && apis
+                    .iter()
+                    .any(|(id, s)| !before.contains(id) && *s == CellState::Serving)
+            {
+                serving_at = Some(step.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_load.cancel();
+    for c in clients {
+        let _ = c.await;
+    }
+    let ended = Instant::now();
+    let mut back_to_min = None;
+    while ended.elapsed() < Duration::from_secs(180) && !interrupt.is_cancelled() {
+        if let Some(apis) = api_cells(&client, &up.healthcheckers).await {
+            if apis
+                .iter()
+                .filter(|(_, s)| *s != CellState::Draining)
+                .count()
+                == 1
+            {
+                back_to_min = Some(ended.elapsed());
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_events.cancel();
+
+    let seen = lock(&seen);
+    let decisions: Vec<(Instant, EventKind)> = seen
+        .events
+        .iter()
+        .filter(|(_, e)| {
+            e.role == "api" && matches!(e.kind, EventKind::Divided | EventKind::Retiring)
+        })
+        .map(|(at, e)| (*at, e.kind))
+        .collect();
+    let first_divide = decisions
+        .iter()
+        .find(|(at, k)| *k == EventKind::Divided && *at >= step)
+        .map(|(at, _)| at.duration_since(step));
+    // Reversals while the load held: a retirement after a division (or the reverse) once the
+    // role had settled (the first half-minute after the step is its growth).
+    let settle = step + Duration::from_secs(30).min(steady / 2);
+    let mut reversals = 0;
+    let mut last: Option<EventKind> = None;
+    for (at, k) in decisions
+        .iter()
+        .filter(|(at, _)| *at >= settle && *at < ended)
+    {
+        let _ = at;
+        if last.is_some_and(|l| l != *k) {
+            reversals += 1;
+        }
+        last = Some(*k);
+    }
+    let secs = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.1} s", d.as_secs_f64()));
+    let to_serving = match (first_divide, serving_at) {
+        (Some(d), Some(s)) if s >= d => Some(s - d),
+        _ => None,
+    };
+    println!(
+        "grow (local provider, api): step of {} clients held {:.0} s: decision {} after the step, \
+         new api serving {} after the decision, peak {peak} apis, {} decisions in the steady phase, \
+         {reversals} reversals, back to 1 api {} after the load ended; {} searches, {} failed",
+        args.clients,
+        steady.as_secs_f64(),
+        secs(first_divide),
+        secs(to_serving),
+        decisions.iter().filter(|(at, _)| *at >= settle && *at < ended).count(),
+        secs(back_to_min),
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
+    Ok(())
+}
