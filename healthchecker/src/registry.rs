@@ -476,12 +476,17 @@ fn decided(hb: &Heartbeat, d: &protocol::control::DecisionNote, now: Now) -> Cel
         .iter()
         .map(|(k, v)| format!("{k}={}", (v * 100.0).round() / 100.0))
         .collect();
-    event(
+    let mut e = event(
         d.event_kind(),
         hb,
         now,
         format!("{}: {} [{}]", d.action, d.reason, figures.join(" ")),
-    )
+    );
+    // When the cell decided, not when its heartbeat told it (up to an interval later).
+    if d.at_ms > 0 {
+        e.at_ms = d.at_ms;
+    }
+    e
 }
 
 fn event(kind: EventKind, hb: &Heartbeat, now: Now, reason: String) -> CellEvent {

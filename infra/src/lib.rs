@@ -115,7 +115,7 @@ impl Default for HomeostasisSection {
             high: 0.8,
             low: 0.3,
             target: 0.6,
-            grow_confirm_secs: 2.0,
+            grow_confirm_secs: 1.5,
             shrink_confirm_secs: 10.0,
             grow_cooldown_secs: 3.0,
             shrink_cooldown_secs: 5.0,

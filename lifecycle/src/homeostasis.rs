@@ -100,7 +100,7 @@ impl Default for Params {
             high: 0.8,
             low: 0.3,
             target: 0.6,
-            grow_confirm: Duration::from_secs(2),
+            grow_confirm: Duration::from_millis(1500),
             shrink_confirm: Duration::from_secs(10),
             grow_cooldown: Duration::from_secs(3),
             shrink_cooldown: Duration::from_secs(5),

@@ -151,6 +151,7 @@ fn record(ctx: &CellContext, d: &Decision, n: u64) {
     ctx.0.vital.send_modify(|v| {
         v.decision = Some(DecisionNote {
             n,
+            at_ms: control::now_ms(),
             action: kind.to_string(),
             reason: d.reason.to_string(),
             figures,

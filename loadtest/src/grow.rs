@@ -6,7 +6,7 @@
 //! 2. **A real organism on the local provider** (`cell up`, embedded engines): after a warm-up
 //!    crawl of the synthetic web, a step of client search load through the front doors; from
 //!    the health checkers' event stream and registry: the time from the step to the first
-//!    `divided` decision and to the new api cell serving, the decisions that reverse direction
+//!    `divided` decision and to the new api cell in the registry, the decisions that reverse direction
 //!    while the load holds steady, and the time back to the role's minimum after it ends; and
 //!    the client requests that failed.
 //!
@@ -244,9 +244,16 @@ async fn measure(
     .iter()
     .map(|w| w.to_string())
     .collect();
+    let before: Vec<String> = api_cells(&client, &up.healthcheckers)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let stop_load = CancellationToken::new();
     let step = Instant::now();
+    let step_ms = control::now_ms();
     let mut clients = Vec::new();
     for n in 0..args.clients {
         let (client, door, words) = (
@@ -274,23 +281,9 @@ async fn measure(
     }
     // The load holds for `steady`; the role's peak is followed meanwhile.
     let mut peak = 1;
-    let mut serving_at: Option<Duration> = None;
-    let before: Vec<String> = api_cells(&client, &up.healthcheckers)
-        .await
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(id, _)| id)
-        .collect();
     while step.elapsed() < steady && !interrupt.is_cancelled() {
         if let Some(apis) = api_cells(&client, &up.healthcheckers).await {
             peak = peak.max(apis.len());
-            if serving_at.is_none()
-                && apis
-                    .iter()
-                    .any(|(id, s)| !before.contains(id) && *s == CellState::Serving)
-            {
-                serving_at = Some(step.elapsed());
-            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -325,10 +318,26 @@ async fn measure(
         })
         .map(|(at, e)| (*at, e.kind))
         .collect();
-    let first_divide = decisions
+    // On the health checker's clock (its event times): the division, and the first new api
+    // serving after it.
+    let divided_ms = seen
+        .events
         .iter()
-        .find(|(at, k)| *k == EventKind::Divided && *at >= step)
-        .map(|(at, _)| at.duration_since(step));
+        .find(|(at, e)| e.role == "api" && e.kind == EventKind::Divided && *at >= step)
+        .map(|(_, e)| e.at_ms);
+    let first_divide =
+        divided_ms.map(|ms| Duration::from_millis(ms.saturating_sub(step_ms) as u64));
+    let serving_ms = divided_ms.and_then(|d| {
+        seen.events
+            .iter()
+            .find(|(_, e)| {
+                e.role == "api"
+                    && matches!(e.kind, EventKind::Born | EventKind::Serving)
+                    && e.at_ms >= d
+                    && !before.contains(&e.cell_id)
+            })
+            .map(|(_, e)| e.at_ms - d)
+    });
     // Reversals while the load held: a retirement after a division (or the reverse) once the
     // role had settled (the first half-minute after the step is its growth).
     let settle = step + Duration::from_secs(30).min(steady / 2);
@@ -344,14 +353,11 @@ async fn measure(
         }
         last = Some(*k);
     }
-    let secs = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.1} s", d.as_secs_f64()));
-    let to_serving = match (first_divide, serving_at) {
-        (Some(d), Some(s)) if s >= d => Some(s - d),
-        _ => None,
-    };
+    let secs = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.2} s", d.as_secs_f64()));
+    let to_serving = serving_ms.map(|ms| Duration::from_millis(ms as u64));
     println!(
         "grow (local provider, api): step of {} clients held {:.0} s: decision {} after the step, \
-         new api serving {} after the decision, peak {peak} apis, {} decisions in the steady phase, \
+         new api heartbeating in the registry {} after the decision, peak {peak} apis, {} decisions in the steady phase, \
          {reversals} reversals, back to 1 api {} after the load ended; {} searches, {} failed",
         args.clients,
         steady.as_secs_f64(),

@@ -56,6 +56,9 @@ pub struct Heartbeat {
 pub struct DecisionNote {
     /// Increases with every decision of this cell.
     pub n: u64,
+    /// When the cell decided, milliseconds since the Unix epoch (its own clock); 0 if unknown.
+    #[serde(default)]
+    pub at_ms: i64,
     /// `divide`, `retire`, `replace`, `throttle`, `unthrottle`.
     pub action: String,
     pub reason: String,
