@@ -246,9 +246,10 @@ async fn crawlers_grow_with_a_large_crawl_and_shrink_when_it_drains() {
     assert_exact(&web.web, &org.indexed().await, &expected);
 
     // No host saw two requests closer than its politeness gap (1 / per_host_rate), measured
-    // on the server's answers (its latency is constant), with a scheduling tolerance.
+    // on the server's answers (its latency is constant), with a tolerance for the timers of a
+    // loaded machine (a broken limit shows as requests together, or a fraction of the gap apart).
     let gap = Duration::from_secs_f64(1.0 / RATE);
-    let tolerance = Duration::from_millis(15);
+    let tolerance = Duration::from_millis(50);
     let mut by_host: BTreeMap<String, Vec<std::time::Instant>> = BTreeMap::new();
     for s in web.log.snapshot() {
         by_host.entry(s.host.clone()).or_default().push(s.at);
