@@ -443,6 +443,20 @@ fn validate(hb: &Heartbeat) -> Result<(), Ignored> {
     if !hb.pressure.is_finite() {
         return bad("pressure must be a finite number");
     }
+    if hb.signals.len() > 64 {
+        return bad("at most 64 signals");
+    }
+    if let Some(d) = &hb.decision {
+        if d.action.is_empty() || d.action.len() > 32 {
+            return bad("decision.action must be 1..=32 bytes");
+        }
+        if d.reason.len() > 2048 {
+            return bad("decision.reason must be at most 2048 bytes");
+        }
+        if d.figures.len() > 64 {
+            return bad("decision.figures: at most 64");
+        }
+    }
     Ok(())
 }
 
@@ -675,5 +689,42 @@ pub(crate) mod tests {
             )
             .expect("accepted");
         assert_eq!(born[0].reason, "first heartbeat");
+    }
+
+    #[test]
+    fn a_decision_in_a_heartbeat_becomes_one_event_and_a_huge_one_is_refused() {
+        let mut r = Registry::new(PhiParams::default());
+        let now = |ms: u64| Now {
+            at: Instant::now() + Duration::from_millis(ms),
+            unix_ms: ms as i64,
+        };
+        let note = |n: u64, reason: String| protocol::control::DecisionNote {
+            n,
+            at_ms: 1_000,
+            action: "divide".into(),
+            reason,
+            figures: [("n".to_string(), 1.0)].into_iter().collect(),
+        };
+        let mut first = hb("api-a", "api", 1, CellState::Serving);
+        first.decision = Some(note(1, "load".into()));
+        let events = r.observe(first, now(0)).expect("taken");
+        let divided: Vec<_> = events
+            .iter()
+            .filter(|e| e.kind == EventKind::Divided)
+            .collect();
+        assert_eq!(divided.len(), 1, "{events:?}");
+        assert_eq!(divided[0].at_ms, 1_000, "the decision's own time");
+        assert!(divided[0].reason.starts_with("divide: load [n=1]"));
+        // The same decision repeated in the next heartbeat is not recorded again.
+        let mut again = hb("api-a", "api", 2, CellState::Serving);
+        again.decision = Some(note(1, "load".into()));
+        let events = r.observe(again, now(100)).expect("taken");
+        assert!(events.iter().all(|e| e.kind != EventKind::Divided));
+        let mut huge = hb("api-a", "api", 3, CellState::Serving);
+        huge.decision = Some(note(2, "x".repeat(5000)));
+        assert!(matches!(
+            r.observe(huge, now(200)),
+            Err(Ignored::Invalid(_))
+        ));
     }
 }

@@ -1013,7 +1013,7 @@ mod tests {
             let mut c = Controller::new(Params::default(), bounds(2, 100), "crawler", id);
             let ds = run(&mut c, t0, 3, 1.2, &rows);
             let (at, d) = ds.first().expect("divides");
-            assert_eq!(*at, 2000, "after the 2 s confirmation");
+            assert_eq!(*at, 1500, "after the 1.5 s confirmation");
             got.push(d.action.clone());
         }
         // Load 4.8 at target 0.6 needs 8 cells: slots 5..=8, the same for all three elders.
@@ -1213,7 +1213,7 @@ mod tests {
         let hot = serving(&[("a", 0.9), ("b", 0.9)]);
         let ds = run(&mut c, t0, 3, 0.9, &hot);
         let kinds: Vec<(u64, &str)> = ds.iter().map(|(t, d)| (*t, d.action.kind())).collect();
-        assert_eq!(kinds, [(0, "throttle"), (2000, "divide")]);
+        assert_eq!(kinds, [(0, "throttle"), (1500, "divide")]);
         assert!(c.throttled());
         let calm = serving(&[("a", 0.5), ("b", 0.5)]);
         let ds = run(&mut c, t0 + Duration::from_secs(4), 1, 0.5, &calm);
