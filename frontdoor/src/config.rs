@@ -24,6 +24,9 @@ pub struct FrontdoorConfig {
     pub max_body_bytes: usize,
     /// Largest api answer body passed back to a client, bytes (502 above).
     pub max_response_bytes: usize,
+    /// The client requests per second one front door is sized for: its pressure is its rate
+    /// against this (reported in its heartbeats).
+    pub target_requests_per_s: u32,
 }
 
 impl Default for FrontdoorConfig {
@@ -39,6 +42,7 @@ impl Default for FrontdoorConfig {
             // The api accepts `POST /crawl` bodies up to 4 MiB.
             max_body_bytes: 4 * 1024 * 1024,
             max_response_bytes: 16 * 1024 * 1024,
+            target_requests_per_s: 4000,
         }
     }
 }
@@ -72,6 +76,10 @@ impl FrontdoorConfig {
             ("eject_for_ms", self.eject_for_ms),
             ("max_body_bytes", self.max_body_bytes as u64),
             ("max_response_bytes", self.max_response_bytes as u64),
+            (
+                "target_requests_per_s",
+                u64::from(self.target_requests_per_s),
+            ),
         ] {
             if value == 0 {
                 out.push((key.into(), "must be at least 1".into()));

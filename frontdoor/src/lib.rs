@@ -205,6 +205,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     tracing::info!(addr = %ctx.addr(), cell_id = %ctx.cell_id(), "front door serving");
+    {
+        let (counters, rate) = (state.counters.clone(), lifecycle::pressure::Rate::default());
+        let target = f64::from(state.cfg.target_requests_per_s.max(1));
+        ctx.report_pressure(move || {
+            let r = rate.per_sec(counters.requests());
+            (r / target, vec![("requests_per_s", r)])
+        });
+    }
     // The registry keeps being read while in-flight requests retry, so it stops after serving.
     let background = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();

@@ -22,6 +22,9 @@ pub struct HealthcheckerConfig {
     pub acceptable_pause_ms: u64,
     /// How often the detector looks at every cell, milliseconds.
     pub sweep_ms: u64,
+    /// The heartbeats per second one health checker is sized for: its pressure is its rate
+    /// against this (reported in its own heartbeats).
+    pub target_heartbeats_per_s: u32,
     /// How often roles are compared with their minimums, milliseconds.
     pub reconcile_ms: u64,
     /// A replacement the factory accepted but whose cell has not heartbeated after this long is
@@ -55,6 +58,7 @@ impl Default for HealthcheckerConfig {
             min_std_dev_ms: phi.min_std_dev.as_millis() as u64,
             acceptable_pause_ms: phi.acceptable_pause.as_millis() as u64,
             sweep_ms: 20,
+            target_heartbeats_per_s: 20_000,
             reconcile_ms: 100,
             request_timeout_ms: 10_000,
             startup_grace_ms: 600,
@@ -80,6 +84,10 @@ impl HealthcheckerConfig {
             ("window", self.window as u64),
             ("min_std_dev_ms", self.min_std_dev_ms),
             ("sweep_ms", self.sweep_ms),
+            (
+                "target_heartbeats_per_s",
+                u64::from(self.target_heartbeats_per_s),
+            ),
             ("reconcile_ms", self.reconcile_ms),
             ("request_timeout_ms", self.request_timeout_ms),
             ("message_window_ms", self.message_window_ms),

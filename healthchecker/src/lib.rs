@@ -448,6 +448,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     tracing::info!(addr = %ctx.addr(), cell_id = %ctx.cell_id(), "health checker serving");
+    {
+        let (me, rate) = (state.clone(), lifecycle::pressure::Rate::default());
+        let target = f64::from(state.0.cfg.target_heartbeats_per_s.max(1));
+        ctx.report_pressure(move || {
+            let r = rate.per_sec(me.stats().heartbeats);
+            (r / target, vec![("heartbeats_per_s", r)])
+        });
+    }
     let sweep_every = Duration::from_millis(state.0.cfg.sweep_ms.max(1));
     let reconcile_every = Duration::from_millis(state.0.cfg.reconcile_ms.max(1));
     let sweeper = {

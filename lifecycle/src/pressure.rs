@@ -12,6 +12,35 @@ use control::heartbeat::Vital;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// A monotonically growing counter turned into a rate: each call gives the events per second
+/// since the previous call (0 on the first). For roles whose load is a request rate (a front
+/// door's requests, a health checker's heartbeats).
+#[derive(Debug, Default)]
+pub struct Rate(std::sync::Mutex<Option<(std::time::Instant, u64)>>);
+
+impl Rate {
+    pub fn per_sec(&self, total: u64) -> f64 {
+        let now = std::time::Instant::now();
+        let mut last = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let rate = match *last {
+            Some((at, before)) => {
+                let secs = now.saturating_duration_since(at).as_secs_f64();
+                if secs > 0.0 {
+                    total.saturating_sub(before) as f64 / secs
+                } else {
+                    0.0
+                }
+            }
+            None => 0.0,
+        };
+        *last = Some((now, total));
+        rate
+    }
+}
+
 /// Sample every `every` until `stop`; the returned receiver follows the pressure.
 pub(crate) fn report(
     vital: watch::Sender<Vital>,
