@@ -360,15 +360,14 @@ async fn survives_a_server_restart() {
     finish(db, store).await;
 }
 
-/// Ingest throughput over a real server (`cargo test --workspace --test postgres -- --ignored
-/// --nocapture ingest_throughput`).
+/// Ingest throughput over a real server, checked and printed (`HOMEOSTAT_INGEST_PAGES=5000 cargo
+/// test --workspace --test postgres -- --nocapture ingest_throughput` for the benchmark's size).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement, not a check"]
 async fn ingest_throughput() {
     let _server = SERVER.read().await;
     let db = PgDb::create().await;
     let store = store(&db).await;
-    conformance::ingest_throughput(&store, 5000).await;
+    conformance::ingest_throughput(&store, conformance::ingest_pages()).await;
     finish(db, store).await;
 }
 

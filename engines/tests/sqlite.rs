@@ -38,13 +38,12 @@ async fn search_ranking_and_snippets() {
     conformance::search_ranking_and_snippets(&s).await;
 }
 
-/// Ingest throughput (`cargo test --workspace --test sqlite -- --ignored --nocapture
-/// ingest_throughput`).
+/// Ingest throughput, checked and printed (`HOMEOSTAT_INGEST_PAGES=5000 cargo test --workspace
+/// --test sqlite -- --nocapture ingest_throughput` for the benchmark's size).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement, not a check"]
 async fn ingest_throughput() {
     let (_d, s) = store().await;
-    conformance::ingest_throughput(&s, 5000).await;
+    conformance::ingest_throughput(&s, conformance::ingest_pages()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

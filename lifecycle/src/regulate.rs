@@ -1,6 +1,6 @@
-//! The homeostasis controller at work in a live cell: every heartbeat interval, read the
-//! registry, hand the controller this cell's fresh pressure and its role's view, and act on the
-//! decision.
+//! The homeostasis controller at work in a live cell: every heartbeat interval (at most four
+//! times a second), read the registry, hand the controller this cell's fresh pressure and its
+//! role's view, and act on the decision.
 //!
 //! - **Divide**: one signed `ReplaceRequest` per key to the factories (the first that answers),
 //!   with this cell as the parent, so the child joins with the organism's configuration and the
@@ -24,6 +24,9 @@ use protocol::control::{CellState, DecisionNote, ReplaceRequest};
 
 use crate::homeostasis::{Action, Bounds, Controller, Decision, Own, Params, RoleView};
 use crate::CellContext;
+
+/// The shortest pause between two registry reads of one cell's controller.
+const READ_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// What a cell of a self-regulating role needs to regulate: the controller's parameters and its
 /// role's bounds (`[homeostasis]` and `[roles.ROLE]`).
@@ -51,7 +54,9 @@ pub(crate) fn spawn(ctx: CellContext, h: Homeostasis, pressure: tokio::sync::wat
         let mut view: Option<RoleView> = None;
         let mut known: BTreeSet<String> = BTreeSet::new();
         let mut decisions = 0u64;
-        let mut every = tokio::time::interval(ctx.heartbeat_interval());
+        // Every heartbeat, but no more than four registry reads a second per cell: the
+        // controller's windows are seconds long, and every read costs a health checker.
+        let mut every = tokio::time::interval(ctx.heartbeat_interval().max(READ_EVERY));
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

@@ -150,21 +150,7 @@ async fn organism_run(args: &GrowArgs, steady: Duration) -> anyhow::Result<()> {
     std::fs::write(&infra_path, &text)?;
     let interrupt = CancellationToken::new();
     vitals::cancel_on_signals(interrupt.clone());
-    let mut env = vec![
-        ("DATABASE_URL".to_string(), None),
-        ("AMQP_URL".to_string(), None),
-    ];
-    if std::env::var_os("HOMEOSTAT_LOG").is_none() {
-        env.push(("HOMEOSTAT_LOG".into(), Some("warn".into())));
-    }
-    let launch = Launch {
-        cell,
-        infra: infra_path,
-        log: dir.path().join("cell-up.log"),
-        env,
-        grace: Duration::from_secs(5),
-        ready_timeout: Duration::from_secs(150),
-    };
+    let launch = Launch::bench(cell, infra_path, dir.path(), Duration::from_secs(5));
     let mut up = Organism::start(&launch, &interrupt).await?;
     let result = measure(args, steady, &mut up, &web, &interrupt).await;
     let stopped = up.stop().await;

@@ -174,22 +174,12 @@ pub async fn heal_command(args: &HealArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let mut env = vec![
-        // The configuration names the engines; the environment must not redirect them.
-        ("DATABASE_URL".to_string(), None),
-        ("AMQP_URL".to_string(), None),
-    ];
-    if std::env::var_os("HOMEOSTAT_LOG").is_none() {
-        env.push(("HOMEOSTAT_LOG".into(), Some("warn".into())));
-    }
-    let launch = Launch {
+    let launch = Launch::bench(
         cell,
-        infra: infra_path,
-        log: dir.path().join("cell-up.log"),
-        env,
-        grace: Duration::from_secs(args.grace_secs),
-        ready_timeout: Duration::from_secs(150),
-    };
+        infra_path,
+        dir.path(),
+        Duration::from_secs(args.grace_secs),
+    );
     let mut up = Organism::start(&launch, &interrupt).await?;
     eprintln!(
         "heal: up; front doors {}; health checkers {}",

@@ -39,6 +39,30 @@ pub struct Launch {
     pub ready_timeout: Duration,
 }
 
+impl Launch {
+    /// `cell up` of `infra` for a benchmark run in `dir`: its log in `dir/cell-up.log`, the
+    /// engines named by the configuration only (the environment's `DATABASE_URL` / `AMQP_URL`
+    /// removed), cells logging at `warn` unless `HOMEOSTAT_LOG` says otherwise.
+    pub fn bench(cell: PathBuf, infra: PathBuf, dir: &std::path::Path, grace: Duration) -> Launch {
+        let mut env = vec![
+            // The configuration names the engines; the environment must not redirect them.
+            ("DATABASE_URL".to_string(), None),
+            ("AMQP_URL".to_string(), None),
+        ];
+        if std::env::var_os("HOMEOSTAT_LOG").is_none() {
+            env.push(("HOMEOSTAT_LOG".into(), Some("warn".into())));
+        }
+        Launch {
+            cell,
+            infra,
+            log: dir.join("cell-up.log"),
+            env,
+            grace,
+            ready_timeout: Duration::from_secs(150),
+        }
+    }
+}
+
 /// What `cell up` said on stdout.
 #[derive(Debug, Default)]
 struct Announced {
