@@ -9,6 +9,23 @@
 #   scripts/engines.sh restart-postgres   restart the running PostgreSQL, however it was started
 #   scripts/engines.sh restart-rabbitmq   restart the running RabbitMQ, however it was started
 #
+# Replicated engines on loopback (root; installs rabbitmq-server, postgresql-15-auto-failover and
+# pg-auto-failover-cli when missing), all under $HOMEOSTAT_CLUSTER_DIR (default
+# /tmp/homeostat-cluster), beside (never touching) the engines above:
+#
+#   scripts/engines.sh cluster start      a 3-node RabbitMQ cluster (AMQP ports 5681-5683) and a
+#                                         pg_auto_failover formation: monitor on 6000, primary and
+#                                         synchronous standby on 6001/6002
+#   scripts/engines.sh cluster stop       stop all of it and delete its data
+#   scripts/engines.sh cluster status     the nodes, and which PostgreSQL node is the primary
+#   scripts/engines.sh cluster urls       DATABASE_URL=… and AMQP_URL=… lines naming every node
+#   scripts/engines.sh cluster kill-rabbitmq N       SIGKILL RabbitMQ node N (1-3)
+#   scripts/engines.sh cluster kill-postgres-primary SIGKILL the primary PostgreSQL node (its
+#                                         pg_autoctl keeper and its postgres): the monitor
+#                                         promotes the standby
+#   scripts/engines.sh cluster heal       restart every killed node, wait until all 3 RabbitMQ
+#                                         nodes run and PostgreSQL has a primary and a standby
+#
 # Addresses come from DATABASE_URL and AMQP_URL, defaulting to
 # postgres://postgres@127.0.0.1:5432/test and amqp://guest:guest@127.0.0.1:5672/%2f.
 # What `start` started is recorded in $HOMEOSTAT_ENGINES_STATE (default
@@ -301,7 +318,332 @@ status() {
     fi
 }
 
+
+# ---------------------------------------------------------------------------------------------
+# Replicated engines (`cluster ...`).
+
+CLUSTER_DIR="${HOMEOSTAT_CLUSTER_DIR:-/tmp/homeostat-cluster}"
+CLUSTER_MQ_PORTS=(5681 5682 5683)
+CLUSTER_PG_MONITOR_PORT=6000
+CLUSTER_PG_PORTS=(6001 6002)
+CLUSTER_PG_DB=test
+
+mq_node() { echo "homeostat-c$1@localhost"; }
+
+# The environment of RabbitMQ cluster node $1 (its own name, ports and directories).
+cmq_env() {
+    local n="$1" dir="$CLUSTER_DIR/rabbitmq$1" port="${CLUSTER_MQ_PORTS[$(($1 - 1))]}"
+    echo "RABBITMQ_NODENAME=$(mq_node "$n")" \
+        "RABBITMQ_NODE_IP_ADDRESS=127.0.0.1" \
+        "RABBITMQ_NODE_PORT=$port" \
+        "RABBITMQ_DIST_PORT=$((port + 20000))" \
+        "RABBITMQ_MNESIA_BASE=$dir/mnesia" \
+        "RABBITMQ_LOG_BASE=$dir/log" \
+        "RABBITMQ_PID_FILE=$dir/rabbitmq.pid" \
+        "RABBITMQ_ENABLED_PLUGINS_FILE=$dir/enabled_plugins" \
+        "RABBITMQ_CONFIG_FILE=$dir/rabbitmq.conf" \
+        "ERL_EPMD_ADDRESS=127.0.0.1"
+}
+
+cmq() {
+    local n="$1"
+    shift
+    # shellcheck disable=SC2046 # word splitting of the NAME=value list is intended
+    env $(cmq_env "$n") "$@"
+}
+
+cmq_answers() { answers 127.0.0.1 "${CLUSTER_MQ_PORTS[$(($1 - 1))]}"; }
+
+cmq_start_node() {
+    local n="$1" dir="$CLUSTER_DIR/rabbitmq$1"
+    if cmq_answers "$n"; then return; fi
+    if [[ ! -d "$dir" ]]; then
+        mkdir -p "$dir/mnesia" "$dir/log"
+        echo "[]." >"$dir/enabled_plugins"
+        {
+            echo "listeners.tcp.1 = 127.0.0.1:${CLUSTER_MQ_PORTS[$((n - 1))]}"
+            echo "loopback_users = none"
+        } >"$dir/rabbitmq.conf"
+        chown -R rabbitmq:rabbitmq "$dir"
+    fi
+    # The server's Erlang VM spins idle schedulers by default: not on a shared 2-core machine.
+    RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="+sbwt none +sbwtdcpu none +sbwtdio none" \
+        cmq "$n" rabbitmq-server -detached
+}
+
+cmq_wait_node() {
+    local n="$1" deadline=$((SECONDS + WAIT_SECS))
+    until cmq_answers "$n" && cmq "$n" rabbitmqctl -q -n "$(mq_node "$n")" await_startup \
+        >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || die "RabbitMQ node $n did not start; see $CLUSTER_DIR/rabbitmq$n/log"
+        sleep 0.5
+    done
+}
+
+cmq_pid() {
+    local f="$CLUSTER_DIR/rabbitmq$1/rabbitmq.pid"
+    [[ -s "$f" ]] && cat "$f"
+}
+
+# Run a command as the postgres user with pg_autoctl's files under the cluster directory.
+cpg() {
+    runuser -u postgres -- env XDG_CONFIG_HOME="$CLUSTER_DIR/pg/config" \
+        XDG_DATA_HOME="$CLUSTER_DIR/pg/share" PATH="$(pg_bindir):$PATH" "$@"
+}
+
+cpg_monitor_sql() {
+    cpg psql -X -q -At -h 127.0.0.1 -p "$CLUSTER_PG_MONITOR_PORT" -U autoctl_node \
+        -d pg_auto_failover -c "$1"
+}
+
+# Start `pg_autoctl` for one node (or the monitor) in its own process group, in the background.
+cpg_run() {
+    local name="$1"
+    shift
+    setsid bash -c 'echo $$ >"$1"; shift; exec "$@"' _ "$CLUSTER_DIR/pg/$name.pgid" \
+        runuser -u postgres -- env XDG_CONFIG_HOME="$CLUSTER_DIR/pg/config" \
+        XDG_DATA_HOME="$CLUSTER_DIR/pg/share" PATH="$(pg_bindir):$PATH" "$@" \
+        >>"$CLUSTER_DIR/pg/$name.log" 2>&1 </dev/null &
+}
+
+cpg_node_port() { echo "${CLUSTER_PG_PORTS[$(($1 - 1))]}"; }
+
+cpg_start_node() {
+    local n="$1" port
+    port="$(cpg_node_port "$n")"
+    if [[ -f "$CLUSTER_DIR/pg/node$n/PG_VERSION" ]]; then
+        cpg_run "node$n" pg_autoctl run --pgdata "$CLUSTER_DIR/pg/node$n"
+    else
+        cpg_run "node$n" pg_autoctl create postgres --pgdata "$CLUSTER_DIR/pg/node$n" \
+            --pgport "$port" --listen 127.0.0.1 --hostname 127.0.0.1 --name "node$n" \
+            --dbname "$CLUSTER_PG_DB" --auth trust --no-ssl --pgctl "$(pg_bindir)/pg_ctl" \
+            --monitor "postgres://autoctl_node@127.0.0.1:$CLUSTER_PG_MONITOR_PORT/pg_auto_failover?sslmode=disable" \
+            --run
+    fi
+}
+
+# The formation's nodes, one "name port reportedstate goalstate" line each.
+cpg_states() {
+    cpg_monitor_sql "SELECT nodename, nodeport, reportedstate, goalstate FROM pgautofailover.node \
+        ORDER BY nodeid" 2>/dev/null | tr '|' ' '
+}
+
+cpg_primary() {
+    cpg_states | awk '$3 == "primary" && $4 == "primary" || $3 == "wait_primary" && $4 == "wait_primary" || $3 == "single" && $4 == "single" { print $1; exit }'
+}
+
+# Wait until the formation is a primary and a streaming standby.
+cpg_wait_healthy() {
+    local deadline=$((SECONDS + ${1:-$WAIT_SECS}))
+    until [[ "$(cpg_states | awk '$3 == $4 && ($3 == "primary" || $3 == "secondary") { n++ } END { print n + 0 }')" == 2 ]]; do
+        ((SECONDS < deadline)) || die "PostgreSQL formation not healthy: $(cpg_states | tr '\n' ';'); see $CLUSTER_DIR/pg/*.log"
+        # A new standby's pg_basebackup waits for a checkpoint, spread over minutes by
+        # default: ask the primary for an immediate one.
+        cpg_checkpoint_primary
+        sleep 1
+    done
+}
+
+cpg_checkpoint_primary() {
+    local name
+    name="$(cpg_states | awk '$3 == "wait_primary" || $3 == "primary" || $3 == "single" { print $2; exit }')"
+    [[ -n "$name" ]] || return 0
+    cpg psql -X -q -h /var/run/postgresql -p "$name" -d postgres -c CHECKPOINT >/dev/null 2>&1 || true
+}
+
+cpg_node_answers() { pg_isready -q -h 127.0.0.1 -p "$(cpg_node_port "$1")" -t 1; }
+
+cluster_start() {
+    need_root "the replicated engines"
+    command -v rabbitmq-server >/dev/null 2>&1 || apt_install rabbitmq-server
+    local bin
+    bin="$(pg_bindir)"
+    [[ -n "$bin" ]] || { apt_install postgresql; bin="$(pg_bindir)"; }
+    local major
+    major="$(basename "$(dirname "$bin")")"
+    if ! command -v pg_autoctl >/dev/null 2>&1 ||
+        [[ ! -f "/usr/share/postgresql/$major/extension/pgautofailover.control" ]]; then
+        apt_install "postgresql-$major-auto-failover" pg-auto-failover-cli
+    fi
+    mkdir -p "$CLUSTER_DIR/pg/config" "$CLUSTER_DIR/pg/share"
+    chmod 755 "$CLUSTER_DIR"
+    chown -R postgres:postgres "$CLUSTER_DIR/pg"
+
+    # RabbitMQ: three nodes started together, then 2 and 3 join 1.
+    local n
+    for n in 1 2 3; do cmq_start_node "$n"; done
+    for n in 1 2 3; do cmq_wait_node "$n"; done
+    for n in 2 3; do
+        if ! cmq "$n" rabbitmqctl -q -n "$(mq_node "$n")" cluster_status 2>/dev/null |
+            grep -q "$(mq_node 1)"; then
+            cmq "$n" rabbitmqctl -q -n "$(mq_node "$n")" stop_app
+            cmq "$n" rabbitmqctl -q -n "$(mq_node "$n")" join_cluster "$(mq_node 1)"
+            cmq "$n" rabbitmqctl -q -n "$(mq_node "$n")" start_app
+        fi
+    done
+    say "RabbitMQ cluster: $(mq_node 1), $(mq_node 2), $(mq_node 3) on 127.0.0.1:${CLUSTER_MQ_PORTS[*]}"
+
+    # PostgreSQL: the monitor, then the first node (primary), then the second (standby).
+    if ! pg_isready -q -h 127.0.0.1 -p "$CLUSTER_PG_MONITOR_PORT" -t 1; then
+        if [[ -f "$CLUSTER_DIR/pg/monitor/PG_VERSION" ]]; then
+            cpg_run monitor pg_autoctl run --pgdata "$CLUSTER_DIR/pg/monitor"
+        else
+            cpg_run monitor pg_autoctl create monitor --pgdata "$CLUSTER_DIR/pg/monitor" \
+                --pgport "$CLUSTER_PG_MONITOR_PORT" --hostname 127.0.0.1 --auth trust --no-ssl \
+                --pgctl "$bin/pg_ctl" --run
+        fi
+    fi
+    local deadline=$((SECONDS + WAIT_SECS))
+    until cpg_monitor_sql "SELECT 1" >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || die "pg_auto_failover monitor did not start; see $CLUSTER_DIR/pg/monitor.log"
+        sleep 0.5
+    done
+    # Fail over in seconds, not the default tens of seconds (a node is lost after ~2 s of
+    # failed health checks; a primary that stopped reporting is not waited for long).
+    local setting
+    for setting in health_check_period=1000 health_check_timeout=1000 \
+        health_check_max_retries=1 health_check_retry_delay=500 \
+        node_considered_unhealthy_timeout=2000 primary_demote_timeout=3000; do
+        cpg psql -X -q -h /var/run/postgresql -p "$CLUSTER_PG_MONITOR_PORT" -d pg_auto_failover \
+            -c "ALTER SYSTEM SET pgautofailover.${setting%=*} = ${setting#*=}" >/dev/null
+    done
+    cpg psql -X -q -h /var/run/postgresql -p "$CLUSTER_PG_MONITOR_PORT" -d pg_auto_failover \
+        -c "SELECT pg_reload_conf()" >/dev/null
+    for n in 1 2; do
+        if ! cpg_node_answers "$n"; then cpg_start_node "$n"; fi
+        deadline=$((SECONDS + WAIT_SECS))
+        until cpg_states | grep -q "^node$n "; do
+            ((SECONDS < deadline)) || die "PostgreSQL node $n did not register; see $CLUSTER_DIR/pg/node$n.log"
+            sleep 0.5
+        done
+        if [[ "$n" == 1 ]]; then
+            deadline=$((SECONDS + WAIT_SECS))
+            until cpg_states | awk '$1 == "node1" && ($3 == "single" || $3 ~ /primary$/) { ok = 1 } END { exit !ok }'; do
+                ((SECONDS < deadline)) || die "PostgreSQL node 1 did not start; see $CLUSTER_DIR/pg/node1.log"
+                sleep 0.5
+            done
+        fi
+    done
+    cpg_wait_healthy
+    say "PostgreSQL formation: $(cpg_states | tr '\n' ';')"
+    cluster_urls
+}
+
+cluster_urls() {
+    local hosts="" urls="" port
+    for port in "${CLUSTER_PG_PORTS[@]}"; do hosts="${hosts:+$hosts,}127.0.0.1:$port"; done
+    for port in "${CLUSTER_MQ_PORTS[@]}"; do
+        urls="${urls:+$urls,}amqp://guest:guest@127.0.0.1:$port/%2f"
+    done
+    echo "DATABASE_URL=postgres://postgres@$hosts/$CLUSTER_PG_DB?target_session_attrs=read-write"
+    echo "AMQP_URL=$urls"
+}
+
+# SIGKILL a process group recorded in a .pgid file, and a postmaster recorded in a data dir.
+kill_group() {
+    local pgid_file="$1" pgdata="${2:-}" pgid pm
+    if [[ -s "$pgid_file" ]]; then
+        pgid="$(cat "$pgid_file")"
+        kill -KILL -- "-$pgid" 2>/dev/null || true
+        rm -f "$pgid_file"
+    fi
+    if [[ -n "$pgdata" && -s "$pgdata/postmaster.pid" ]]; then
+        pm="$(head -n 1 "$pgdata/postmaster.pid")"
+        if [[ -n "$pm" ]] && kill -0 "$pm" 2>/dev/null; then
+            local children
+            children="$(ps -o pid= --ppid "$pm" || true)"
+            kill -KILL "$pm" $children 2>/dev/null || true
+        fi
+    fi
+}
+
+cluster_kill_rabbitmq() {
+    local n="${1:-}" pid
+    [[ "$n" =~ ^[123]$ ]] || die "kill-rabbitmq needs a node number 1-3"
+    pid="$(cmq_pid "$n")" || die "RabbitMQ node $n has no pid file"
+    kill -KILL "$pid" 2>/dev/null || die "RabbitMQ node $n (pid $pid) is not running"
+    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    say "killed RabbitMQ node $n ($(mq_node "$n"), pid $pid)"
+}
+
+cluster_kill_postgres_primary() {
+    local name
+    name="$(cpg_primary)"
+    [[ -n "$name" ]] || die "no PostgreSQL primary to kill: $(cpg_states | tr '\n' ';')"
+    kill_group "$CLUSTER_DIR/pg/$name.pgid" "$CLUSTER_DIR/pg/$name"
+    say "killed PostgreSQL primary $name"
+}
+
+cluster_heal() {
+    local n
+    for n in 1 2 3; do
+        if ! cmq_answers "$n"; then
+            say "restarting RabbitMQ node $n"
+            cmq_start_node "$n"
+        fi
+    done
+    for n in 1 2 3; do cmq_wait_node "$n"; done
+    for n in 1 2; do
+        if [[ ! -s "$CLUSTER_DIR/pg/node$n.pgid" ]] ||
+            ! kill -0 "$(cat "$CLUSTER_DIR/pg/node$n.pgid")" 2>/dev/null; then
+            say "restarting PostgreSQL node $n"
+            kill_group "$CLUSTER_DIR/pg/node$n.pgid" "$CLUSTER_DIR/pg/node$n"
+            cpg_start_node "$n"
+        fi
+    done
+    cpg_wait_healthy 180
+    say "healed: PostgreSQL $(cpg_states | tr '\n' ';')"
+}
+
+cluster_stop() {
+    local n pid
+    for n in 1 2; do kill_group "$CLUSTER_DIR/pg/node$n.pgid" "$CLUSTER_DIR/pg/node$n"; done
+    kill_group "$CLUSTER_DIR/pg/monitor.pgid" "$CLUSTER_DIR/pg/monitor"
+    for n in 1 2 3; do
+        pid="$(cmq_pid "$n" || true)"
+        if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+    done
+    # The Erlang port mappers and helpers of the killed nodes exit with them; wait for them.
+    for n in 1 2 3; do
+        pid="$(cmq_pid "$n" || true)"
+        while [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    done
+    rm -rf "$CLUSTER_DIR"
+    say "replicated engines stopped and deleted"
+}
+
+cluster_status() {
+    local n
+    for n in 1 2 3; do
+        if cmq_answers "$n"; then say "RabbitMQ node $n: answers on ${CLUSTER_MQ_PORTS[$((n - 1))]}"; else say "RabbitMQ node $n: down"; fi
+    done
+    say "PostgreSQL formation (name port reported goal):"
+    cpg_states | sed 's/^/  /'
+}
+
+cluster() {
+    case "${1:-}" in
+    start) cluster_start ;;
+    stop) cluster_stop ;;
+    status) cluster_status ;;
+    urls) cluster_urls ;;
+    kill-rabbitmq) cluster_kill_rabbitmq "${2:-}" ;;
+    kill-postgres-primary) cluster_kill_postgres_primary ;;
+    heal) cluster_heal ;;
+    *)
+        echo "usage: $0 cluster start|stop|status|urls|kill-rabbitmq N|kill-postgres-primary|heal" >&2
+        exit 64
+        ;;
+    esac
+}
+
 case "${1:-}" in
+cluster)
+    shift
+    cluster "$@"
+    ;;
 start)
     start_postgres
     start_rabbitmq
@@ -316,7 +658,7 @@ status) status ;;
 restart-postgres) restart_postgres ;;
 restart-rabbitmq) restart_rabbitmq ;;
 *)
-    echo "usage: $0 start|stop|status|restart-postgres|restart-rabbitmq" >&2
+    echo "usage: $0 start|stop|status|restart-postgres|restart-rabbitmq|cluster …" >&2
     exit 64
     ;;
 esac

@@ -25,6 +25,70 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::{Admission, Candidate, IngestItem, IngestOutcome, IngestReport};
 
+/// What a batch of results does with its pages' links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Links {
+    /// Offer them to the frontier now.
+    #[default]
+    Admit,
+    /// Keep them aside, durably and in the same transaction as the results, to be offered later
+    /// ([`plan_deferred`]): an api busy with clients sheds this work first (seed 003), and
+    /// nothing set aside is lost if it dies, since any api offers what is kept.
+    Defer,
+}
+
+/// The links of one stored page, kept aside: to be offered under `crawl_id` at `depth` (the
+/// page's depth + 1, within the crawl's depth limit when they were kept).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeferredLinks<'a> {
+    pub crawl_id: i64,
+    pub depth: u32,
+    pub links: &'a [Candidate],
+}
+
+/// Kept links as read back from a store: its row id (to delete once offered) and the links.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeferredBatch {
+    pub id: i64,
+    pub crawl_id: i64,
+    pub depth: u32,
+    pub links: Vec<Candidate>,
+}
+
+impl DeferredBatch {
+    /// A kept row as read from a store (`id, crawl_id, depth, links`).
+    pub fn read(id: i64, crawl_id: i64, depth: i64, links: &str) -> crate::Result<Self> {
+        Ok(Self {
+            id,
+            crawl_id,
+            depth: depth.clamp(0, i64::from(u32::MAX)) as u32,
+            links: decode_links(links)?,
+        })
+    }
+}
+
+/// The column text of kept links: a JSON array of `[url, host]` pairs.
+pub fn encode_links(links: &[Candidate]) -> String {
+    let pairs: Vec<(&str, &str)> = links
+        .iter()
+        .map(|c| (c.url.as_str(), c.host.as_str()))
+        .collect();
+    serde_json::to_string(&pairs).expect("strings serialize")
+}
+
+/// The links of a kept row's column text, or a decode error naming what was wrong.
+pub fn decode_links(text: &str) -> crate::Result<Vec<Candidate>> {
+    let pairs: Vec<(String, String)> = serde_json::from_str(text).map_err(|e| {
+        crate::EngineError::Database(sqlx::Error::Decode(
+            format!("kept links are not a JSON array of [url, host] pairs: {e}").into(),
+        ))
+    })?;
+    Ok(pairs
+        .into_iter()
+        .map(|(url, host)| Candidate { url, host })
+        .collect())
+}
+
 /// Where a URL is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum State {
@@ -133,8 +197,8 @@ impl View {
 }
 
 /// The URLs whose frontier rows a batch of results may read or write: the results' own URLs,
-/// their final (redirect) URLs and their links; sorted and distinct.
-pub fn ingest_urls(items: &[IngestItem]) -> Vec<&str> {
+/// their final (redirect) URLs and, unless they are kept aside, their links; sorted and distinct.
+pub fn ingest_urls(items: &[IngestItem], mode: Links) -> Vec<&str> {
     let mut urls: Vec<&str> = Vec::new();
     for item in items {
         urls.push(&item.url);
@@ -143,12 +207,33 @@ pub fn ingest_urls(items: &[IngestItem]) -> Vec<&str> {
         } = &item.outcome
         {
             urls.push(final_url);
-            urls.extend(links.iter().map(|l| l.url.as_str()));
+            if mode == Links::Admit {
+                urls.extend(links.iter().map(|l| l.url.as_str()));
+            }
         }
     }
     urls.sort_unstable();
     urls.dedup();
     urls
+}
+
+/// The URLs of kept links, sorted and distinct (the frontier rows their offer reads).
+pub fn deferred_urls(batches: &[DeferredBatch]) -> Vec<&str> {
+    let mut urls: Vec<&str> = batches
+        .iter()
+        .flat_map(|b| b.links.iter().map(|l| l.url.as_str()))
+        .collect();
+    urls.sort_unstable();
+    urls.dedup();
+    urls
+}
+
+/// The distinct crawls of kept links, sorted (the crawls to read, or lock).
+pub fn deferred_crawl_ids(batches: &[DeferredBatch]) -> Vec<i64> {
+    let mut ids: Vec<i64> = batches.iter().map(|b| b.crawl_id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// The results' own URLs, sorted and distinct (the rows PostgreSQL locks).
@@ -159,12 +244,16 @@ pub fn item_urls(items: &[IngestItem]) -> Vec<&str> {
     urls
 }
 
-/// The candidates whose host budgets a batch of results may spend: every link.
-pub fn ingest_links(items: &[IngestItem]) -> impl Iterator<Item = &Candidate> {
-    items.iter().flat_map(|item| match &item.outcome {
-        IngestOutcome::Page { links, .. } => links.as_slice(),
-        IngestOutcome::Failed { .. } => &[],
-    })
+/// The candidates whose host budgets a batch of results may spend: every link, unless the links
+/// are kept aside (then none).
+pub fn ingest_links(items: &[IngestItem], mode: Links) -> impl Iterator<Item = &Candidate> {
+    items
+        .iter()
+        .filter(move |_| mode == Links::Admit)
+        .flat_map(|item| match &item.outcome {
+            IngestOutcome::Page { links, .. } => links.as_slice(),
+            IngestOutcome::Failed { .. } => &[],
+        })
 }
 
 /// A row to create: its URL must not be in the frontier.
@@ -213,9 +302,12 @@ pub struct IngestPlan<'a> {
     /// Indexable pages by final URL; a URL stored twice in a batch keeps its last page.
     pub pages: Vec<PageWrite<'a>>,
     pub counts: Counts<'a>,
+    /// Links kept aside ([`Links::Defer`]), per stored page that has any.
+    pub deferred: Vec<DeferredLinks<'a>>,
     /// Results that changed the frontier.
     pub stored: usize,
     pub links_admitted: usize,
+    pub links_deferred: usize,
     /// Results for URLs the frontier does not know.
     pub unknown: usize,
 }
@@ -227,6 +319,7 @@ impl IngestPlan<'_> {
             stored: self.stored,
             pages_indexed,
             links_admitted: self.links_admitted,
+            links_deferred: self.links_deferred,
             unknown: self.unknown,
         }
     }
@@ -358,6 +451,33 @@ impl<'v, 'a> Walk<'v, 'a> {
         }
     }
 
+    /// Offer a stored page's links under `crawl_id` at `depth`: an unknown link is admitted
+    /// within the crawl's page limit and its host's budget, a known one under a depth limit is
+    /// re-expanded when this path is shorter. Returns how many were admitted.
+    fn offer(
+        &mut self,
+        crawl_id: i64,
+        depth: u32,
+        max_depth: Option<u32>,
+        links: &'a [Candidate],
+    ) -> usize {
+        let mut admitted = 0;
+        for link in links {
+            if self.current(&link.url).is_none() {
+                // A refused link is not in the frontier: nothing accepted, nothing lost.
+                if self.refusal(crawl_id, &link.host).is_none() {
+                    self.admit(link, crawl_id, depth);
+                    admitted += 1;
+                }
+            } else if max_depth.is_some() {
+                // Under a depth limit, a shorter path to a known URL must re-expand it, or
+                // pages within the limit would be missed depending on crawl order.
+                self.reexpand(&link.url, crawl_id, depth);
+            }
+        }
+        admitted
+    }
+
     /// Split what the walk did into inserts and changes (sorted by URL), and counts.
     fn finish(self) -> (Vec<NewEntry<'a>>, Vec<Change<'a>>, Counts<'a>) {
         let mut rows: Vec<(&'a str, Row<'a>)> = self.rows.into_iter().collect();
@@ -397,8 +517,14 @@ impl<'v, 'a> Walk<'v, 'a> {
 /// depth, if unknown; left alone if already crawled or failed). Its links are offered at the
 /// result's depth + 1 under its crawl, unless that is beyond the crawl's depth limit: an unknown
 /// link is admitted within the crawl's page limit and its host's budget, a known one under a depth
-/// limit is re-expanded when this path is shorter.
-pub fn plan_ingest<'a>(view: &View, items: &'a [IngestItem], host_budget: u64) -> IngestPlan<'a> {
+/// limit is re-expanded when this path is shorter. With [`Links::Defer`] the links are kept aside
+/// instead (the plan's `deferred`), to be offered by [`plan_deferred`].
+pub fn plan_ingest<'a>(
+    view: &View,
+    items: &'a [IngestItem],
+    host_budget: u64,
+    mode: Links,
+) -> IngestPlan<'a> {
     let mut walk = Walk::new(view, host_budget);
     let mut plan = IngestPlan::default();
     let mut pages: BTreeMap<&'a str, PageWrite<'a>> = BTreeMap::new();
@@ -461,18 +587,19 @@ pub fn plan_ingest<'a>(view: &View, items: &'a [IngestItem], host_budget: u64) -
                 if max_depth.is_some_and(|max| child_depth > max) {
                     continue;
                 }
-                for link in links {
-                    if walk.current(&link.url).is_none() {
-                        // A refused link is not in the frontier: nothing accepted, nothing lost.
-                        if walk.refusal(crawl_id, &link.host).is_none() {
-                            walk.admit(link, crawl_id, child_depth);
-                            plan.links_admitted += 1;
-                        }
-                    } else if max_depth.is_some() {
-                        // Under a depth limit, a shorter path to a known URL must re-expand it,
-                        // or pages within the limit would be missed depending on crawl order.
-                        walk.reexpand(&link.url, crawl_id, child_depth);
+                match mode {
+                    Links::Admit => {
+                        plan.links_admitted += walk.offer(crawl_id, child_depth, max_depth, links);
                     }
+                    Links::Defer if !links.is_empty() => {
+                        plan.links_deferred += links.len();
+                        plan.deferred.push(DeferredLinks {
+                            crawl_id,
+                            depth: child_depth,
+                            links,
+                        });
+                    }
+                    Links::Defer => {}
                 }
             }
         }
@@ -482,6 +609,29 @@ pub fn plan_ingest<'a>(view: &View, items: &'a [IngestItem], host_budget: u64) -
     plan.changes = changes;
     plan.counts = counts;
     plan.pages = pages.into_values().collect();
+    plan
+}
+
+/// Decide what offering kept links does, batch by batch in order, exactly as [`plan_ingest`]
+/// would have offered them when their page was stored (each batch sees what the previous did).
+pub fn plan_deferred<'a>(
+    view: &View,
+    batches: &'a [DeferredBatch],
+    host_budget: u64,
+) -> IngestPlan<'a> {
+    let mut walk = Walk::new(view, host_budget);
+    let mut plan = IngestPlan::default();
+    for b in batches {
+        let max_depth = walk.crawl(b.crawl_id).and_then(|c| c.max_depth);
+        if max_depth.is_some_and(|max| b.depth > max) {
+            continue;
+        }
+        plan.links_admitted += walk.offer(b.crawl_id, b.depth, max_depth, &b.links);
+    }
+    let (inserts, changes, counts) = walk.finish();
+    plan.inserts = inserts;
+    plan.changes = changes;
+    plan.counts = counts;
     plan
 }
 

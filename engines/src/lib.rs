@@ -16,6 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use protocol::{CrawlJob, Stats};
 
+mod counts;
 pub mod factory_ledger;
 pub mod frontier;
 pub use politeness::HostLedger;
@@ -120,12 +121,22 @@ pub enum IngestOutcome {
     },
 }
 
+/// What one [`Store::expand_deferred`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Expanded {
+    /// Pages whose kept links were offered (and forgotten).
+    pub pages: usize,
+    pub links_admitted: usize,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct IngestReport {
     /// Results that changed the store (a repeat of a stored result counts 0).
     pub stored: usize,
     pub pages_indexed: usize,
     pub links_admitted: usize,
+    /// Links kept aside to be offered later ([`frontier::Links::Defer`]).
+    pub links_deferred: usize,
     /// Results for URLs the frontier does not know (ignored, counted).
     pub unknown: usize,
 }
@@ -170,8 +181,19 @@ pub trait Store: HostLedger + Send + Sync + 'static {
     ) -> Result<Vec<Admission>>;
     /// Store crawl results: pages, frontier transitions, and new links (depth = parent's + 1,
     /// inside the crawl's depth and page limits and the per-host budget). Results for URLs
-    /// already crawled or failed change nothing.
-    async fn ingest(&self, items: &[IngestItem], host_budget: u64) -> Result<IngestReport>;
+    /// already crawled or failed change nothing. With [`frontier::Links::Defer`] the pages'
+    /// links are kept aside in the same transaction instead of offered, for
+    /// [`Store::expand_deferred`].
+    async fn ingest(
+        &self,
+        items: &[IngestItem],
+        host_budget: u64,
+        links: frontier::Links,
+    ) -> Result<IngestReport>;
+    /// Offer the links of up to `pages` pages kept aside, oldest first, to the frontier as
+    /// [`Store::ingest`] would have, and forget them, in one transaction. Several apis may do
+    /// this at once: each takes rows no other is taking.
+    async fn expand_deferred(&self, pages: u32, host_budget: u64) -> Result<Expanded>;
     /// Claim frontier entries accepted but not yet handed to the queue, oldest first: each is
     /// claimed by one caller at a time (several apis publish the same frontier), for
     /// [`PUBLISH_CLAIM`]; a claim not followed by [`Store::mark_published`] in that time (its

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use engines::frontier::Links;
 use engines::postgres::{PgOptions, PgStore};
 use engines::{CrawlSpec, IngestItem, IngestOutcome, SearchQuery, Store};
 use support::PgDb;
@@ -66,6 +67,17 @@ macro_rules! shared_conformance_test {
             finish(db, store).await;
         }
     };
+    ($name:ident, $module:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+        async fn $name() {
+            let _server = SERVER.read().await;
+            let db = PgDb::create().await;
+            let store = Arc::new(store(&db).await);
+            conformance::$module::$name(store.clone()).await;
+            let store = Arc::try_unwrap(store).unwrap_or_else(|_| panic!("the check finished"));
+            finish(db, store).await;
+        }
+    };
 }
 
 conformance_test!(frontier_invariant);
@@ -76,6 +88,8 @@ conformance_test!(idempotency_keys);
 
 shared_conformance_test!(idempotency_one_holder);
 shared_conformance_test!(concurrent_writers);
+conformance_test!(deferred_links_are_kept_and_offered_once, deferred);
+shared_conformance_test!(deferred_crawl_is_exact, deferred);
 
 /// Several cells migrating one empty database at once all succeed (sqlx's advisory lock).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -146,7 +160,10 @@ async fn concurrent_cells_keep_counts_exact() {
                 let mut stored = 0;
                 let mut admitted = 0;
                 for chunk in mine.chunks(3) {
-                    let r = store.ingest(chunk, 1_000_000).await.expect("ingest");
+                    let r = store
+                        .ingest(chunk, 1_000_000, Links::Admit)
+                        .await
+                        .expect("ingest");
                     stored += r.stored;
                     admitted += r.links_admitted;
                 }
@@ -200,6 +217,7 @@ async fn hostile_page_text() {
                 conformance::page(urls[2], "Ocelot", "nothing about the cat in the body", &[]),
             ],
             1_000_000,
+            Links::Admit,
         )
         .await
         .expect("ingest");
@@ -254,7 +272,11 @@ async fn batch_walks_results_in_order() {
         },
     };
     let r = store
-        .ingest(&[redirect.clone(), failed, redirect], 1_000_000)
+        .ingest(
+            &[redirect.clone(), failed, redirect],
+            1_000_000,
+            Links::Admit,
+        )
         .await
         .expect("ingest");
     assert_eq!(r.stored, 1);
@@ -352,6 +374,7 @@ async fn survives_a_server_restart() {
                 &["http://p.test/2"],
             )],
             1_000_000,
+            Links::Admit,
         )
         .await
         .expect("ingest after restart");
@@ -407,4 +430,13 @@ async fn publisher_claims_do_not_overlap_and_expire() {
     drop(b);
     let a = Arc::try_unwrap(a).unwrap_or_else(|_| panic!("claims finished"));
     finish(db, a).await;
+}
+
+#[tokio::test]
+async fn kept_counts_agree_with_the_rows() {
+    let _server = SERVER.read().await;
+    let db = PgDb::create().await;
+    let store = store(&db).await;
+    conformance::counts::kept_counts_agree_with_the_rows(&store).await;
+    finish(db, store).await;
 }

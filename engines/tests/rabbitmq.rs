@@ -68,7 +68,7 @@ async fn side_connection() -> Connection {
 
 async fn delete_queues(name: &str) {
     let conn = side_connection().await;
-    let waits = engines::rabbitmq::WAIT_BUCKETS_MS.map(|ms| format!("{name}.wait.{ms}"));
+    let waits = engines::rabbitmq::WAIT_BUCKETS_MS.map(|ms| format!("{name}.delay.{ms}"));
     for q in [name.to_string(), format!("{name}.dead")]
         .into_iter()
         .chain(waits)
@@ -152,6 +152,46 @@ async fn lease_one(q: &AmqpQueue) -> engines::Delivery {
 /// The AMQP form of lease expiry: without a client-side lease a job stays leased until its
 /// consumer goes away; `abandon_leases` (a crawler shutting down) gives it back at once, counted,
 /// and its old tag is stale.
+/// A delayed job waits in a delay queue that the consuming cells move back when it is due. The
+/// cell that deferred it stops before then (its movers were holding it): another cell's movers
+/// deliver it, not before the delay, and the wait cost no delivery.
+#[tokio::test]
+async fn a_delayed_job_outlives_the_cell_that_deferred_it() {
+    let _broker = BROKER.read().await;
+    let name = queue_name();
+    let first = queue_with(&name, options()).await;
+    first.publish(&[job(1)]).await.expect("publish");
+    let d = lease_one(&first).await;
+    let deferred_at = Instant::now();
+    first
+        .defer(d.tag, Duration::from_millis(2_000))
+        .await
+        .expect("defer");
+    // Let this cell's mover take the delayed job and hold it, then stop the cell.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.abandon_leases().await.expect("abandon");
+    first.close().await;
+    drop(first);
+
+    let second = queue_with(&name, options()).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let again = loop {
+        if let Some(d) = second.lease(1).await.expect("lease").pop() {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "the delayed job never came back");
+    };
+    assert!(
+        deferred_at.elapsed() >= Duration::from_millis(2_000),
+        "back after {:?}, before its delay",
+        deferred_at.elapsed()
+    );
+    assert_eq!(again.deliveries, 1, "waiting cost no delivery");
+    second.ack(&[again.tag]).await.expect("ack");
+    second.close().await;
+    delete_queues(&name).await;
+}
+
 #[tokio::test]
 async fn abandon_leases_redelivers() {
     let _broker = BROKER.read().await;

@@ -53,6 +53,18 @@ async fn concurrent_writers() {
 }
 
 #[tokio::test]
+async fn deferred_links_are_kept_and_offered_once() {
+    let (_d, s) = store().await;
+    conformance::deferred::deferred_links_are_kept_and_offered_once(&s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deferred_crawl_is_exact() {
+    let (_d, s) = store().await;
+    conformance::deferred::deferred_crawl_is_exact(Arc::new(s)).await;
+}
+
+#[tokio::test]
 async fn idempotency_keys() {
     let (_d, s) = store().await;
     conformance::idempotency_keys(&s).await;
@@ -157,4 +169,114 @@ async fn publisher_claims_do_not_overlap_and_expire() {
 async fn defer_spends_no_delivery() {
     let (_d, q) = support::sqlite_queue().await;
     conformance::politeness::defer_spends_no_delivery(&q).await;
+}
+
+#[tokio::test]
+async fn kept_counts_agree_with_the_rows() {
+    let (_d, s) = store().await;
+    conformance::counts::kept_counts_agree_with_the_rows(&s).await;
+}
+
+/// Text with NUL characters and a page of megabytes travel whole through the batched writes.
+#[tokio::test]
+async fn hostile_page_text() {
+    let (_d, store) = store().await;
+    let crawl = store
+        .create_crawl(conformance::UNLIMITED)
+        .await
+        .expect("crawl");
+    let urls = ["http://n.test/nul", "http://n.test/big"];
+    store
+        .admit_seeds(crawl, &urls.map(conformance::cand), 1_000_000)
+        .await
+        .expect("admit");
+    let huge: String = (0..400_000).map(|i| format!("w{i} ")).collect();
+    let r = store
+        .ingest(
+            &[
+                conformance::page(urls[0], "nul\0title", "a nul\0byte ocelot", &[]),
+                conformance::page(urls[1], "big", &format!("ocelot {huge} lynx"), &[]),
+            ],
+            1_000_000,
+            engines::frontier::Links::Admit,
+        )
+        .await
+        .expect("ingest");
+    assert_eq!((r.stored, r.pages_indexed), (2, 2));
+    for (term, n) in [("ocelot", 2), ("byte", 1), ("lynx", 1)] {
+        let res = store
+            .search(&engines::SearchQuery {
+                terms: vec![term.into()],
+                limit: 10,
+                offset: 0,
+            })
+            .await
+            .expect("search");
+        assert_eq!(res.total, n, "{term}: {res:?}");
+    }
+}
+
+/// A term on more pages than the ranking cap: the total stays exact, pages of hits do not
+/// overlap, and the best page among the newest ones comes first.
+#[tokio::test]
+async fn a_common_term_is_ranked_among_a_bounded_set() {
+    let (_d, store) = store().await;
+    let crawl = store
+        .create_crawl(conformance::UNLIMITED)
+        .await
+        .expect("crawl");
+    let n = 1_100;
+    let urls: Vec<String> = (0..n)
+        .map(|i| format!("http://c{}.test/{i}", i % 7))
+        .collect();
+    let cands: Vec<_> = urls.iter().map(|u| conformance::cand(u)).collect();
+    store
+        .admit_seeds(crawl, &cands, u64::MAX)
+        .await
+        .expect("admit");
+    let items: Vec<_> = urls
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            // The newest page says the word most often.
+            let text = if i == n - 1 {
+                "common common common common page".to_string()
+            } else {
+                format!("common page number {i} with filler words to dilute it")
+            };
+            conformance::page(u, "t", &text, &[])
+        })
+        .collect();
+    for chunk in items.chunks(100) {
+        store
+            .ingest(chunk, u64::MAX, engines::frontier::Links::Admit)
+            .await
+            .expect("ingest");
+    }
+    let search = |offset: u64| {
+        let store = &store;
+        async move {
+            store
+                .search(&engines::SearchQuery {
+                    terms: vec!["common".into()],
+                    limit: 10,
+                    offset,
+                })
+                .await
+                .expect("search")
+        }
+    };
+    let first = search(0).await;
+    assert_eq!(first.total, n as u64);
+    assert_eq!(first.hits.len(), 10);
+    assert_eq!(first.hits[0].url, urls[n - 1], "{:?}", first.hits[0]);
+    let second = search(10).await;
+    assert_eq!(second.hits.len(), 10);
+    assert!(second
+        .hits
+        .iter()
+        .all(|h| first.hits.iter().all(|f| f.url != h.url)));
+    // Deep pages rank further down: beyond the cap, the set grows to reach them.
+    let deep = search(1_095).await;
+    assert_eq!(deep.hits.len(), 5);
 }

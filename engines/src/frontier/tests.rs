@@ -318,7 +318,7 @@ fn cases() -> Vec<Case> {
 fn plan_ingest_table() {
     for case in cases() {
         let view = view(case.entries, case.hosts);
-        let plan = plan_ingest(&view, &case.items, case.budget);
+        let plan = plan_ingest(&view, &case.items, case.budget, Links::Admit);
         let name = case.name;
         assert_eq!(
             (plan.stored, plan.links_admitted, plan.unknown),
@@ -371,7 +371,7 @@ fn reasons_follow_the_state() {
         &[],
     );
     let items = [failed("http://a/", "http 404")];
-    let plan = plan_ingest(&view, &items, BIG);
+    let plan = plan_ingest(&view, &items, BIG, Links::Admit);
     assert_eq!(plan.changes[0].after.reason.as_deref(), Some("http 404"));
     // A failed entry re-expanded keeps its state and reason.
     let view2 = View {
@@ -388,7 +388,7 @@ fn reasons_follow_the_state() {
         ..view.clone()
     };
     let items = [page("http://top/", &["http://b/"])];
-    let plan = plan_ingest(&view2, &items, BIG);
+    let plan = plan_ingest(&view2, &items, BIG, Links::Admit);
     let b = plan
         .changes
         .iter()
@@ -423,7 +423,7 @@ fn pages_are_written_once_per_final_url_last_wins() {
         redirect("http://b/", "http://t/", &[]),
         hidden,
     ];
-    let plan = plan_ingest(&view, &items, BIG);
+    let plan = plan_ingest(&view, &items, BIG, Links::Admit);
     assert_eq!(plan.pages.len(), 1, "{:?}", plan.pages);
     assert_eq!(plan.pages[0].url, "http://t/");
     assert_eq!(plan.pages[0].title, "title of http://b/");
@@ -438,7 +438,7 @@ fn read_sets_cover_what_the_plan_looks_at() {
         page("http://b/", &[]),
     ];
     assert_eq!(
-        ingest_urls(&items),
+        ingest_urls(&items, Links::Admit),
         vec!["http://a/", "http://b/", "http://l/", "http://t/"]
     );
     assert_eq!(item_urls(&items), vec!["http://a/", "http://b/"]);
@@ -447,7 +447,73 @@ fn read_sets_cover_what_the_plan_looks_at() {
         &[],
     );
     assert_eq!(view.crawl_ids(item_urls(&items)), vec![1, 3]);
-    assert_eq!(view.hosts_to_admit(ingest_links(&items)), vec!["l"]);
+    assert_eq!(
+        view.hosts_to_admit(ingest_links(&items, Links::Admit)),
+        vec!["l"]
+    );
+}
+
+#[test]
+fn kept_links_are_offered_as_an_immediate_ingest_would() {
+    // Crawl 2 has a depth limit of 3; "http://k/" is known deeper than this path reaches it.
+    let view = view(
+        &[("http://p/", 2, 1, Queued), ("http://k/", 2, 3, Crawled)],
+        &[],
+    );
+    let items = [page("http://p/", &["http://n/", "http://k/"])];
+    let now = plan_ingest(&view, &items, BIG, Links::Admit);
+    let kept = plan_ingest(&view, &items, BIG, Links::Defer);
+    assert_eq!((kept.links_admitted, kept.links_deferred), (0, 2));
+    assert_eq!(
+        kept.deferred,
+        vec![DeferredLinks {
+            crawl_id: 2,
+            depth: 2,
+            links: match &items[0].outcome {
+                IngestOutcome::Page { links, .. } => links.as_slice(),
+                IngestOutcome::Failed { .. } => &[],
+            },
+        }]
+    );
+    assert_eq!(ingest_urls(&items, Links::Defer), vec!["http://p/"]);
+    assert_eq!(ingest_links(&items, Links::Defer).count(), 0);
+    // The page's own transition is the same either way; its links wait.
+    assert_eq!(kept.inserts, Vec::new());
+    assert_eq!(kept.changes.len(), 1);
+    // Offered later (the page now crawled), they make the same writes as at once.
+    let mut later = view.clone();
+    if let Some(p) = later.entries.get_mut("http://p/") {
+        p.state = Crawled;
+    }
+    let batches = [DeferredBatch {
+        id: 1,
+        crawl_id: 2,
+        depth: 2,
+        links: vec![cand("http://n/"), cand("http://k/")],
+    }];
+    let offered = plan_deferred(&later, &batches, BIG);
+    assert_eq!(offered.links_admitted, now.links_admitted);
+    assert_eq!(offered.inserts, now.inserts);
+    let link_changes: Vec<&Change<'_>> = now
+        .changes
+        .iter()
+        .filter(|c| c.url != "http://p/")
+        .collect();
+    assert_eq!(offered.changes.iter().collect::<Vec<_>>(), link_changes);
+    assert_eq!(offered.counts, now.counts);
+    // Beyond the depth limit nothing is offered.
+    let deep = [DeferredBatch {
+        depth: 4,
+        ..batches[0].clone()
+    }];
+    assert_eq!(plan_deferred(&later, &deep, BIG), IngestPlan::default());
+}
+
+#[test]
+fn kept_links_survive_their_column_text() {
+    let links = vec![cand("http://a/\"x\""), cand("http://b/é")];
+    assert_eq!(decode_links(&encode_links(&links)).expect("decodes"), links);
+    assert!(decode_links("{\"not\": \"pairs\"}").is_err());
 }
 
 #[test]

@@ -7,6 +7,7 @@ use crate::Result;
 
 pub struct PgFactoryLedger {
     pool: PgPool,
+    _follower: Option<std::sync::Arc<super::multihost::Follower>>,
 }
 
 impl PgFactoryLedger {
@@ -23,6 +24,7 @@ impl PgFactoryLedger {
         .await?;
         Ok(Self {
             pool: store.pool().clone(),
+            _follower: store.follower(),
         })
     }
 
@@ -30,6 +32,7 @@ impl PgFactoryLedger {
     pub fn from_store(store: &PgStore) -> Self {
         Self {
             pool: store.pool().clone(),
+            _follower: store.follower(),
         }
     }
 }

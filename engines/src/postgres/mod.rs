@@ -9,8 +9,13 @@
 //! that this transaction did not lock (redirect targets, re-expanded links, new URLs) are checked
 //! as they are written, and a plan gone stale ([`crate::EngineError::Conflict`]) is retried too. Statements are batched (`unnest` arrays), so an ingest costs a fixed number of round
 //! trips whatever the number of links.
+//!
+//! The URL may name several hosts, libpq-style (`postgres://u@h1:p1,h2:p2/db?target_session_attrs=
+//! read-write`): the store then writes to whichever is the primary and follows it through a
+//! failover ([`multihost`]).
 
 mod factory_ledger;
+pub mod multihost;
 mod politeness;
 mod store;
 

@@ -3,21 +3,21 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
-use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use protocol::{FrontierCounts, HostStats, SearchHit, Stats};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use protocol::{SearchHit, Stats};
+use sqlx::postgres::PgPool;
 use sqlx::{PgConnection, Row};
 
 use super::PgOptions;
-use crate::frontier::{self, Entry, NewEntry, State, View};
+use crate::counts::KeptCounts;
+use crate::frontier::{self, DeferredBatch, Entry, Links, NewEntry, State, View};
 use crate::snippet::{render_snippet, MARK_CLOSE, MARK_OPEN};
 use crate::sqlite::now_ms;
 use crate::{
-    Admission, Candidate, CrawlSpec, EngineError, IngestItem, IngestOutcome, IngestReport, Result,
-    SearchQuery, SearchResults, Store, Unpublished,
+    Admission, Candidate, CrawlSpec, EngineError, Expanded, IngestItem, IngestOutcome,
+    IngestReport, Result, SearchQuery, SearchResults, Store, Unpublished,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres_store");
@@ -38,6 +38,7 @@ const CONFLICT_RETRIES: u32 = 8;
 
 pub struct PgStore {
     pub(super) pool: PgPool,
+    follower: Option<std::sync::Arc<super::multihost::Follower>>,
 }
 
 impl PgStore {
@@ -49,19 +50,15 @@ impl PgStore {
     /// Connect to `postgres://` `url` and bring the schema up to date. Several cells may do this
     /// at once: sqlx's migrator holds a PostgreSQL advisory lock while it migrates.
     pub async fn connect_with(url: &str, options: PgOptions) -> Result<Self> {
-        let connect = PgConnectOptions::from_str(url)
-            .map_err(|e| EngineError::Config(format!("bad PostgreSQL URL: {e}")))?
-            .application_name("homeostat");
-        let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections.max(1))
-            .acquire_timeout(options.acquire_timeout)
-            // A pooled connection is checked before use, so after a server restart the dead ones
-            // are replaced instead of failing the calls that draw them.
-            .test_before_acquire(true)
-            .connect_with(connect)
-            .await?;
+        let (pool, follower) = super::multihost::connect_pool(url, options).await?;
         crate::migrate_with_retries("store", || MIGRATOR.run(&pool)).await?;
-        Ok(Self { pool })
+        Ok(Self { pool, follower })
+    }
+
+    /// The task following the primary of a replicated database (kept alive by every holder of
+    /// the pool).
+    pub(super) fn follower(&self) -> Option<std::sync::Arc<super::multihost::Follower>> {
+        self.follower.clone()
     }
 
     /// The connection pool (for diagnostics and tests).
@@ -92,7 +89,12 @@ impl PgStore {
         Ok(plan.admissions)
     }
 
-    async fn ingest_once(&self, items: &[IngestItem], host_budget: u64) -> Result<IngestReport> {
+    async fn ingest_once(
+        &self,
+        items: &[IngestItem],
+        host_budget: u64,
+        links: Links,
+    ) -> Result<IngestReport> {
         let now = now_ms();
         let item_urls = frontier::item_urls(items);
         let mut tx = self.pool.begin().await?;
@@ -110,84 +112,156 @@ impl PgStore {
             entries: read_entries(&mut tx, &item_urls, true).await?,
             ..View::default()
         };
-        let others: Vec<&str> = frontier::ingest_urls(items)
+        let others: Vec<&str> = frontier::ingest_urls(items, links)
             .into_iter()
             .filter(|u| !view.entries.contains_key(*u))
             .collect();
         view.entries
             .extend(read_entries(&mut tx, &others, false).await?);
-        view.hosts =
-            lock_hosts(&mut tx, &view.hosts_to_admit(frontier::ingest_links(items))).await?;
-        let plan = frontier::plan_ingest(&view, items, host_budget);
+        let admit = view.hosts_to_admit(frontier::ingest_links(items, links));
+        view.hosts = lock_hosts(&mut tx, &admit).await?;
+        let plan = frontier::plan_ingest(&view, items, host_budget, links);
 
-        insert_entries(&mut tx, &plan.inserts, now).await?;
-        if !plan.changes.is_empty() {
-            let changes = &plan.changes;
-            let urls: Vec<&str> = changes.iter().map(|c| c.url).collect();
-            let crawls: Vec<i64> = changes.iter().map(|c| c.before.crawl_id).collect();
-            let depths_before: Vec<i32> =
-                changes.iter().map(|c| pg_depth(c.before.depth)).collect();
-            let states_before: Vec<&str> =
-                changes.iter().map(|c| c.before.state.as_str()).collect();
-            let depths: Vec<i32> = changes.iter().map(|c| pg_depth(c.after.depth)).collect();
-            let states: Vec<&str> = changes.iter().map(|c| c.after.state.as_str()).collect();
-            let reasons: Vec<Option<String>> = changes
-                .iter()
-                .map(|c| c.after.reason.as_deref().map(|r| pg_text(r).into_owned()))
-                .collect();
-            let done = sqlx::query(
-                "UPDATE frontier f SET depth = v.d, state = v.s, reason = v.r, updated_ms = $8 \
+        let pages_indexed = apply(&mut tx, &plan, now).await?;
+        tx.commit().await?;
+        Ok(plan.report(pages_indexed))
+    }
+
+    async fn expand_once(&self, pages: u32, host_budget: u64) -> Result<Expanded> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        // Rows another api is offering right now are skipped, not waited for. Lock order after
+        // them as in ingest: crawls, then host budgets; the links' frontier rows are read
+        // unlocked and checked when written.
+        let rows = sqlx::query(
+            "SELECT id, crawl_id, depth::int8, links FROM deferred_links ORDER BY id LIMIT $1 \
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind(i64::from(pages))
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(Expanded::default());
+        }
+        let batches = rows
+            .iter()
+            .map(|r| DeferredBatch::read(r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut view = View {
+            crawls: lock_crawls(&mut tx, &frontier::deferred_crawl_ids(&batches)).await?,
+            ..View::default()
+        };
+        view.entries = read_entries(&mut tx, &frontier::deferred_urls(&batches), false).await?;
+        let admit = view.hosts_to_admit(batches.iter().flat_map(|b| &b.links));
+        view.hosts = lock_hosts(&mut tx, &admit).await?;
+        let plan = frontier::plan_deferred(&view, &batches, host_budget);
+        apply(&mut tx, &plan, now).await?;
+        let ids: Vec<i64> = batches.iter().map(|b| b.id).collect();
+        sqlx::query("DELETE FROM deferred_links WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Expanded {
+            pages: batches.len(),
+            links_admitted: plan.links_admitted,
+        })
+    }
+}
+
+/// Execute a plan's writes in its transaction; returns how many pages were added or changed.
+/// A row found otherwise than the plan expects is a lost race ([`EngineError::Conflict`]).
+async fn apply(tx: &mut PgConnection, plan: &frontier::IngestPlan<'_>, now: i64) -> Result<usize> {
+    insert_entries(tx, &plan.inserts, now).await?;
+    if !plan.changes.is_empty() {
+        let changes = &plan.changes;
+        let urls: Vec<&str> = changes.iter().map(|c| c.url).collect();
+        let crawls: Vec<i64> = changes.iter().map(|c| c.before.crawl_id).collect();
+        let depths_before: Vec<i32> = changes.iter().map(|c| pg_depth(c.before.depth)).collect();
+        let states_before: Vec<&str> = changes.iter().map(|c| c.before.state.as_str()).collect();
+        let depths: Vec<i32> = changes.iter().map(|c| pg_depth(c.after.depth)).collect();
+        let states: Vec<&str> = changes.iter().map(|c| c.after.state.as_str()).collect();
+        let reasons: Vec<Option<String>> = changes
+            .iter()
+            .map(|c| c.after.reason.as_deref().map(|r| pg_text(r).into_owned()))
+            .collect();
+        let done = sqlx::query(
+            "UPDATE frontier f SET depth = v.d, state = v.s, reason = v.r, updated_ms = $8 \
                  FROM unnest($1::text[], $2::int8[], $3::int4[], $4::text[], $5::int4[], \
                              $6::text[], $7::text[]) AS v(u, c, bd, bs, d, s, r) \
                  WHERE f.url = v.u AND f.crawl_id = v.c AND f.depth = v.bd AND f.state = v.bs",
-            )
-            .bind(&urls)
-            .bind(&crawls)
-            .bind(&depths_before)
-            .bind(&states_before)
-            .bind(&depths)
-            .bind(&states)
-            .bind(&reasons)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            if done.rows_affected() != changes.len() as u64 {
-                return Err(EngineError::Conflict(
-                    "a frontier entry changed since it was read".into(),
-                ));
-            }
+        )
+        .bind(&urls)
+        .bind(&crawls)
+        .bind(&depths_before)
+        .bind(&states_before)
+        .bind(&depths)
+        .bind(&states)
+        .bind(&reasons)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != changes.len() as u64 {
+            return Err(EngineError::Conflict(
+                "a frontier entry changed since it was read".into(),
+            ));
         }
-        let mut pages_indexed = 0;
-        if !plan.pages.is_empty() {
-            let pages = &plan.pages;
-            let urls: Vec<&str> = pages.iter().map(|p| p.url).collect();
-            let hosts: Vec<Cow<'_, str>> = pages.iter().map(|p| pg_text(p.host)).collect();
-            let titles: Vec<Cow<'_, str>> = pages.iter().map(|p| pg_text(p.title)).collect();
-            let bodies: Vec<Cow<'_, str>> = pages.iter().map(|p| pg_text(p.body)).collect();
-            let hosts: Vec<&str> = hosts.iter().map(|c| c.as_ref()).collect();
-            let titles: Vec<&str> = titles.iter().map(|c| c.as_ref()).collect();
-            let bodies: Vec<&str> = bodies.iter().map(|c| c.as_ref()).collect();
-            let done = sqlx::query(
-                "INSERT INTO pages (url, host, title, body, fetched_ms) \
+    }
+    let mut pages_indexed = 0;
+    if !plan.pages.is_empty() {
+        let pages = &plan.pages;
+        let urls: Vec<&str> = pages.iter().map(|p| p.url).collect();
+        let hosts: Vec<Cow<'_, str>> = pages.iter().map(|p| pg_text(p.host)).collect();
+        let titles: Vec<Cow<'_, str>> = pages.iter().map(|p| pg_text(p.title)).collect();
+        let bodies: Vec<Cow<'_, str>> = pages.iter().map(|p| pg_text(p.body)).collect();
+        let hosts: Vec<&str> = hosts.iter().map(|c| c.as_ref()).collect();
+        let titles: Vec<&str> = titles.iter().map(|c| c.as_ref()).collect();
+        let bodies: Vec<&str> = bodies.iter().map(|c| c.as_ref()).collect();
+        let done = sqlx::query(
+            "INSERT INTO pages (url, host, title, body, fetched_ms) \
                  SELECT u, h, t, b, $5 \
                  FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS v(u, h, t, b) \
                  ON CONFLICT (url) DO UPDATE SET title = excluded.title, body = excluded.body, \
                  fetched_ms = excluded.fetched_ms \
                  WHERE pages.title <> excluded.title OR pages.body <> excluded.body",
-            )
-            .bind(&urls)
-            .bind(&hosts)
-            .bind(&titles)
-            .bind(&bodies)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            pages_indexed = done.rows_affected() as usize;
-        }
-        add_counts(&mut tx, &plan.counts).await?;
-        tx.commit().await?;
-        Ok(plan.report(pages_indexed))
+        )
+        .bind(&urls)
+        .bind(&hosts)
+        .bind(&titles)
+        .bind(&bodies)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        pages_indexed = done.rows_affected() as usize;
     }
+    if !plan.deferred.is_empty() {
+        let crawls: Vec<i64> = plan.deferred.iter().map(|d| d.crawl_id).collect();
+        let depths: Vec<i32> = plan.deferred.iter().map(|d| pg_depth(d.depth)).collect();
+        let links: Vec<String> = plan
+            .deferred
+            .iter()
+            .map(|d| frontier::encode_links(d.links))
+            .collect();
+        let counts: Vec<i32> = plan
+            .deferred
+            .iter()
+            .map(|d| d.links.len().min(i32::MAX as usize) as i32)
+            .collect();
+        sqlx::query(
+            "INSERT INTO deferred_links (crawl_id, depth, links, n, created_ms) \
+             SELECT c, d, l, n, $5 \
+             FROM unnest($1::int8[], $2::int4[], $3::text[], $4::int4[]) AS v(c, d, l, n)",
+        )
+        .bind(&crawls)
+        .bind(&depths)
+        .bind(&links)
+        .bind(&counts)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+    }
+    add_counts(tx, &plan.counts).await?;
+    Ok(pages_indexed)
 }
 
 /// Frontier rows of these URLs ([`frontier::View::entries`]), locked (in URL order) when `lock`.
@@ -492,12 +566,24 @@ impl Store for PgStore {
         .await
     }
 
-    async fn ingest(&self, items: &[IngestItem], host_budget: u64) -> Result<IngestReport> {
+    async fn ingest(
+        &self,
+        items: &[IngestItem],
+        host_budget: u64,
+        links: Links,
+    ) -> Result<IngestReport> {
         if items.is_empty() {
             return Ok(IngestReport::default());
         }
         let items = pg_items(items);
-        retry_conflicts("ingest", || self.ingest_once(&items, host_budget)).await
+        retry_conflicts("ingest", || self.ingest_once(&items, host_budget, links)).await
+    }
+
+    async fn expand_deferred(&self, pages: u32, host_budget: u64) -> Result<Expanded> {
+        retry_conflicts("expand deferred links", || {
+            self.expand_once(pages, host_budget)
+        })
+        .await
     }
 
     async fn unpublished(&self, limit: u32) -> Result<Vec<Unpublished>> {
@@ -590,26 +676,34 @@ impl Store for PgStore {
                 hits: Vec::new(),
             });
         }
-        // Rank everything that matches, then build headlines only for the page of hits.
+        // Bounded top-k: rank the newest `cap` matches (all of them when there are fewer, so
+        // the answer is then exact), then build headlines only for the page of hits. Ranking
+        // reads each candidate's tsvector: a common term must not make it read them all.
+        let offset = query.offset.min(i64::MAX as u64) as i64;
+        let cap = RANK_CAP.max(offset.saturating_add(i64::from(query.limit)));
         let rows = sqlx::query(
             "SELECT h.url, h.title, \
                     ts_headline($1::regconfig, left(h.body, 100000), q, $5) AS body_snip, \
                     ts_headline($1::regconfig, h.title, q, $5) AS title_snip, \
                     h.rank \
              FROM ( \
-                 SELECT p.id, p.url, p.title, p.body, \
-                        ts_rank_cd(p.search, q, 1)::float8 AS rank \
-                 FROM pages p, plainto_tsquery($1::regconfig, $2) q \
-                 WHERE p.search @@ q \
-                 ORDER BY rank DESC, p.id LIMIT $3 OFFSET $4 \
+                 SELECT c.id, c.url, c.title, c.body, \
+                        ts_rank_cd(c.search, q, 1)::float8 AS rank \
+                 FROM ( \
+                     SELECT p.id, p.url, p.title, p.body, p.search \
+                     FROM pages p, plainto_tsquery($1::regconfig, $2) q \
+                     WHERE p.search @@ q ORDER BY p.id DESC LIMIT $6 \
+                 ) c, plainto_tsquery($1::regconfig, $2) q \
+                 ORDER BY rank DESC, c.id LIMIT $3 OFFSET $4 \
              ) h, plainto_tsquery($1::regconfig, $2) q \
              ORDER BY h.rank DESC, h.id",
         )
         .bind(TS_CONFIG)
         .bind(&words)
         .bind(i64::from(query.limit))
-        .bind(query.offset.min(i64::MAX as u64) as i64)
+        .bind(offset)
         .bind(headline_options())
+        .bind(cap)
         .fetch_all(&self.pool)
         .await?;
         let hits = rows
@@ -638,54 +732,43 @@ impl Store for PgStore {
     }
 
     async fn stats(&self, top_hosts: u32) -> Result<Stats> {
-        let pages: i64 = sqlx::query_scalar("SELECT count(*) FROM pages")
-            .fetch_one(&self.pool)
+        // Kept counts (migration 0007): append-only deltas, summed here in one snapshot, and
+        // folded into one row per key once they have grown.
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .execute(&mut *tx)
             .await?;
-        let row = sqlx::query(
-            "SELECT count(*) FILTER (WHERE state = 'pending'), \
-                    count(*) FILTER (WHERE state = 'queued'), \
-                    count(*) FILTER (WHERE state = 'crawled'), \
-                    count(*) FILTER (WHERE state = 'failed') \
-             FROM frontier",
+        let rows: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT host, state, sum(n)::int8, count(*) FROM frontier_counts GROUP BY host, state",
         )
-        .fetch_one(&self.pool)
+        .fetch_all(&mut *tx)
         .await?;
-        let frontier = FrontierCounts {
-            pending: row.get::<i64, _>(0) as u64,
-            in_flight: row.get::<i64, _>(1) as u64,
-            crawled: row.get::<i64, _>(2) as u64,
-            failed: row.get::<i64, _>(3) as u64,
+        let store: Vec<(String, i64, i64)> =
+            sqlx::query_as("SELECT name, sum(n)::int8, count(*) FROM store_counts GROUP BY name")
+                .fetch_all(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        let deltas: i64 =
+            rows.iter().map(|r| r.3).sum::<i64>() + store.iter().map(|r| r.2).sum::<i64>();
+        let keys = (rows.len() + store.len()) as i64;
+        if deltas > FOLD_AT + 2 * keys {
+            fold_counts(&self.pool).await?;
+        }
+        let mut kept = KeptCounts {
+            frontier: rows
+                .into_iter()
+                .map(|(host, state, n, _)| (host, state, n))
+                .collect(),
+            ..KeptCounts::default()
         };
-        let hosts = if top_hosts == 0 {
-            Vec::new()
-        } else {
-            sqlx::query(
-                "SELECT host, \
-                        count(*) FILTER (WHERE state = 'pending'), \
-                        count(*) FILTER (WHERE state = 'queued'), \
-                        count(*) FILTER (WHERE state = 'crawled'), \
-                        count(*) FILTER (WHERE state = 'failed') \
-                 FROM frontier GROUP BY host \
-                 ORDER BY count(*) DESC, host COLLATE \"C\" LIMIT $1",
-            )
-            .bind(i64::from(top_hosts))
-            .fetch_all(&self.pool)
-            .await?
-            .into_iter()
-            .map(|r| HostStats {
-                host: r.get(0),
-                pending: r.get::<i64, _>(1) as u64,
-                in_flight: r.get::<i64, _>(2) as u64,
-                crawled: r.get::<i64, _>(3) as u64,
-                failed: r.get::<i64, _>(4) as u64,
-            })
-            .collect()
-        };
-        Ok(Stats {
-            pages_indexed: pages as u64,
-            frontier,
-            hosts,
-        })
+        for (name, n, _) in store {
+            match name.as_str() {
+                "pages" => kept.pages = n,
+                "deferred" => kept.deferred = n,
+                _ => {}
+            }
+        }
+        Ok(kept.stats(top_hosts))
     }
 
     async fn frontier_state(&self, url: &str) -> Result<Option<(String, Option<String>)>> {
@@ -704,4 +787,30 @@ impl Store for PgStore {
                 .await?,
         )
     }
+}
+
+/// Most matches ranked for one query (see `search`).
+const RANK_CAP: i64 = 1_000;
+
+/// Kept-count deltas beyond one row per key that make `/stats` fold them.
+const FOLD_AT: i64 = 2_000;
+
+/// Fold the kept-count deltas into one row per key. The DELETE sees the deltas committed before
+/// it began and the INSERT adds back their sums in the same statement: a delta committed
+/// meanwhile is left for the next fold, and two folds at once each fold what they deleted.
+async fn fold_counts(pool: &sqlx::PgPool) -> Result<()> {
+    sqlx::query(
+        "WITH gone AS (DELETE FROM frontier_counts RETURNING host, state, n) \
+         INSERT INTO frontier_counts (host, state, n) \
+         SELECT host, state, sum(n) FROM gone GROUP BY host, state HAVING sum(n) <> 0",
+    )
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "WITH gone AS (DELETE FROM store_counts RETURNING name, n) \
+         INSERT INTO store_counts (name, n) SELECT name, sum(n) FROM gone GROUP BY name",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
 }

@@ -15,14 +15,19 @@
 //!   every job it holds back at once.
 //! - `defer` (a job that waited for its host, never attempted) publishes a copy that carries
 //!   the deliveries so far minus this one, with confirms, then acks the original: the wait costs
-//!   no delivery. RabbitMQ has no delay without plugins, so a delayed copy waits in a wait queue
-//!   `<name>.wait.<ms>` (classic, durable, a per-queue message TTL, dead-lettering back to the
-//!   job queue when the TTL runs out); the delay is rounded up to one of [`WAIT_BUCKETS_MS`].
-//!   Nothing is held in the crawler meanwhile: a crawler that dies loses none of them.
-//! - `deliveries` is the quorum queue's `x-delivery-count` + 1; the broker dead-letters a job
-//!   once it was delivered `max_deliveries` times.
+//!   no delivery. RabbitMQ has no delay without plugins, so a delayed copy waits in a delay
+//!   queue `<name>.delay.<ms>` with the time it is due, and the consuming cells move it back to
+//!   the job queue when that time comes (`delay.rs` says why not a message TTL); the delay is
+//!   rounded up to one of [`WAIT_BUCKETS_MS`]. A crawler that dies loses none of them.
+//! - `deliveries` is the quorum queue's `x-delivery-count` + 1; a job handed back at its
+//!   `max_deliveries`-th delivery is dead-lettered by the queue itself (the broker's delivery
+//!   limit is a backstop for a consumer that dies holding it).
 //! - A broker that refuses quorum queues gets classic durable queues; the queue then counts
 //!   deliveries in its own header and dead-letters by itself.
+//!
+//! Clusters: the URL may be a comma-separated list of `amqp://` URLs, the nodes of one RabbitMQ
+//! cluster (the quorum queues are replicated across them). The queue connects to one node at a
+//! time; when that connection is lost it tries the next node first, then the others in turn.
 //!
 //! Reconnection: a background task owns the connection. When the connection or a channel dies it
 //! reconnects with exponential backoff (capped by [`AmqpOptions::max_backoff`]), declares the
@@ -32,10 +37,11 @@
 //! tags handed out before a reconnect are stale: acknowledging them is a no-op, and the broker
 //! delivers those jobs again.
 
+mod delay;
 mod session;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -132,7 +138,7 @@ impl AmqpQueue {
 
     /// [`AmqpQueue::connect`] with every setting.
     pub async fn connect_with(url: &str, queue_name: &str, options: AmqpOptions) -> Result<Self> {
-        let uri = session::parse_uri(url)?;
+        let uris = session::parse_uris(url)?;
         if queue_name.is_empty() || queue_name.len() > 250 || queue_name.starts_with("amq.") {
             return Err(EngineError::Config(format!(
                 "bad AMQP queue name {queue_name:?}: 1 to 250 bytes, not starting with \"amq.\""
@@ -145,7 +151,8 @@ impl AmqpQueue {
         };
         let (session_tx, _) = watch::channel(None);
         let shared = Arc::new(Shared {
-            uri,
+            uris,
+            node: AtomicUsize::new(0),
             queue: queue_name.to_string(),
             dead_queue: format!("{queue_name}.dead"),
             options,
@@ -220,7 +227,10 @@ impl Drop for AmqpQueue {
 }
 
 struct Shared {
-    uri: AMQPUri,
+    /// The broker's nodes (one, or the nodes of a cluster); connections go to one at a time.
+    uris: Vec<AMQPUri>,
+    /// Index in `uris` of the node connected to last (the next connection tries it first).
+    node: AtomicUsize,
     queue: String,
     dead_queue: String,
     options: AmqpOptions,
@@ -279,9 +289,58 @@ impl Shared {
         match waited {
             Ok(Ok(s)) => Ok(s.as_ref().cloned().expect("wait_for checked it is Some")),
             _ => Err(EngineError::Unavailable(format!(
-                "not connected to RabbitMQ at {}:{}; reconnecting in the background",
-                self.uri.authority.host, self.uri.authority.port
+                "not connected to RabbitMQ at {}; reconnecting in the background",
+                self.node_name(self.node.load(Ordering::SeqCst))
             ))),
+        }
+    }
+
+    /// `host:port` of node `index`, for messages.
+    fn node_name(&self, index: usize) -> String {
+        let uri = &self.uris[index % self.uris.len()];
+        format!("{}:{}", uri.authority.host, uri.authority.port)
+    }
+
+    /// Connect to the node connected to last, else to the others in turn. After a lost
+    /// connection (`session` is `None` then) the next node is tried first: the lost one is
+    /// likely down, and every node of a cluster serves the same queues.
+    async fn connect_any(
+        &self,
+        properties: lapin::ConnectionProperties,
+    ) -> Result<lapin::Connection> {
+        let start = self.node.load(Ordering::SeqCst);
+        let count = self.uris.len();
+        let mut errors = Vec::new();
+        for step in 0..count {
+            let index = (start + step) % count;
+            match lapin::Connection::connect_uri(self.uris[index].clone(), properties.clone()).await
+            {
+                Ok(conn) => {
+                    if count > 1 {
+                        tracing::info!(queue = %self.queue, node = %self.node_name(index), "connected to RabbitMQ");
+                    }
+                    self.node.store(index, Ordering::SeqCst);
+                    return Ok(conn);
+                }
+                Err(e) => {
+                    if count == 1 {
+                        return Err(e.into());
+                    }
+                    errors.push(format!("{}: {e}", self.node_name(index)));
+                }
+            }
+        }
+        Err(EngineError::Unavailable(format!(
+            "no RabbitMQ node answered ({})",
+            errors.join("; ")
+        )))
+    }
+
+    /// Connect to the next node first from now on (the current one was lost).
+    fn rotate(&self) {
+        if self.uris.len() > 1 {
+            let next = (self.node.load(Ordering::SeqCst) + 1) % self.uris.len();
+            self.node.store(next, Ordering::SeqCst);
         }
     }
 
@@ -353,14 +412,14 @@ impl Shared {
         if h.generation != session.generation || !h.acker.usable() {
             return Ok(());
         }
-        if session.quorum || h.dead {
-            // Quorum queues count the return in x-delivery-count.
+        if h.dead {
             h.acker.reject(BasicRejectOptions { requeue: true }).await?;
             return Ok(());
         }
-        // A classic queue does not count returns: the last allowed delivery goes to the dead
-        // letters (as a quorum queue's delivery limit would), others are published again as a
-        // copy that carries the count, and the original is dropped.
+        // The last allowed delivery goes to the dead letters from here, published with confirms,
+        // on either kind of queue: a quorum queue's own delivery limit is left as a backstop (for
+        // a consumer that dies holding the job), because its dead-lettering rests on the broker
+        // forwarding, which RabbitMQ 3.10 stopped doing for good after a leader moved.
         if h.deliveries >= self.options.max_deliveries {
             let reason = format!(
                 "delivered {} times without an acknowledgement",
@@ -368,6 +427,13 @@ impl Shared {
             );
             return self.send_to_dead(&session, h, &reason).await;
         }
+        if session.quorum {
+            // Quorum queues count the return in x-delivery-count.
+            h.acker.reject(BasicRejectOptions { requeue: true }).await?;
+            return Ok(());
+        }
+        // A classic queue does not count returns: a copy that carries the count is published
+        // again, and the original is dropped.
         let mut headers = FieldTable::default();
         headers.insert(
             DELIVERIES_HEADER.into(),
@@ -404,7 +470,15 @@ impl Shared {
         let target = if after.is_zero() {
             self.queue.clone()
         } else {
-            session.wait_queue(&self.queue, wait_bucket(after)).await?
+            let bucket = wait_bucket(after);
+            headers.insert(
+                delay::DUE_HEADER.into(),
+                AMQPValue::LongLongInt(
+                    crate::sqlite::now_ms()
+                        .saturating_add(i64::try_from(bucket).unwrap_or(i64::MAX)),
+                ),
+            );
+            session.delay_queue(&self.queue, bucket).await?
         };
         session.publish(&target, &h.body, headers).await?;
         h.acker.ack(BasicAckOptions::default()).await?;
@@ -493,7 +567,8 @@ async fn supervise(shared: Weak<Shared>, stop: CancellationToken) {
         let wake = s.wake.clone();
         if s.current().is_none() {
             if let Some(old) = s.session.send_replace(None) {
-                tracing::warn!(queue = %s.queue, "RabbitMQ connection lost; reconnecting");
+                tracing::warn!(queue = %s.queue, node = %s.node_name(s.node.load(Ordering::SeqCst)), "RabbitMQ connection lost; reconnecting");
+                s.rotate();
                 tokio::spawn(async move { old.close().await });
             }
             let opened = tokio::time::timeout(CONNECT_TIMEOUT, Session::open(&s)).await;
@@ -569,6 +644,10 @@ impl JobQueue for AmqpQueue {
                 }
             }
             let consuming = guard.as_mut().expect("started above");
+            if let Err(e) = consuming.movers.revive(session.connection()).await {
+                tracing::debug!(error = %e, "could not restart a delay mover");
+                s.report_broken(&session);
+            }
             let mut broken: Option<EngineError> = None;
             match tokio::time::timeout(s.options.lease_wait, consuming.consumer.next()).await {
                 Err(_) => {}

@@ -22,8 +22,32 @@ use crate::{EngineError, Result};
 
 /// Heartbeat asked for when the URL names none, so a silently dead broker is noticed in seconds.
 const HEARTBEAT_SECS: u16 = 10;
+/// Attempts at a single message RabbitMQ refuses, and the pause after the first refusal
+/// (tripled after each): 0.1 + 0.3 + 0.9 s in all.
+const REFUSED_ATTEMPTS: u32 = 4;
+const REFUSED_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Connection timeout asked for when the URL names none, in milliseconds.
 const CONNECTION_TIMEOUT_MS: u64 = 5_000;
+
+/// Parse one `amqp://` URL or a comma-separated list of them (the nodes of one RabbitMQ
+/// cluster, tried in turn), adding a heartbeat and a connection timeout where none is named.
+pub(super) fn parse_uris(urls: &str) -> Result<Vec<AMQPUri>> {
+    let uris = urls
+        .split(',')
+        .map(str::trim)
+        .map(|url| {
+            if url.is_empty() {
+                Err(EngineError::Config(
+                    "bad AMQP URL list: an empty entry between commas".into(),
+                ))
+            } else {
+                parse_uri(url)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(uris)
+}
 
 /// Parse an `amqp://` URL, adding a heartbeat and a connection timeout when it has none.
 pub(super) fn parse_uri(url: &str) -> Result<AMQPUri> {
@@ -41,7 +65,9 @@ pub(super) fn parse_uri(url: &str) -> Result<AMQPUri> {
 pub(super) struct Session {
     pub(super) generation: u64,
     conn: Connection,
-    publisher: Channel,
+    /// The confirm-mode channel jobs are published on; replaced after a refusal (see
+    /// [`Session::renew_publisher`]).
+    publisher: std::sync::Mutex<Channel>,
     /// One publish batch at a time, so a returned (unroutable) message is attributed to its batch.
     publish_lock: Mutex<()>,
     /// For `basic.get` on the dead-letter queue.
@@ -55,19 +81,31 @@ pub(super) struct Session {
     waits: std::sync::Mutex<HashMap<u64, Instant>>,
 }
 
-/// A wait queue unused for this long is deleted by the broker (its messages have long gone back:
-/// the longest wait is 5 minutes). It is declared again before use after [`WAIT_REDECLARE`].
-const WAIT_EXPIRES_MS: i64 = 60 * 60 * 1000;
+/// A channel in confirm mode.
+async fn confirm_channel(conn: &Connection) -> Result<Channel> {
+    let channel = conn.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
+}
+
+/// A delay queue is declared again before use after this long (the broker deletes one unused
+/// for an hour).
 const WAIT_REDECLARE: Duration = Duration::from_secs(600);
 
 pub(super) struct Consuming {
     channel: Channel,
     pub(super) consumer: Consumer,
+    /// Delayed jobs are moved back by the cells that consume.
+    pub(super) movers: super::delay::Movers,
 }
 
 impl Consuming {
-    /// Close the consumer's channel: the broker takes back every job it delivered on it.
+    /// Close the consumer's channel: the broker takes back every job it delivered on it (and
+    /// every delayed job the movers held).
     pub(super) async fn close(self) -> Result<()> {
+        self.movers.close();
         if self.channel.status().connected() {
             self.channel.close(200, "leases abandoned").await?;
         }
@@ -90,7 +128,7 @@ impl Session {
             .with_executor(tokio_executor_trait::Tokio::current())
             .with_reactor(tokio_reactor_trait::Tokio::current())
             .with_connection_name(format!("homeostat {}", shared.queue).into());
-        let conn = Connection::connect_uri(shared.uri.clone(), properties).await?;
+        let conn = shared.connect_any(properties).await?;
         let mut events = conn.events_listener();
         let wake = shared.wake.clone();
         let queue = shared.queue.clone();
@@ -113,15 +151,12 @@ impl Session {
             }
         });
         let quorum = declare(&conn, shared).await?;
-        let publisher = conn.create_channel().await?;
-        publisher
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let publisher = confirm_channel(&conn).await?;
         let dead = conn.create_channel().await?;
         let mut session = Session {
             generation: 0,
             conn,
-            publisher,
+            publisher: std::sync::Mutex::new(publisher),
             publish_lock: Mutex::new(()),
             dead_status: dead.clone(),
             dead: Mutex::new(dead),
@@ -139,6 +174,39 @@ impl Session {
         Ok(session)
     }
 
+    pub(super) fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    fn publisher(&self) -> Channel {
+        self.publisher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Publish on a new channel from now on. A quorum queue that refused a channel's message
+    /// (it could not reach its leader) may go on refusing that channel after the leader is back
+    /// (RabbitMQ 3.10 after a node loss: every later publish refused); a new channel registers
+    /// with the queue afresh. Called with the publish lock held.
+    async fn renew_publisher(&self) {
+        match confirm_channel(&self.conn).await {
+            Ok(fresh) => {
+                let old = std::mem::replace(
+                    &mut *self.publisher.lock().unwrap_or_else(|e| e.into_inner()),
+                    fresh,
+                );
+                tokio::spawn(async move {
+                    let _ = old.close(200, "renewed after a refusal").await;
+                });
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "could not open a new publishing channel");
+                self.mark_broken();
+            }
+        }
+    }
+
     pub(super) fn with_generation(mut self, generation: u64) -> Self {
         self.generation = generation;
         self
@@ -147,7 +215,7 @@ impl Session {
     pub(super) fn healthy(&self) -> bool {
         !self.broken.load(Ordering::SeqCst)
             && self.conn.status().connected()
-            && self.publisher.status().connected()
+            && self.publisher().status().connected()
             && self.dead_status.status().connected()
     }
 
@@ -174,10 +242,23 @@ impl Session {
                 FieldTable::default(),
             )
             .await?;
-        Ok(Consuming { channel, consumer })
+        let movers = match super::delay::Movers::start(&self.conn, queue, self.quorum).await {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = channel.close(200, "movers failed").await;
+                return Err(e);
+            }
+        };
+        Ok(Consuming {
+            channel,
+            consumer,
+            movers,
+        })
     }
 
-    /// Publish one message (persistent, mandatory) and wait for the broker's confirm.
+    /// Publish one message (persistent, mandatory) and wait for the broker's confirm. A refusal
+    /// (a nack) is tried again a few times first: a quorum queue refuses while it cannot reach
+    /// its leader (just declared, or re-electing after a node loss), and that passes.
     pub(super) async fn publish(
         &self,
         routing_key: &str,
@@ -185,11 +266,29 @@ impl Session {
         headers: FieldTable,
     ) -> Result<()> {
         let _one_batch = self.publish_lock.lock().await;
-        let confirm = self
-            .publisher
-            .basic_publish("", routing_key, mandatory(), body, properties(headers))
-            .await?;
-        check_confirms(routing_key, 1, vec![confirm.await?])
+        let mut backoff = REFUSED_BACKOFF;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let confirm = self
+                .publisher()
+                .basic_publish(
+                    "",
+                    routing_key,
+                    mandatory(),
+                    body,
+                    properties(headers.clone()),
+                )
+                .await?
+                .await?;
+            if !matches!(confirm, Confirmation::Nack(_)) || attempt >= REFUSED_ATTEMPTS {
+                return check_confirms(routing_key, 1, vec![confirm]);
+            }
+            tracing::debug!(queue = %routing_key, attempt, "RabbitMQ refused a message; trying again");
+            tokio::time::sleep(backoff).await;
+            self.renew_publisher().await;
+            backoff *= 3;
+        }
     }
 
     /// Publish messages (persistent, mandatory) and wait up to `timeout` for every confirm.
@@ -203,7 +302,7 @@ impl Session {
         let mut pending = Vec::with_capacity(bodies.len());
         for body in bodies {
             pending.push(
-                self.publisher
+                self.publisher()
                     .basic_publish(
                         "",
                         routing_key,
@@ -228,13 +327,16 @@ impl Session {
                 bodies.len()
             ))
         })??;
+        if confirmed.iter().any(|c| matches!(c, Confirmation::Nack(_))) {
+            self.renew_publisher().await;
+        }
         check_confirms(routing_key, bodies.len(), confirmed)
     }
 
-    /// The wait queue of `queue` for a delay of `ms`, declared if this connection has not done
-    /// so lately: a classic durable queue whose messages go back to `queue` after `ms`.
-    pub(super) async fn wait_queue(&self, queue: &str, ms: u64) -> Result<String> {
-        let name = format!("{queue}.wait.{ms}");
+    /// The delay queue of `queue` for bucket `ms` (see [`super::delay`]), declared if this
+    /// connection has not done so lately.
+    pub(super) async fn delay_queue(&self, queue: &str, ms: u64) -> Result<String> {
+        let name = super::delay::delay_queue_name(queue, ms);
         let fresh = {
             let waits = self.waits.lock().unwrap_or_else(|e| e.into_inner());
             waits
@@ -244,42 +346,9 @@ impl Session {
         if fresh {
             return Ok(name);
         }
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-message-ttl".into(),
-            AMQPValue::LongLongInt(i64::try_from(ms).unwrap_or(i64::MAX)),
-        );
-        args.insert("x-expires".into(), AMQPValue::LongLongInt(WAIT_EXPIRES_MS));
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("".into()),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(queue.into()),
-        );
-        // A quorum queue with at-least-once dead-lettering: a classic queue dead-letters at most
-        // once, so a copy whose wait ended while the job queue had no leader yet (just after a
-        // broker restart) was dropped, and its URL stayed in flight for good.
-        args.insert(
-            "x-queue-type".into(),
-            AMQPValue::LongString("quorum".into()),
-        );
-        args.insert(
-            "x-dead-letter-strategy".into(),
-            AMQPValue::LongString("at-least-once".into()),
-        );
-        args.insert(
-            "x-overflow".into(),
-            AMQPValue::LongString("reject-publish".into()),
-        );
         // A refused declare closes its channel: use a throwaway one.
         let channel = self.conn.create_channel().await?;
-        let durable = QueueDeclareOptions {
-            durable: true,
-            ..QueueDeclareOptions::default()
-        };
-        channel.queue_declare(&name, durable, args).await?;
+        super::delay::declare(&channel, queue, ms, self.quorum).await?;
         let _ = channel.close(200, "declared").await;
         self.waits
             .lock()
@@ -310,14 +379,14 @@ impl Session {
     }
 }
 
-fn mandatory() -> BasicPublishOptions {
+pub(super) fn mandatory() -> BasicPublishOptions {
     BasicPublishOptions {
         mandatory: true,
         immediate: false,
     }
 }
 
-fn properties(headers: FieldTable) -> BasicProperties {
+pub(super) fn properties(headers: FieldTable) -> BasicProperties {
     BasicProperties::default()
         .with_delivery_mode(2) // persistent
         .with_content_type("application/json".into())

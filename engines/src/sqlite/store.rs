@@ -4,17 +4,21 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use protocol::{FrontierCounts, HostStats, SearchHit, Stats};
+use protocol::{SearchHit, Stats};
 use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{now_ms, open_pool};
-use crate::frontier::{self, Entry, NewEntry, State, View};
+use crate::counts::KeptCounts;
+use crate::frontier::{self, DeferredBatch, Entry, Links, NewEntry, State, View};
 use crate::snippet::{render_snippet, MARK_CLOSE, MARK_OPEN};
 use crate::{
-    Admission, Candidate, CrawlSpec, EngineError, IngestItem, IngestReport, Result, SearchQuery,
-    SearchResults, Store, Unpublished,
+    Admission, Candidate, CrawlSpec, EngineError, Expanded, IngestItem, IngestReport, Result,
+    SearchQuery, SearchResults, Store, Unpublished,
 };
+
+/// Most matches ranked for one query (see `search`).
+const RANK_CAP: i64 = 1_000;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite_store");
 
@@ -116,55 +120,150 @@ fn json_keys<T: serde::Serialize>(keys: &[T]) -> String {
     serde_json::to_string(keys).expect("strings and integers serialize")
 }
 
-/// Create the plan's new frontier rows. The write lock is held since the look-up, so each is new.
+/// Create the plan's new frontier rows, in one statement. The write lock is held since the
+/// look-up, so each is new.
 async fn insert_entries(
     tx: &mut Transaction<'_, Sqlite>,
     entries: &[NewEntry<'_>],
     now: i64,
 ) -> Result<()> {
-    for e in entries {
-        let done = sqlx::query(
-            "INSERT INTO frontier (url, host, crawl_id, depth, state, updated_ms) \
-             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (url) DO NOTHING",
-        )
-        .bind(e.url)
-        .bind(e.host)
-        .bind(e.crawl_id)
-        .bind(i64::from(e.depth))
-        .bind(e.state.as_str())
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-        if done.rows_affected() != 1 {
-            return Err(EngineError::Conflict(format!(
-                "{} is in the frontier already",
-                e.url
-            )));
-        }
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<(&str, &str, i64, u32, &str)> = entries
+        .iter()
+        .map(|e| (e.url, e.host, e.crawl_id, e.depth, e.state.as_str()))
+        .collect();
+    // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT.
+    let done = sqlx::query(
+        "INSERT INTO frontier (url, host, crawl_id, depth, state, updated_ms) \
+         SELECT value->>0, value->>1, value->>2, value->>3, value->>4, ? \
+         FROM json_each(?) WHERE true ON CONFLICT (url) DO NOTHING",
+    )
+    .bind(now)
+    .bind(json_keys(&rows))
+    .execute(&mut **tx)
+    .await?;
+    if done.rows_affected() != entries.len() as u64 {
+        return Err(EngineError::Conflict(
+            "a URL of this batch is in the frontier already".into(),
+        ));
     }
     Ok(())
 }
 
-/// Add the plan's counts to the crawls' and hosts' admitted counts.
+/// Add the plan's counts to the crawls' and hosts' admitted counts, one statement each.
 async fn add_counts(tx: &mut Transaction<'_, Sqlite>, counts: &frontier::Counts<'_>) -> Result<()> {
-    for (id, n) in &counts.crawls {
-        sqlx::query("UPDATE crawls SET admitted = admitted + ? WHERE id = ?")
-            .bind(*n as i64)
-            .bind(id)
-            .execute(&mut **tx)
-            .await?;
-    }
-    for (host, n) in &counts.hosts {
+    if !counts.crawls.is_empty() {
         sqlx::query(
-            "INSERT INTO host_budget (host, admitted) VALUES (?, ?) \
+            "UPDATE crawls SET admitted = admitted + v.n \
+             FROM (SELECT value->>0 AS id, value->>1 AS n FROM json_each(?)) AS v \
+             WHERE crawls.id = v.id",
+        )
+        .bind(json_keys(&counts.crawls))
+        .execute(&mut **tx)
+        .await?;
+    }
+    if !counts.hosts.is_empty() {
+        sqlx::query(
+            "INSERT INTO host_budget (host, admitted) \
+             SELECT value->>0, value->>1 FROM json_each(?) WHERE true \
              ON CONFLICT (host) DO UPDATE SET admitted = admitted + excluded.admitted",
         )
-        .bind(host)
-        .bind(*n as i64)
+        .bind(json_keys(&counts.hosts))
         .execute(&mut **tx)
         .await?;
     }
     Ok(())
+}
+
+/// Execute a plan's writes (the write lock is held since its view was read), a fixed number of
+/// statements whatever the batch's size (each list travels as one JSON array); returns how many
+/// pages were added or changed.
+async fn apply(
+    tx: &mut Transaction<'_, Sqlite>,
+    plan: &frontier::IngestPlan<'_>,
+    now: i64,
+) -> Result<usize> {
+    insert_entries(tx, &plan.inserts, now).await?;
+    if !plan.changes.is_empty() {
+        let rows: Vec<_> = plan
+            .changes
+            .iter()
+            .map(|c| {
+                (
+                    c.url,
+                    c.before.crawl_id,
+                    c.before.depth,
+                    c.before.state.as_str(),
+                    c.after.depth,
+                    c.after.state.as_str(),
+                    c.after.reason.as_deref(),
+                )
+            })
+            .collect();
+        let done = sqlx::query(
+            "UPDATE frontier SET depth = v.d, state = v.s, reason = v.r, updated_ms = ? \
+             FROM (SELECT value->>0 AS u, value->>1 AS c, value->>2 AS bd, value->>3 AS bs, \
+                          value->>4 AS d, value->>5 AS s, value->>6 AS r FROM json_each(?)) AS v \
+             WHERE frontier.url = v.u AND frontier.crawl_id = v.c AND frontier.depth = v.bd \
+               AND frontier.state = v.bs",
+        )
+        .bind(now)
+        .bind(json_keys(&rows))
+        .execute(&mut **tx)
+        .await?;
+        if done.rows_affected() != plan.changes.len() as u64 {
+            return Err(EngineError::Conflict(
+                "a frontier entry changed since it was read".into(),
+            ));
+        }
+    }
+    let mut pages_indexed = 0;
+    if !plan.pages.is_empty() {
+        // Text with a NUL byte stays whole through JSON (`\u0000`) and `->>`.
+        let rows: Vec<_> = plan
+            .pages
+            .iter()
+            .map(|p| (p.url, p.host, p.title, p.body))
+            .collect();
+        let done = sqlx::query(
+            "INSERT INTO pages (url, host, title, body, fetched_ms) \
+             SELECT value->>0, value->>1, value->>2, value->>3, ? FROM json_each(?) WHERE true \
+             ON CONFLICT (url) DO UPDATE SET title = excluded.title, body = excluded.body, \
+             fetched_ms = excluded.fetched_ms \
+             WHERE pages.title != excluded.title OR pages.body != excluded.body",
+        )
+        .bind(now)
+        .bind(json_keys(&rows))
+        .execute(&mut **tx)
+        .await?;
+        pages_indexed = done.rows_affected() as usize;
+    }
+    if !plan.deferred.is_empty() {
+        let rows: Vec<_> = plan
+            .deferred
+            .iter()
+            .map(|d| {
+                (
+                    d.crawl_id,
+                    d.depth,
+                    frontier::encode_links(d.links),
+                    d.links.len(),
+                )
+            })
+            .collect();
+        sqlx::query(
+            "INSERT INTO deferred_links (crawl_id, depth, links, n, created_ms) \
+             SELECT value->>0, value->>1, value->>2, value->>3, ? FROM json_each(?)",
+        )
+        .bind(now)
+        .bind(json_keys(&rows))
+        .execute(&mut **tx)
+        .await?;
+    }
+    add_counts(tx, &plan.counts).await?;
+    Ok(pages_indexed)
 }
 
 /// Turn the user's words into an FTS5 query: each term quoted (so no FTS syntax gets through),
@@ -213,59 +312,70 @@ impl Store for SqliteStore {
         Ok(plan.admissions)
     }
 
-    async fn ingest(&self, items: &[IngestItem], host_budget: u64) -> Result<IngestReport> {
+    async fn ingest(
+        &self,
+        items: &[IngestItem],
+        host_budget: u64,
+        links: Links,
+    ) -> Result<IngestReport> {
         let now = now_ms();
         let mut tx = self.begin_write().await?;
         let mut view = View {
-            entries: read_entries(&mut tx, &frontier::ingest_urls(items)).await?,
+            entries: read_entries(&mut tx, &frontier::ingest_urls(items, links)).await?,
             ..View::default()
         };
         let crawl_ids = view.crawl_ids(frontier::item_urls(items));
         view.crawls = read_crawls(&mut tx, &crawl_ids).await?;
-        view.hosts =
-            read_hosts(&mut tx, &view.hosts_to_admit(frontier::ingest_links(items))).await?;
-        let plan = frontier::plan_ingest(&view, items, host_budget);
-
-        insert_entries(&mut tx, &plan.inserts, now).await?;
-        for c in &plan.changes {
-            let done = sqlx::query(
-                "UPDATE frontier SET depth = ?, state = ?, reason = ?, updated_ms = ? \
-                 WHERE url = ? AND crawl_id = ? AND depth = ? AND state = ?",
-            )
-            .bind(i64::from(c.after.depth))
-            .bind(c.after.state.as_str())
-            .bind(c.after.reason.as_deref())
-            .bind(now)
-            .bind(c.url)
-            .bind(c.before.crawl_id)
-            .bind(i64::from(c.before.depth))
-            .bind(c.before.state.as_str())
-            .execute(&mut *tx)
-            .await?;
-            if done.rows_affected() != 1 {
-                return Err(EngineError::Conflict(format!("{} changed", c.url)));
-            }
-        }
-        let mut pages_indexed = 0;
-        for p in &plan.pages {
-            let done = sqlx::query(
-                "INSERT INTO pages (url, host, title, body, fetched_ms) VALUES (?, ?, ?, ?, ?) \
-                 ON CONFLICT (url) DO UPDATE SET title = excluded.title, body = excluded.body, \
-                 fetched_ms = excluded.fetched_ms \
-                 WHERE pages.title != excluded.title OR pages.body != excluded.body",
-            )
-            .bind(p.url)
-            .bind(p.host)
-            .bind(p.title)
-            .bind(p.body)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            pages_indexed += done.rows_affected() as usize;
-        }
-        add_counts(&mut tx, &plan.counts).await?;
+        let admit = view.hosts_to_admit(frontier::ingest_links(items, links));
+        view.hosts = read_hosts(&mut tx, &admit).await?;
+        let plan = frontier::plan_ingest(&view, items, host_budget, links);
+        let pages_indexed = apply(&mut tx, &plan, now).await?;
         tx.commit().await?;
         Ok(plan.report(pages_indexed))
+    }
+
+    async fn expand_deferred(&self, pages: u32, host_budget: u64) -> Result<Expanded> {
+        // Asked often by every api: nothing kept costs a read, not the write lock.
+        let any: Option<i64> = sqlx::query_scalar("SELECT id FROM deferred_links LIMIT 1")
+            .fetch_optional(&self.pool)
+            .await?;
+        if any.is_none() {
+            return Ok(Expanded::default());
+        }
+        let now = now_ms();
+        let mut tx = self.begin_write().await?;
+        let rows = sqlx::query(
+            "SELECT id, crawl_id, depth, links FROM deferred_links ORDER BY id LIMIT ?",
+        )
+        .bind(i64::from(pages))
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            return Ok(Expanded::default());
+        }
+        let batches = rows
+            .iter()
+            .map(|r| DeferredBatch::read(r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect::<Result<Vec<_>>>()?;
+        let mut view = View {
+            entries: read_entries(&mut tx, &frontier::deferred_urls(&batches)).await?,
+            crawls: read_crawls(&mut tx, &frontier::deferred_crawl_ids(&batches)).await?,
+            ..View::default()
+        };
+        let admit = view.hosts_to_admit(batches.iter().flat_map(|b| &b.links));
+        view.hosts = read_hosts(&mut tx, &admit).await?;
+        let plan = frontier::plan_deferred(&view, &batches, host_budget);
+        apply(&mut tx, &plan, now).await?;
+        let ids: Vec<i64> = batches.iter().map(|b| b.id).collect();
+        sqlx::query("DELETE FROM deferred_links WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(json_keys(&ids))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Expanded {
+            pages: batches.len(),
+            links_admitted: plan.links_admitted,
+        })
     }
 
     async fn unpublished(&self, limit: u32) -> Result<Vec<Unpublished>> {
@@ -305,17 +415,14 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let now = now_ms();
-        let mut tx = self.begin_write().await?;
-        for url in urls {
-            sqlx::query(
-                "UPDATE frontier SET state = 'queued', updated_ms = ? WHERE url = ? AND state = 'pending'",
-            )
-            .bind(now)
-            .bind(url)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
+        sqlx::query(
+            "UPDATE frontier SET state = 'queued', updated_ms = ? \
+             WHERE url IN (SELECT value FROM json_each(?)) AND state = 'pending'",
+        )
+        .bind(now)
+        .bind(json_keys(urls))
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
@@ -338,18 +445,43 @@ impl Store for SqliteStore {
                 .bind(&fts)
                 .fetch_one(&self.pool)
                 .await?;
+        if total == 0 || query.limit == 0 {
+            return Ok(SearchResults {
+                total: total.max(0) as u64,
+                hits: Vec::new(),
+            });
+        }
+        let offset = query.offset.min(i64::MAX as u64) as i64;
+        // Bounded top-k: a query matching more pages than the cap is ranked among the newest
+        // `cap` of them (bm25 for each, and a sort), so a common term costs the walk of its
+        // posting list, not a score for every page that has it. The total stays exact.
+        let cap = RANK_CAP.max(offset.saturating_add(i64::from(query.limit)));
+        let from_rowid: i64 = if total <= cap {
+            i64::MIN
+        } else {
+            sqlx::query_scalar(
+                "SELECT min(rowid) FROM (SELECT rowid FROM pages_fts WHERE pages_fts MATCH ? \
+                                         ORDER BY rowid DESC LIMIT ?)",
+            )
+            .bind(&fts)
+            .bind(cap)
+            .fetch_one(&self.pool)
+            .await?
+        };
         let rows = sqlx::query(
             "SELECT p.url, p.title, \
                     snippet(pages_fts, -1, ?, ?, '…', 24) AS snip, \
                     bm25(pages_fts, 4.0, 1.0) AS rank \
              FROM pages_fts JOIN pages p ON p.id = pages_fts.rowid \
-             WHERE pages_fts MATCH ? ORDER BY rank, p.id LIMIT ? OFFSET ?",
+             WHERE pages_fts MATCH ? AND pages_fts.rowid >= ? \
+             ORDER BY rank, p.id LIMIT ? OFFSET ?",
         )
         .bind(MARK_OPEN)
         .bind(MARK_CLOSE)
         .bind(&fts)
+        .bind(from_rowid)
         .bind(i64::from(query.limit))
-        .bind(query.offset.min(i64::MAX as u64) as i64)
+        .bind(offset)
         .fetch_all(&self.pool)
         .await?;
         let hits = rows
@@ -369,51 +501,27 @@ impl Store for SqliteStore {
     }
 
     async fn stats(&self, top_hosts: u32) -> Result<Stats> {
-        let pages: i64 = sqlx::query_scalar("SELECT count(*) FROM pages")
-            .fetch_one(&self.pool)
+        // Kept counts (migration 0007), read in one snapshot.
+        let mut tx = self.pool.begin().await?;
+        let frontier = sqlx::query_as("SELECT host, state, n FROM frontier_counts WHERE n != 0")
+            .fetch_all(&mut *tx)
             .await?;
-        let mut frontier = FrontierCounts::default();
-        for row in sqlx::query("SELECT state, count(*) FROM frontier GROUP BY state")
-            .fetch_all(&self.pool)
-            .await?
-        {
-            let n = row.get::<i64, _>(1) as u64;
-            add_state(&mut frontier, &row.get::<String, _>(0), n);
-        }
-        let mut hosts: HashMap<String, HostStats> = HashMap::new();
-        for row in sqlx::query("SELECT host, state, count(*) FROM frontier GROUP BY host, state")
-            .fetch_all(&self.pool)
-            .await?
-        {
-            let host: String = row.get(0);
-            let entry = hosts.entry(host.clone()).or_insert_with(|| HostStats {
-                host,
-                ..HostStats::default()
-            });
-            let n = row.get::<i64, _>(2) as u64;
-            let mut c = FrontierCounts {
-                pending: entry.pending,
-                in_flight: entry.in_flight,
-                crawled: entry.crawled,
-                failed: entry.failed,
-            };
-            add_state(&mut c, &row.get::<String, _>(1), n);
-            entry.pending = c.pending;
-            entry.in_flight = c.in_flight;
-            entry.crawled = c.crawled;
-            entry.failed = c.failed;
-        }
-        let mut hosts: Vec<HostStats> = hosts.into_values().collect();
-        hosts.sort_by(|a, b| {
-            let total = |h: &HostStats| h.pending + h.in_flight + h.crawled + h.failed;
-            total(b).cmp(&total(a)).then_with(|| a.host.cmp(&b.host))
-        });
-        hosts.truncate(top_hosts as usize);
-        Ok(Stats {
-            pages_indexed: pages as u64,
+        let mut kept = KeptCounts {
             frontier,
-            hosts,
-        })
+            ..KeptCounts::default()
+        };
+        for (name, n) in sqlx::query_as::<_, (String, i64)>("SELECT name, n FROM store_counts")
+            .fetch_all(&mut *tx)
+            .await?
+        {
+            match name.as_str() {
+                "pages" => kept.pages = n,
+                "deferred" => kept.deferred = n,
+                _ => {}
+            }
+        }
+        tx.commit().await?;
+        Ok(kept.stats(top_hosts))
     }
 
     async fn frontier_state(&self, url: &str) -> Result<Option<(String, Option<String>)>> {
@@ -428,15 +536,5 @@ impl Store for SqliteStore {
         Ok(sqlx::query_scalar("SELECT url FROM pages ORDER BY url")
             .fetch_all(&self.pool)
             .await?)
-    }
-}
-
-fn add_state(c: &mut FrontierCounts, state: &str, n: u64) {
-    match state {
-        "pending" => c.pending += n,
-        "queued" => c.in_flight += n,
-        "crawled" => c.crawled += n,
-        "failed" => c.failed += n,
-        _ => {}
     }
 }
