@@ -144,6 +144,9 @@ pub async fn crawl_command(args: &CrawlArgs) -> anyhow::Result<()> {
         print!("{out}");
         let _ = std::io::stdout().flush();
     }
+    for row in &outcome.rows {
+        row_figures(row).print(json);
+    }
     if !outcome.notes.is_empty() {
         eprintln!();
         for note in &outcome.notes {
@@ -165,6 +168,21 @@ pub async fn crawl_command(args: &CrawlArgs) -> anyhow::Result<()> {
         bail!(msg);
     }
     Ok(())
+}
+
+/// A run's row as the benchmarks' figures (`crate::figures`), printed after the table.
+fn row_figures(row: &Row) -> crate::figures::Figures {
+    let mut f = crate::figures::Figures::new(
+        "crawl",
+        format!("{} at {} ms server latency", row.engine, row.latency_ms),
+    );
+    f.add("pages indexed", Some(row.pages as f64), "");
+    f.add("pages expected", Some(row.expected as f64), "");
+    f.add("complete", Some(row.completeness_pct), "%");
+    f.add("crawl time", Some(row.seconds), "s");
+    f.add("throughput", Some(row.pages_per_sec), "pages/s");
+    f.add("frontier failed", Some(row.failed as f64), "urls");
+    f
 }
 
 #[derive(Serialize)]
@@ -477,6 +495,7 @@ impl Run<'_> {
             env,
             grace: Duration::from_secs(self.args.grace_secs),
             ready_timeout: Duration::from_secs(120),
+            args: Vec::new(),
         };
         let result = match Organism::start(&launch, self.interrupt).await {
             Ok(mut organism) => {

@@ -23,6 +23,7 @@ use protocol::events::{interpret, SseParser, StreamItem};
 use synthweb::{ServedLog, Serving, SyntheticWeb, WebSpec};
 use tokio_util::sync::CancellationToken;
 
+use crate::figures::Figures;
 use crate::organism::{Launch, Organism};
 
 #[derive(Args, Debug, Clone)]
@@ -51,6 +52,9 @@ pub struct GrowArgs {
     /// The `cell` executable [default: `cell` next to this executable].
     #[arg(long, value_name = "PATH")]
     pub cell: Option<std::path::PathBuf>,
+    /// One JSON line of figures per block instead of the blocks for people.
+    #[arg(long)]
+    pub json: bool,
 }
 
 pub async fn grow_command(args: &GrowArgs) -> anyhow::Result<()> {
@@ -63,11 +67,7 @@ pub async fn grow_command(args: &GrowArgs) -> anyhow::Result<()> {
     for seed in 0..seeds {
         let started = Instant::now();
         let report = lifecycle::sim::run(&lifecycle::sim::Scenario::ten_thousand_step(seed));
-        println!(
-            "grow (simulation, 10,000 cells, seed {seed}, {} ms): {}",
-            started.elapsed().as_millis(),
-            report.summary()
-        );
+        sim_figures(&report, seed, started.elapsed()).print(args.json);
     }
     if args.sim_only {
         return Ok(());
@@ -77,6 +77,36 @@ pub async fn grow_command(args: &GrowArgs) -> anyhow::Result<()> {
             .unwrap_or(if args.quick { 40 } else { 600 }),
     );
     organism_run(args, steady).await
+}
+
+/// The simulation's figures, one block (roles after one another).
+fn sim_figures(report: &lifecycle::sim::Report, seed: u64, took: Duration) -> Figures {
+    let mut f = Figures::new("grow", "simulation, 10,000 cells")
+        .condition("seed", seed)
+        .condition("wall time ms", took.as_millis());
+    let secs = |ms: Option<u64>| ms.map(|v| v as f64 / 1000.0);
+    for r in &report.roles {
+        let name = |what: &str| format!("{} {what}", r.role);
+        f.add(
+            &name("step to first division"),
+            secs(r.first_divide_ms),
+            "s",
+        );
+        f.add(&name("step to capacity"), secs(r.capacity_ms), "s");
+        f.add(&name("reversals"), Some(f64::from(r.reversals)), "");
+        f.add(&name("load end to minimum"), secs(r.back_to_min_ms), "s");
+        f.add(&name("peak cells"), Some(f64::from(r.peak_cells)), "");
+        f.add(&name("over max"), Some(f64::from(r.over_max)), "cells");
+        f.add(&name("divisions"), Some(f64::from(r.divisions)), "");
+        f.add(&name("retirements"), Some(f64::from(r.retirements)), "");
+        f.add(&name("deaths"), Some(f64::from(r.deaths)), "");
+    }
+    f.add("peak spend", Some(report.peak_spend), "/h");
+    f.add("over cap", Some(report.over_cap), "/h");
+    f.add("factory started", Some(f64::from(report.started)), "cells");
+    f.add("factory repeats", Some(f64::from(report.repeats)), "");
+    f.add("factory refused", Some(f64::from(report.refused)), "");
+    f
 }
 
 /// What the event stream told, stamped with the bench's clock.
@@ -339,20 +369,30 @@ async fn measure(
         }
         last = Some(*k);
     }
-    let secs = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.2} s", d.as_secs_f64()));
+    let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64());
     let to_serving = serving_ms.map(|ms| Duration::from_millis(ms as u64));
-    println!(
-        "grow (local provider, api): step of {} clients held {:.0} s: decision {} after the step, \
-         new api heartbeating in the registry {} after the decision, peak {peak} apis, {} decisions in the steady phase, \
-         {reversals} reversals, back to 1 api {} after the load ended; {} searches, {} failed",
-        args.clients,
-        steady.as_secs_f64(),
-        secs(first_divide),
-        secs(to_serving),
-        decisions.iter().filter(|(at, _)| *at >= settle && *at < ended).count(),
-        secs(back_to_min),
-        ok.load(Ordering::Relaxed),
-        failed.load(Ordering::Relaxed),
+    let mut f = Figures::new("grow", "local provider, api")
+        .condition("clients", args.clients)
+        .condition("steady s", steady.as_secs())
+        .condition("target_in_flight", args.target_in_flight)
+        .condition("max apis", args.max_apis);
+    f.add("step to division decided", secs(first_divide), "s");
+    f.add("decision to new api in the registry", secs(to_serving), "s");
+    f.add("peak apis", Some(peak as f64), "");
+    f.add(
+        "decisions in the steady phase",
+        Some(
+            decisions
+                .iter()
+                .filter(|(at, _)| *at >= settle && *at < ended)
+                .count() as f64,
+        ),
+        "",
     );
+    f.add("reversals", Some(f64::from(reversals)), "");
+    f.add("load end to 1 api", secs(back_to_min), "s");
+    f.add("searches", Some(ok.load(Ordering::Relaxed) as f64), "");
+    f.add("failed", Some(failed.load(Ordering::Relaxed) as f64), "");
+    f.print(args.json);
     Ok(())
 }

@@ -436,6 +436,9 @@ impl Bench<'_> {
             print!("{out}");
             let _ = std::io::stdout().flush();
         }
+        for row in &rows {
+            role_figures(row).print(self.args.json);
+        }
         eprintln!(
             "heal: {} client requests; {events} events from the health checkers ({missed} missed, {unknown} not understood)",
             records.len()
@@ -445,6 +448,43 @@ impl Bench<'_> {
             None => Ok(()),
         }
     }
+}
+
+/// A role's row as the benchmarks' figures (`crate::figures`), printed after the table.
+fn role_figures(row: &RoleRow) -> crate::figures::Figures {
+    let mut f = crate::figures::Figures::new("heal", format!("kills of {}", row.role));
+    let n = |v: usize| Some(v as f64);
+    f.add("kills", n(row.kills), "");
+    f.add("deaths declared", n(row.detected), "");
+    f.add("replacements serving", n(row.replaced), "");
+    for (name, p) in [
+        ("detection", &row.detection_ms),
+        ("replacement serving", &row.replacement_serving_ms),
+    ] {
+        f.add(
+            &format!("{name} p50"),
+            p.as_ref().map(|p| p.p50 as f64),
+            "ms",
+        );
+        f.add(
+            &format!("{name} p99"),
+            p.as_ref().map(|p| p.p99 as f64),
+            "ms",
+        );
+        f.add(
+            &format!("{name} max"),
+            p.as_ref().map(|p| p.max as f64),
+            "ms",
+        );
+    }
+    f.add("client requests", Some(row.load.requests as f64), "");
+    f.add("failed (after retry)", Some(row.load.failed as f64), "");
+    f.add(
+        "failed first attempts",
+        Some(row.load.failed_first as f64),
+        "",
+    );
+    f
 }
 
 fn write_requests(path: &Path, records: &[ClientRecord]) -> anyhow::Result<()> {

@@ -1,4 +1,6 @@
 //! `loadtest`: the bundled harness. `loadtest web` serves the synthetic web or prints its oracle;
+//! `loadtest run` loads an organism following a profile and records its timeline; `loadtest
+//! report` draws it;
 //! `loadtest bench crawl` benchmarks whole organisms against it; `loadtest bench heal` measures
 //! how fast one heals; `loadtest bench grow` how it finds its size.
 
@@ -23,6 +25,15 @@ enum Command {
     /// Serve the deterministic synthetic web on one port, or print the URLs a correct crawler
     /// indexes (--expect).
     Web(WebArgs),
+    /// Client search load on an organism following a profile (open model), with optional
+    /// crawl seeding and chaos; a live view; a timeline per second and its report in --out.
+    Run(loadtest::run::RunArgs),
+    /// Draw a run's timeline (from `loadtest run --out DIR`) as PNG and SVG plots and one
+    /// self-contained HTML report, in that directory.
+    Report {
+        /// The run's --out directory.
+        dir: std::path::PathBuf,
+    },
     /// Benchmarks of whole organisms.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -40,6 +51,9 @@ enum BenchCommand {
     /// How the organism finds its size: the homeostasis simulation at 10,000 cells, then a step
     /// of search load on a real organism (time to decide, to serve, reversals, back to minimum).
     Grow(loadtest::grow::GrowArgs),
+    /// Search latency and throughput under open-model load at each of several rates, on
+    /// `cell up --demo` after its crawl (or on --target).
+    Search(loadtest::bench_search::SearchArgs),
 }
 
 #[derive(Args)]
@@ -92,9 +106,14 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let result = match Cli::parse().command {
         Command::Web(args) => web_command(args).await,
+        Command::Run(args) => loadtest::run::run_command(&args).await,
+        Command::Report { dir } => loadtest::report::report_command(&dir),
         Command::Bench(BenchCommand::Bench(command)) => loadtest::bench::run(command).await,
         Command::Bench(BenchCommand::Heal(args)) => loadtest::heal::heal_command(&args).await,
         Command::Bench(BenchCommand::Grow(args)) => loadtest::grow::grow_command(&args).await,
+        Command::Bench(BenchCommand::Search(args)) => {
+            loadtest::bench_search::search_command(&args).await
+        }
     };
     match result {
         // `loadtest web --expect | head` is not an error.

@@ -37,6 +37,8 @@ pub struct Launch {
     pub grace: Duration,
     /// How long the organism may take to come up.
     pub ready_timeout: Duration,
+    /// More arguments to `cell up` (e.g. `--demo`).
+    pub args: Vec<String>,
 }
 
 impl Launch {
@@ -59,6 +61,7 @@ impl Launch {
             env,
             grace,
             ready_timeout: Duration::from_secs(150),
+            args: Vec::new(),
         }
     }
 }
@@ -69,6 +72,7 @@ struct Announced {
     /// Where clients go: the front doors (or the api).
     frontdoors: Vec<String>,
     healthcheckers: Vec<String>,
+    factories: Vec<String>,
     /// `HOMEOSTAT_CELL` lines, in order.
     cells: Vec<CellInfo>,
 }
@@ -83,6 +87,8 @@ pub struct Organism {
     pub frontdoors: Vec<String>,
     /// The health checkers `cell up` named (none, for versions that do not name them).
     pub healthcheckers: Vec<String>,
+    /// The factories `cell up` named.
+    pub factories: Vec<String>,
     said: Arc<Mutex<Announced>>,
     /// Every cell seen so far, by pid.
     seen: BTreeMap<u32, CellInfo>,
@@ -104,6 +110,9 @@ impl Organism {
             .arg(&launch.infra)
             .arg("--grace-secs")
             .arg(launch.grace.as_secs().max(1).to_string())
+            // A harness killed outright (no signal handler runs) takes its organism along.
+            .arg("--die-with-parent")
+            .args(&launch.args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -114,6 +123,24 @@ impl Organism {
                 None => command.env_remove(key),
             };
         }
+        // The organism's key: the operator's when the environment names one, else one made
+        // here and handed to `cell up` (which would otherwise make its own), so this client can
+        // read the registry of a cluster-mode organism (it takes the read token).
+        let named = |name: &str| {
+            std::env::var_os(name).is_some()
+                || launch.env.iter().any(|(k, v)| k == name && v.is_some())
+        };
+        let read_headers = if named(control::KEY_ENV) || named(control::KEY_FILE_ENV) {
+            control::read_headers_from_env()
+        } else {
+            let key = control::ClusterKey::generate();
+            command.env(control::KEY_ENV, key.to_hex());
+            let mut headers = reqwest::header::HeaderMap::new();
+            if let Ok(value) = reqwest::header::HeaderValue::from_str(&key.read_authorization()) {
+                headers.insert(reqwest::header::AUTHORIZATION, value);
+            }
+            headers
+        };
         let mut child = command
             .spawn()
             .with_context(|| format!("starting {} up", launch.cell.display()))?;
@@ -132,6 +159,7 @@ impl Organism {
                 } else if let Ok(Some(ready)) = protocol::OrganismReady::parse(&line) {
                     said.frontdoors = ready.frontdoors;
                     said.healthcheckers = ready.healthcheckers;
+                    said.factories = ready.factories;
                     if let Some(tx) = up_tx.take() {
                         let _ = tx.send(());
                     }
@@ -170,21 +198,26 @@ impl Organism {
         while lock(&said).healthcheckers.is_empty() && wait.elapsed() < Duration::from_secs(1) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let (frontdoors, healthcheckers) = {
+        let (frontdoors, healthcheckers, factories) = {
             let said = lock(&said);
-            (said.frontdoors.clone(), said.healthcheckers.clone())
+            (
+                said.frontdoors.clone(),
+                said.healthcheckers.clone(),
+                said.factories.clone(),
+            )
         };
         Ok(Organism {
             child,
             front: frontdoors.first().cloned().unwrap_or_default(),
             frontdoors,
             healthcheckers,
+            factories,
             said,
             seen: BTreeMap::new(),
             client: reqwest::Client::builder()
                 .no_proxy()
                 // In cluster mode `/cells` takes the read token.
-                .default_headers(control::read_headers_from_env())
+                .default_headers(read_headers)
                 .timeout(Duration::from_secs(2))
                 .build()
                 .context("building the HTTP client")?,
