@@ -1,0 +1,373 @@
+//! Live upgrade, through the real `cell up` and `cell upgrade`: while clients search through
+//! the front doors and a crawl runs, every cell is replaced, one at a time, by a cell of a
+//! second build of the binary (mitosis before apoptosis), with no failed client request, the
+//! crawl exact against the oracle, and no role ever above its maximum plus one. A build that
+//! never becomes ready is rolled back with the same guarantees. The upgrade runs on the
+//! embedded engines and on PostgreSQL and RabbitMQ.
+//!
+//! The second build is a genuinely different artifact: a copy of the `cell` executable with
+//! bytes appended (an ELF loader ignores trailing data), so its digest, and the build its cells
+//! name in their heartbeats, differ. The broken build is a script that never prints a ready
+//! line nor heartbeats: the factory's start of it times out, twice, and the organism returns
+//! to the build it ran.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use protocol::control::CellsResponse;
+use support::{
+    amqp_url, assert_exact, cell_command, drop_database, fresh_database, infra_toml, serve_web,
+    with_queue_name, Organism, Web,
+};
+use synthweb::WebSpec;
+
+/// The organisms of this file run one after the other (two on two cores starve each other).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Every role's maximum; the upgrade may take a role one above it, never more.
+const EXTRA: &str = r#"
+[roles.api]
+min = 2
+max = 2
+
+[roles.crawler]
+min = 2
+max = 2
+
+[roles.frontdoor]
+min = 2
+max = 2
+
+[roles.healthchecker]
+min = 2
+max = 2
+"#;
+
+const MAXIMUM: u64 = 2;
+
+fn web_spec(seed: u64, pages: usize) -> WebSpec {
+    WebSpec {
+        seed,
+        pages,
+        hosts: 6,
+        latency: Duration::from_millis(2),
+    }
+}
+
+/// A second build of `cell`: a copy with bytes appended, at `DATA/releases/VERSION/cell`.
+fn second_build(data: &Path, version: &str) -> PathBuf {
+    let dir = data.join("releases").join(version);
+    std::fs::create_dir_all(&dir).expect("releases dir");
+    let path = dir.join("cell");
+    let mut bytes = std::fs::read(env!("CARGO_BIN_EXE_cell")).expect("read cell");
+    bytes.extend_from_slice(format!("\nhomeostat test release {version}\n").as_bytes());
+    std::fs::write(&path, bytes).expect("write the second build");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+/// A build that never becomes ready: it prints nothing and never heartbeats.
+fn broken_build(dir: &Path) -> PathBuf {
+    let path = dir.join("broken-cell");
+    std::fs::write(&path, "#!/bin/sh\nexec sleep 600\n").expect("write the broken build");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    path
+}
+
+/// Clients searching through both front doors, back to back, until stopped; every failure
+/// (a status other than 200, or no answer) is kept.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failures: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(org: &Organism, web: &Web) -> Load {
+        let words: Vec<String> = web.web.rare_words(8).into_iter().map(|(w, _)| w).collect();
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..4 {
+            let door = org.frontdoors[i % org.frontdoors.len()].clone();
+            let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+            let words = words.clone();
+            tasks.push(tokio::spawn(async move {
+                let http = reqwest::Client::builder()
+                    .timeout(Duration::from_secs(10))
+                    .build()
+                    .expect("client");
+                let mut n = i;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let word = &words[n % words.len()];
+                    let sent = http
+                        .get(format!("{door}/search"))
+                        .query(&[("q", word.as_str()), ("limit", "5")])
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(r) if r.status().is_success() => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(r) => {
+                            let status = r.status();
+                            let body = r.text().await.unwrap_or_default();
+                            failures
+                                .lock()
+                                .expect("lock")
+                                .push(format!("{door}: {status} {body}"));
+                        }
+                        Err(e) => failures
+                            .lock()
+                            .expect("lock")
+                            .push(format!("{door}: {e:?}")),
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }));
+        }
+        Load {
+            stop,
+            ok,
+            failures,
+            tasks,
+        }
+    }
+
+    /// Stop, and answer (requests answered, failures).
+    async fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.expect("load task");
+        }
+        let failures = self.failures.lock().expect("lock").clone();
+        (self.ok.load(Ordering::SeqCst), failures)
+    }
+}
+
+/// Reads the registry every 50 ms until stopped: the most cells each role had at once
+/// (draining ones included).
+struct Census {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<BTreeMap<String, usize>>,
+}
+
+impl Census {
+    fn start(org: &Organism) -> Census {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (hcs, client, flag) = (org.healthcheckers.clone(), org.client.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut most: BTreeMap<String, usize> = BTreeMap::new();
+            while !flag.load(Ordering::SeqCst) {
+                for hc in &hcs {
+                    let Ok(resp) = client.get(format!("{hc}/cells")).send().await else {
+                        continue;
+                    };
+                    if let Ok(view) = resp.json::<CellsResponse>().await {
+                        for (role, cells) in view.roles {
+                            let n = most.entry(role).or_default();
+                            *n = (*n).max(cells.len());
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            most
+        });
+        Census { stop, task }
+    }
+
+    async fn finish(self) -> BTreeMap<String, usize> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("census")
+    }
+}
+
+/// Every cell of the organism by role, with the build it names.
+async fn builds(org: &Organism) -> Vec<(String, String, String)> {
+    for hc in &org.healthcheckers {
+        let Ok(resp) = org.client.get(format!("{hc}/cells")).send().await else {
+            continue;
+        };
+        if let Ok(view) = resp.json::<CellsResponse>().await {
+            return view
+                .roles
+                .into_values()
+                .flatten()
+                .map(|c| (c.role, c.cell_id, c.build))
+                .collect();
+        }
+    }
+    Vec::new()
+}
+
+/// Wait until every cell (factories included) names `build`.
+async fn wait_all_on(org: &Organism, build: &str, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let cells = builds(org).await;
+        let roles: std::collections::BTreeSet<&str> =
+            cells.iter().map(|(r, _, _)| r.as_str()).collect();
+        if roles.len() == 5 && cells.iter().all(|(_, _, b)| b == build) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "every cell on {build} within {limit:?}: {cells:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `cell upgrade --to TO` against the organism: its exit status and output.
+async fn cell_upgrade(org: &Organism, to: &str, ready_secs: u64) -> (bool, String) {
+    let out = cell_command()
+        .arg("upgrade")
+        .arg("--to")
+        .arg(to)
+        .arg("--infra")
+        .arg(org.dir.path().join("organism.toml"))
+        .arg("--ready-secs")
+        .arg(ready_secs.to_string())
+        .arg("--timeout-secs")
+        .arg("150")
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .await
+        .expect("run cell upgrade");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("cell upgrade --to {to}:\n{text}");
+    (out.status.success(), text)
+}
+
+fn assert_within_maximum_plus_one(most: &BTreeMap<String, usize>) {
+    for role in ["api", "crawler", "frontdoor", "healthchecker"] {
+        let n = most.get(role).copied().unwrap_or(0) as u64;
+        assert!(n >= MAXIMUM, "{role}: the census saw {n} cells");
+        assert!(
+            n <= MAXIMUM + 1,
+            "{role} had {n} cells at once, above its maximum ({MAXIMUM}) plus one"
+        );
+    }
+}
+
+/// Upgrade a running organism to a second build while clients search and a crawl runs: on the
+/// embedded engines, or (`cluster`) on PostgreSQL and RabbitMQ, which the old and the new cells
+/// share throughout.
+async fn upgrade_under_load(seed: u64, cluster: bool) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let web = serve_web(web_spec(seed, 500)).await;
+    let database = if cluster {
+        Some(fresh_database("homeostat_upgrade").await)
+    } else {
+        None
+    };
+    let org = match &database {
+        None => Organism::on(&web, 4.0, EXTRA).await,
+        Some((name, url)) => {
+            let engines = format!(
+                "{EXTRA}\n[engines]\ndatabase = \"{url}\"\nqueue = \"{amqp}\"\n",
+                amqp = amqp_url()
+            );
+            let dir = tempfile::tempdir().expect("tempdir");
+            let queue = format!("homeostat.upgrade.{}.{name}", std::process::id());
+            let toml = with_queue_name(&infra_toml(dir.path(), &web, 4.0, &engines), &queue);
+            Organism::up(&toml, dir).await
+        }
+    };
+    let old = control::build::of_file(Path::new(env!("CARGO_BIN_EXE_cell"))).expect("old build");
+    let new_exe = second_build(&org.data_dir(), "2");
+    let new = control::build::of_file(&new_exe).expect("new build");
+    assert_ne!(old, new, "the second build is another artifact");
+    wait_all_on(&org, &old, Duration::from_secs(30)).await;
+
+    let census = Census::start(&org);
+    let load = Load::start(&org, &web);
+    let seeds = web.web.seeds();
+    org.crawl(&seeds).await;
+    // `--to 2`: the version, found in the data directory's releases.
+    let started = tokio::time::Instant::now();
+    let (ok, output) = cell_upgrade(&org, "2", 30).await;
+    assert!(ok, "the upgrade succeeded:\n{output}");
+    wait_all_on(&org, &new, Duration::from_secs(60)).await;
+    let took = started.elapsed();
+    org.wait_drained(Duration::from_secs(120), |_| {}).await;
+    let (answered, failures) = load.finish().await;
+    let most = census.finish().await;
+    eprintln!("upgraded in {took:?}; {answered} searches answered; most cells at once: {most:?}");
+
+    assert!(failures.is_empty(), "failed requests: {failures:#?}");
+    assert!(answered > 100, "the load ran ({answered} answered)");
+    assert_within_maximum_plus_one(&most);
+    let expected = web.web.expect(&seeds, None);
+    let indexed = match &database {
+        None => org.indexed().await,
+        Some((_, url)) => org.indexed_pg(url).await,
+    };
+    assert_exact(&web.web, &indexed, &expected);
+    org.stop().await;
+    if let Some((name, _)) = database {
+        drop_database(&name).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_replaces_every_cell_with_no_failed_request() {
+    upgrade_under_load(71, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_on_postgres_and_rabbitmq_replaces_every_cell_with_no_failed_request() {
+    upgrade_under_load(72, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_that_never_becomes_ready_is_rolled_back() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let web = serve_web(web_spec(73, 300)).await;
+    let org = Organism::on(&web, 6.0, EXTRA).await;
+    let old = control::build::of_file(Path::new(env!("CARGO_BIN_EXE_cell"))).expect("old build");
+    let broken = broken_build(org.dir.path());
+    wait_all_on(&org, &old, Duration::from_secs(30)).await;
+
+    let census = Census::start(&org);
+    let load = Load::start(&org, &web);
+    let seeds = web.web.seeds();
+    org.crawl(&seeds).await;
+    let (ok, output) = cell_upgrade(&org, broken.to_str().expect("utf-8"), 3).await;
+    assert!(!ok, "the broken upgrade reports its failure:\n{output}");
+    assert!(
+        output.contains("runs") && output.contains("again"),
+        "{output}"
+    );
+    // Still (again) one build everywhere, and new cells start from it.
+    wait_all_on(&org, &old, Duration::from_secs(30)).await;
+    let release = std::fs::read_to_string(org.data_dir().join("release")).expect("release file");
+    assert_eq!(
+        control::build::of_file(Path::new(release.trim())).expect("release build"),
+        old,
+        "the old build is the release again"
+    );
+    org.wait_drained(Duration::from_secs(120), |_| {}).await;
+    let (answered, failures) = load.finish().await;
+    let most = census.finish().await;
+    assert!(failures.is_empty(), "failed requests: {failures:#?}");
+    assert!(answered > 50, "the load ran ({answered} answered)");
+    assert_within_maximum_plus_one(&most);
+    let expected = web.web.expect(&seeds, None);
+    assert_exact(&web.web, &org.indexed().await, &expected);
+    org.stop().await;
+}

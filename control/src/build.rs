@@ -1,0 +1,110 @@
+//! Which build a cell runs: the crate's version and a digest of the executable's own bytes
+//! (`0.1.0+1a2b3c4d5e6f`). Two artifacts of one version (a rebuild, a patched copy) differ, so
+//! a live upgrade can tell which cells already run the release it installs, and the registry
+//! shows it (`GET /cells`, `cell status`).
+//!
+//! The digest of a debug executable takes a moment (hundreds of megabytes), so a cell computes
+//! its own once, in a thread of its own, from the start ([`start`]); its heartbeats carry an
+//! empty build until it is known.
+
+use std::io::Read;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use sha2::{Digest, Sha256};
+
+/// The wire versions (`v`) this build reads and writes.
+pub fn wire_versions() -> Vec<u32> {
+    (1..=protocol::WIRE_VERSION).collect()
+}
+
+/// The build of the executable at `path`: the version this binary was built as (a release of
+/// another version names its own in its heartbeats; the upgrade compares digests) and the first
+/// twelve hex digits of the SHA-256 of its bytes.
+pub fn of_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(format!(
+        "{}+{}",
+        env!("CARGO_PKG_VERSION"),
+        &hex::encode(hasher.finalize())[..12]
+    ))
+}
+
+/// The digest part of a build (`1a2b3c4d5e6f` of `0.1.0+1a2b3c4d5e6f`): what identifies the
+/// artifact whatever version it calls itself.
+pub fn digest(build: &str) -> &str {
+    build.rsplit_once('+').map_or(build, |(_, d)| d)
+}
+
+static CURRENT: OnceLock<String> = OnceLock::new();
+
+/// Begin computing this process's own build (from `/proc/self/exe`) in a thread of its own.
+/// Idempotent.
+pub fn start() {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        let spawned = std::thread::Builder::new()
+            .name("build-digest".into())
+            .spawn(|| {
+                let build = of_file(Path::new("/proc/self/exe")).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot read this executable to name its build");
+                    format!("{}+unknown", env!("CARGO_PKG_VERSION"))
+                });
+                let _ = CURRENT.set(build);
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the build digest thread");
+        }
+    });
+}
+
+/// This process's build, once known (see [`start`]).
+pub fn current() -> Option<&'static str> {
+    CURRENT.get().map(String::as_str)
+}
+
+/// This process's build, computed now if it is not known yet (for a command that needs it at
+/// once, such as `cell upgrade`).
+pub fn current_blocking() -> String {
+    if let Some(b) = current() {
+        return b.to_string();
+    }
+    let build = of_file(Path::new("/proc/self/exe"))
+        .unwrap_or_else(|_| format!("{}+unknown", env!("CARGO_PKG_VERSION")));
+    CURRENT.get_or_init(|| build).clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_build_names_the_bytes_and_a_changed_copy_differs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        std::fs::write(&a, b"\x7fELF same bytes").expect("write");
+        std::fs::write(&b, b"\x7fELF same bytes").expect("write");
+        let (ba, bb) = (of_file(&a).expect("a"), of_file(&b).expect("b"));
+        assert_eq!(
+            ba, bb,
+            "the same bytes are the same build wherever they lie"
+        );
+        assert!(
+            ba.starts_with(concat!(env!("CARGO_PKG_VERSION"), "+")),
+            "{ba}"
+        );
+        assert_eq!(digest(&ba).len(), 12);
+        std::fs::write(&b, b"\x7fELF same bytes and a tail").expect("append");
+        assert_ne!(of_file(&b).expect("b"), ba);
+    }
+}

@@ -1,0 +1,665 @@
+//! Live upgrade: a new build replaces the old one cell by cell while the organism serves.
+//!
+//! A factory asked to upgrade (`POST /control/upgrade`, signed [`UpgradeRequest`]; `cell
+//! upgrade --to PATH_OR_VERSION` sends it) installs the new executable as the organism's release
+//! (the file [`RELEASE_FILE`] in the data directory: every factory starts every cell from it,
+//! replacements and growth included, and `cell up` restarts its factories from it), then walks
+//! the roles in an order that keeps the loop whole ([`ORDER`]: crawlers, apis, front doors,
+//! health checkers; the factories last). For each cell of a role that runs another build, oldest
+//! first, it is mitosis then apoptosis:
+//!
+//! 1. start one cell of the role from the new executable (a fixed-address role gets the old
+//!    cell's address: the new cell takes over its listening socket, see `cell`'s `handover`, so
+//!    both accept from one queue and no connection is refused or reset);
+//! 2. wait until the new cell heartbeats with the new build, says `serving` and answers
+//!    `/readyz`;
+//! 3. ask the old cell to retire (a signed `RetireRequest` to the health checkers, the same door
+//!    as surplus retirement): it says `draining`, the front doors route elsewhere, it finishes
+//!    what it does, and leaves;
+//! 4. wait until it has left the registry.
+//!
+//! One cell at a time, and a new cell is started only while its role has at most its maximum
+//! of cells (draining ones included): a role never exceeds its maximum plus one. A start that
+//! fails (no ready line in time, no heartbeat with the new build, not ready) is stopped and
+//! counted; after `failures_before_rollback` failures the upgrade stops and the organism returns
+//! to the build it ran by the same path (the old executable is installed again and every cell
+//! of the new build is replaced by one of the old).
+//!
+//! The status is kept in [`STATUS_FILE`] in the data directory, so any factory answers `GET
+//! /upgrade`, a second request while one runs is answered with its status, and the status
+//! survives the factories' own replacement.
+//!
+//! Architecture Invariant: an upgrade starts cells only through the local provider; cells of
+//! the pool's roles run the binary their machines boot (`cell boot`), and are left alone (said
+//! in the log).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use control::build::digest;
+use control::{ClusterKey, ControlClient, Signer};
+use protocol::control::{
+    CellRecord, CellState, ReplaceRequest, RetireRequest, UpgradePhase, UpgradeRequest,
+    UpgradeStatus,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::role::FactoryState;
+
+/// The file (in the data directory) naming the organism's current release: one path.
+pub const RELEASE_FILE: &str = "release";
+/// The file (in the data directory) holding the latest upgrade's status.
+pub const STATUS_FILE: &str = "upgrade.json";
+/// Where `--to VERSION` is looked up: `DATA_DIR/releases/VERSION/cell`.
+pub const RELEASES_DIR: &str = "releases";
+/// The order roles are upgraded in: the loop's consumers first (a new crawler works for old
+/// apis), then the apis, the clients' doors, the health checkers; the factories last.
+pub const ORDER: [&str; 4] = ["crawler", "api", "frontdoor", "healthchecker"];
+
+/// How long a new cell may take to become ready, by default.
+pub const READY: Duration = Duration::from_secs(30);
+/// Failed starts of a new build before it is rolled back, by default.
+pub const FAILURES: u32 = 2;
+/// A cell that has not named its build after this long runs a build older than builds in
+/// heartbeats: it is upgraded like any other.
+const UNNAMED_AFTER_MS: u64 = 10_000;
+/// How long an old cell has to drain and leave before it is sent SIGTERM (a cell's default
+/// grace period and a margin).
+const DRAIN_WAIT: Duration = Duration::from_secs(30);
+
+/// Why an upgrade was refused (answered 400 or 409, naming the problem).
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    #[error("no release {to:?}: neither a file nor {looked:?}")]
+    NoRelease { to: String, looked: PathBuf },
+    #[error("the release {0:?} is not an executable file")]
+    NotExecutable(PathBuf),
+    #[error("reading the release {path:?}: {error}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        error: std::io::Error,
+    },
+    #[error("this factory has no data directory to keep releases in")]
+    NoDataDir,
+    #[error("an upgrade to {0} is under way")]
+    Busy(String),
+}
+
+/// The status file: the status, and who runs the upgrade.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct Record {
+    status: UpgradeStatus,
+    /// The pid of the factory running it (on this machine).
+    #[serde(default)]
+    by_pid: Option<u32>,
+}
+
+/// What an upgrade installs and what it returns to.
+#[derive(Debug, Clone)]
+struct Plan {
+    from_exe: PathBuf,
+    from_build: String,
+    to_exe: PathBuf,
+    to_build: String,
+    ready: Duration,
+    failures: u32,
+}
+
+/// Where `to` names a release: a path, or a version in the releases directory.
+pub fn resolve(data_dir: &Path, to: &str) -> Result<PathBuf, UpgradeError> {
+    let direct = PathBuf::from(to);
+    let path = if direct.is_file() {
+        direct
+    } else {
+        let looked = data_dir.join(RELEASES_DIR).join(to).join("cell");
+        if !looked.is_file() || to.contains('/') {
+            return Err(UpgradeError::NoRelease {
+                to: to.to_string(),
+                looked,
+            });
+        }
+        looked
+    };
+    let path = path.canonicalize().map_err(|error| UpgradeError::Read {
+        path: path.clone(),
+        error,
+    })?;
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&path)
+        .map_err(|error| UpgradeError::Read {
+            path: path.clone(),
+            error,
+        })?
+        .permissions()
+        .mode();
+    if mode & 0o111 == 0 {
+        return Err(UpgradeError::NotExecutable(path));
+    }
+    Ok(path)
+}
+
+/// The first line of an upgrade's log (also how a repeat of the request is recognised).
+fn started_line(to: &str, exe: &Path) -> String {
+    format!("upgrade to {to} ({})", exe.display())
+}
+
+/// Write `bytes` to `path` at once (a temporary file renamed over it).
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+impl FactoryState {
+    fn data_dir(&self) -> Option<PathBuf> {
+        self.provider
+            .release_file
+            .as_ref()
+            .and_then(|f| f.parent().map(Path::to_path_buf))
+    }
+
+    fn read_record(&self) -> Record {
+        self.data_dir()
+            .and_then(|d| std::fs::read(d.join(STATUS_FILE)).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// The latest upgrade's status (from the data directory: any factory answers).
+    pub fn upgrade_status(&self) -> UpgradeStatus {
+        self.read_record().status
+    }
+
+    fn update(&self, change: impl FnOnce(&mut UpgradeStatus)) {
+        let mut rec = self.read_record();
+        change(&mut rec.status);
+        rec.by_pid = Some(std::process::id());
+        if let Some(dir) = self.data_dir() {
+            let bytes = serde_json::to_vec_pretty(&rec).expect("the status always serializes");
+            if let Err(e) = write_atomically(&dir.join(STATUS_FILE), &bytes) {
+                tracing::warn!(error = %e, "recording the upgrade's status failed");
+            }
+        }
+    }
+
+    fn note(&self, line: String) {
+        tracing::info!(upgrade = %line);
+        self.update(|s| s.log.push(line));
+    }
+
+    fn install(&self, exe: &Path) -> std::io::Result<()> {
+        let file = self
+            .provider
+            .release_file
+            .as_ref()
+            .ok_or_else(|| std::io::Error::other("no release file"))?;
+        write_atomically(file, exe.to_string_lossy().as_bytes())
+    }
+
+    /// Begin an upgrade to `req.to` in the background and answer its status; a request while
+    /// one runs (here or in a sibling factory) answers that one's status, or refuses a
+    /// different target.
+    pub async fn upgrade(
+        self: &Arc<Self>,
+        req: &UpgradeRequest,
+    ) -> Result<UpgradeStatus, UpgradeError> {
+        let data_dir = self.data_dir().ok_or(UpgradeError::NoDataDir)?;
+        let to_exe = resolve(&data_dir, &req.to)?;
+        let _guard = self.upgrading.lock().await;
+        let rec = self.read_record();
+        let running = matches!(
+            rec.status.phase,
+            UpgradePhase::Running | UpgradePhase::RollingBack
+        ) && rec.by_pid.is_some_and(alive);
+        if running {
+            if rec.status.log.first() == Some(&started_line(&req.to, &to_exe)) {
+                return Ok(rec.status);
+            }
+            return Err(UpgradeError::Busy(rec.status.to));
+        }
+        let from_exe = self.provider.current_exe();
+        // The builds are digests of executables of hundreds of megabytes: named in the
+        // background, after the answer.
+        let plan = Plan {
+            from_exe,
+            from_build: String::new(),
+            to_exe: to_exe.clone(),
+            to_build: String::new(),
+            ready: req.ready_secs.map_or(READY, Duration::from_secs),
+            failures: req.failures_before_rollback.unwrap_or(FAILURES).max(1),
+        };
+        let status = UpgradeStatus {
+            phase: UpgradePhase::Running,
+            to: to_exe.display().to_string(),
+            log: vec![started_line(&req.to, &to_exe)],
+            ..UpgradeStatus::default()
+        };
+        self.update(|s| *s = status.clone());
+        let me = self.clone();
+        tokio::spawn(async move { me.orchestrate(plan).await });
+        Ok(status)
+    }
+
+    async fn orchestrate(self: Arc<Self>, mut plan: Plan) {
+        let (from, to) = (plan.from_exe.clone(), plan.to_exe.clone());
+        let builds = tokio::task::spawn_blocking(move || {
+            Ok::<_, std::io::Error>((
+                control::build::of_file(&from)?,
+                control::build::of_file(&to)?,
+            ))
+        })
+        .await;
+        match builds {
+            Ok(Ok((from, to))) => {
+                plan.from_build = from;
+                plan.to_build = to;
+            }
+            Ok(Err(e)) => {
+                self.update(|s| {
+                    s.phase = UpgradePhase::Failed;
+                    s.reason = Some(format!("reading the executables: {e}"));
+                });
+                return;
+            }
+            Err(e) => {
+                self.update(|s| {
+                    s.phase = UpgradePhase::Failed;
+                    s.reason = Some(format!("naming the builds: {e}"));
+                });
+                return;
+            }
+        }
+        self.update(|s| {
+            s.from = plan.from_build.clone();
+            s.to = plan.to_build.clone();
+        });
+        let client = match ClusterKey::from_env() {
+            Ok(key) => ControlClient::new(Signer::new(key, self.organism.factory_id.clone())),
+            Err(e) => {
+                self.update(|s| {
+                    s.phase = UpgradePhase::Failed;
+                    s.reason = Some(format!("no cluster key to sign with: {e}"));
+                });
+                return;
+            }
+        };
+        if let Err(e) = self.install(&plan.to_exe) {
+            self.update(|s| {
+                s.phase = UpgradePhase::Failed;
+                s.reason = Some(format!("installing the release: {e}"));
+            });
+            return;
+        }
+        metrics::counter!("factory_upgrades_total", "outcome" => "started").increment(1);
+        let outcome = self
+            .roll(&client, &plan.to_exe, &plan.to_build, &plan)
+            .await;
+        let outcome = match outcome {
+            Ok(()) => self.upgrade_factories(&client, &plan).await,
+            Err(e) => Err(e),
+        };
+        let Err(reason) = outcome else {
+            self.note(format!(
+                "every cell runs {}; this factory leaves for its successor",
+                plan.to_build
+            ));
+            self.update(|s| {
+                s.phase = UpgradePhase::Done;
+                s.role = None;
+            });
+            metrics::counter!("factory_upgrades_total", "outcome" => "done").increment(1);
+            // The last old cell: `cell up` restarts this factory from the release.
+            if digest(&plan.from_build) != digest(&plan.to_build) {
+                self.leave.cancel();
+            }
+            return;
+        };
+        tracing::warn!(%reason, "the new build failed: rolling back");
+        self.update(|s| {
+            s.phase = UpgradePhase::RollingBack;
+            s.reason = Some(reason.clone());
+            s.replaced = 0;
+        });
+        self.note(format!("rolling back to {}: {reason}", plan.from_build));
+        if let Err(e) = self.install(&plan.from_exe) {
+            tracing::error!(error = %e, "installing the old release again failed");
+        }
+        // The old build ran until now: a failed start of it is more likely the machine's
+        // trouble than the build's, so it is tried longer before the organism is left mixed.
+        let back = Plan {
+            failures: 5,
+            ..plan.clone()
+        };
+        match self
+            .roll(&client, &plan.from_exe, &plan.from_build, &back)
+            .await
+        {
+            Ok(()) => {
+                self.note(format!("every cell runs {} again", plan.from_build));
+                self.update(|s| {
+                    s.phase = UpgradePhase::RolledBack;
+                    s.role = None;
+                });
+                metrics::counter!("factory_upgrades_total", "outcome" => "rolled_back")
+                    .increment(1);
+            }
+            Err(e) => {
+                self.update(|s| {
+                    s.phase = UpgradePhase::Failed;
+                    s.reason = Some(format!("{reason}; then the rollback: {e}"));
+                });
+                metrics::counter!("factory_upgrades_total", "outcome" => "failed").increment(1);
+            }
+        }
+    }
+
+    /// Replace every cell of another build than `build` with one started from `exe`, role by
+    /// role; `Err` once `plan.failures` starts failed.
+    async fn roll(
+        self: &Arc<Self>,
+        client: &ControlClient,
+        exe: &Path,
+        build: &str,
+        plan: &Plan,
+    ) -> Result<(), String> {
+        let mut failures = 0u32;
+        for pass in 0..3 {
+            for role in ORDER {
+                if self.pool_serves_role(role) {
+                    if pass == 0 {
+                        self.note(format!(
+                            "{role}: its cells are pool machines, which run the binary they boot"
+                        ));
+                    }
+                    continue;
+                }
+                self.update(|s| s.role = Some(role.to_string()));
+                while let Some(old) = self.next_old(role, build).await {
+                    let step = self.replace_one(client, role, &old, exe, build, plan).await;
+                    match step {
+                        Ok(Some(new)) => {
+                            self.note(format!("{role}: {} replaced by {new}", old.cell_id));
+                            self.update(|s| s.replaced += 1);
+                        }
+                        Ok(None) => {
+                            tracing::info!(cell = %old.cell_id, "left before it was replaced");
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            self.note(format!("{role}: replacing {} failed: {e}", old.cell_id));
+                            self.update(|s| s.failures = failures);
+                            if failures >= plan.failures {
+                                return Err(format!(
+                                    "{failures} starts of {build} failed; the last: {e}"
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+            if self.all_on(build).await {
+                return Ok(());
+            }
+        }
+        Err(format!("cells of another build than {build} remain"))
+    }
+
+    /// The factories last: each sibling of another build is asked to leave (its supervisor,
+    /// `cell up`, starts its successor from the release) and must come back with the new build
+    /// before the next; this factory leaves last, once the upgrade is recorded as done.
+    async fn upgrade_factories(&self, client: &ControlClient, plan: &Plan) -> Result<(), String> {
+        self.update(|s| s.role = Some("factory".into()));
+        let me = self.organism.factory_id.clone();
+        let build = &plan.to_build;
+        let others: Vec<CellRecord> = self
+            .registry_view()
+            .await
+            .and_then(|v| v.roles.get("factory").cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c.cell_id != me && digest(&c.build) != digest(build))
+            .collect();
+        for old in others {
+            let order = protocol::control::StopRequest {
+                cell_id: old.cell_id.clone(),
+                reason: format!("upgrade to {build}"),
+            };
+            client
+                .ask(&old.addr, &order)
+                .await
+                .map_err(|e| format!("asking factory {} to leave: {e}", old.cell_id))?;
+            let deadline = tokio::time::Instant::now() + plan.ready + Duration::from_secs(10);
+            loop {
+                let view = self.registry_view().await;
+                let cells = view
+                    .as_ref()
+                    .and_then(|v| v.roles.get("factory"))
+                    .cloned()
+                    .unwrap_or_default();
+                let successor = cells.iter().find(|c| {
+                    c.cell_id != me
+                        && c.addr == old.addr
+                        && digest(&c.build) == digest(build)
+                        && c.state == CellState::Serving
+                });
+                if let Some(new) = successor {
+                    if !cells.iter().any(|c| c.cell_id == old.cell_id) {
+                        self.note(format!(
+                            "factory: {} replaced by {}",
+                            old.cell_id, new.cell_id
+                        ));
+                        self.update(|s| s.replaced += 1);
+                        break;
+                    }
+                }
+                if tokio::time::Instant::now() > deadline {
+                    return Err(format!(
+                        "factory {} left and no factory of {build} took its place at {} within {:?}",
+                        old.cell_id,
+                        old.addr,
+                        plan.ready + Duration::from_secs(10)
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    fn pool_serves_role(&self, role: &str) -> bool {
+        self.pool
+            .get()
+            .is_some_and(|p| p.roles.iter().any(|r| r == role) && !self.fixed.contains_key(role))
+    }
+
+    /// The oldest cell of `role` that runs another build than `build`, once every cell of the
+    /// role has named its build (bounded wait); `None` when there is none.
+    async fn next_old(&self, role: &str, build: &str) -> Option<CellRecord> {
+        for _ in 0..100 {
+            let Some(view) = self.registry_view().await else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let cells: Vec<CellRecord> = view
+                .roles
+                .get(role)
+                .into_iter()
+                .flatten()
+                .filter(|c| !matches!(c.state, CellState::Draining | CellState::Retired))
+                .cloned()
+                .collect();
+            if cells
+                .iter()
+                .any(|c| c.build.is_empty() && c.age_ms < UNNAMED_AFTER_MS)
+            {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            return cells
+                .into_iter()
+                .filter(|c| digest(&c.build) != digest(build))
+                .max_by_key(|c| c.age_ms);
+        }
+        None
+    }
+
+    /// Whether every live cell of the upgraded roles names `build`.
+    async fn all_on(&self, build: &str) -> bool {
+        let Some(view) = self.registry_view().await else {
+            return false;
+        };
+        ORDER
+            .iter()
+            .filter(|r| !self.pool_serves_role(r))
+            .flat_map(|r| view.roles.get(*r).into_iter().flatten())
+            .filter(|c| c.state != CellState::Draining)
+            .all(|c| digest(&c.build) == digest(build))
+    }
+
+    /// Mitosis then apoptosis for one cell: a new cell of `role` from `exe`, serving with
+    /// `build`, then the old one retired. Answers the new cell's id (none when the old cell
+    /// left by itself meanwhile).
+    async fn replace_one(
+        self: &Arc<Self>,
+        client: &ControlClient,
+        role: &str,
+        old: &CellRecord,
+        exe: &Path,
+        build: &str,
+        plan: &Plan,
+    ) -> Result<Option<String>, String> {
+        // At most one cell above the maximum: wait while an earlier old cell still drains.
+        let max = self.organism.maxima.get(role).copied();
+        let deadline = tokio::time::Instant::now() + plan.ready + Duration::from_secs(30);
+        loop {
+            let view = self.registry_view().await;
+            let cells = view
+                .as_ref()
+                .map(|v| v.roles.get(role).cloned().unwrap_or_default());
+            if let Some(cells) = &cells {
+                let still = cells
+                    .iter()
+                    .any(|c| c.cell_id == old.cell_id && c.state != CellState::Draining);
+                if !still {
+                    // It left (or is leaving) by itself: nothing to replace.
+                    return Ok(None);
+                }
+            }
+            match (cells.map(|c| c.len()), max) {
+                (Some(n), Some(max)) if n as u64 > u64::from(max) => {}
+                (Some(_), _) => break,
+                (None, _) => {}
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("{role} stayed above its maximum of {max:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let n = self.next_number();
+        let cell_id = format!("{role}-{}-{n}", std::process::id());
+        let req = ReplaceRequest {
+            request_key: format!("upgrade:{}:{}", digest(build), old.cell_id),
+            role: role.to_string(),
+            reason: format!("upgrade to {build}"),
+            parent: Some(old.cell_id.clone()),
+        };
+        let listen = self
+            .fixed
+            .contains_key(role)
+            .then(|| old.addr.trim_start_matches("http://").to_string());
+        self.start_from(&cell_id, &req, exe, listen, plan.ready)
+            .await
+            .map_err(|e| format!("starting {cell_id}: {e}"))?;
+        if let Err(e) = self.wait_serving(&cell_id, build, plan.ready).await {
+            self.stop(&cell_id).await;
+            return Err(format!("{cell_id}: {e}"));
+        }
+        // Apoptosis: the old cell drains and retires, told through the health checkers.
+        let order = RetireRequest {
+            cell_id: old.cell_id.clone(),
+            reason: format!("upgraded: replaced by {cell_id} ({build})"),
+        };
+        let mut told = false;
+        for hc in &self.organism.healthcheckers {
+            match client.ask(hc, &order).await {
+                Ok(_) => told = true,
+                Err(e) => {
+                    tracing::warn!(healthchecker = %hc, error = %e, "asking a cell to retire failed")
+                }
+            }
+        }
+        if !told && !self.stop(&old.cell_id).await {
+            tracing::warn!(cell = %old.cell_id, "could not ask the old cell to retire");
+        }
+        let gone_by = tokio::time::Instant::now() + DRAIN_WAIT;
+        while tokio::time::Instant::now() < gone_by {
+            let still = self.registry_view().await.is_none_or(|v| {
+                v.roles
+                    .get(role)
+                    .is_some_and(|cells| cells.iter().any(|c| c.cell_id == old.cell_id))
+            });
+            if !still {
+                return Ok(Some(cell_id));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::warn!(cell = %old.cell_id, "the old cell did not leave in time; stopping it");
+        self.terminate(&old.cell_id).await;
+        Ok(Some(cell_id))
+    }
+
+    /// Wait until `cell_id` heartbeats with `build`, serving, and answers `/readyz`.
+    async fn wait_serving(
+        &self,
+        cell_id: &str,
+        build: &str,
+        limit: Duration,
+    ) -> Result<(), String> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut last = "no heartbeat".to_string();
+        while tokio::time::Instant::now() < deadline {
+            if !self.children().await.iter().any(|c| c.cell_id == cell_id) {
+                return Err("exited".into());
+            }
+            let found = self.registry_view().await.and_then(|v| {
+                v.roles
+                    .values()
+                    .flatten()
+                    .find(|c| c.cell_id == cell_id)
+                    .cloned()
+            });
+            if let Some(c) = found {
+                if digest(&c.build) != digest(build) {
+                    last = format!("heartbeats name build {:?}", c.build);
+                } else if !matches!(c.state, CellState::Serving | CellState::Throttling) {
+                    last = format!("state {:?}", c.state);
+                } else {
+                    match http.get(format!("{}/readyz", c.addr)).send().await {
+                        Ok(r) if r.status().is_success() => return Ok(()),
+                        Ok(r) => last = format!("/readyz answers {}", r.status()),
+                        Err(e) => last = format!("/readyz: {e}"),
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!(
+            "not serving with {build} within {limit:?} ({last})"
+        ))
+    }
+
+    fn next_number(&self) -> u64 {
+        self.counter.fetch_add(1, Ordering::SeqCst) + 1
+    }
+}
