@@ -3,7 +3,8 @@
 #
 # 1. Provides PostgreSQL and RabbitMQ (scripts/engines.sh: uses running ones, else installs and
 #    starts throwaway loopback instances when root; fails saying what to run otherwise).
-#    Installs the pool providers' test peers (scripts/pool-tools.sh, scripts/moto.sh).
+#    Installs the pool providers' test peers (scripts/pool-tools.sh, scripts/moto.sh) and the
+#    dashboard test's headless browser (scripts/browser.sh: Debian's chromium).
 # 2. cargo fmt --check, cargo clippy -D warnings, cargo test over the whole workspace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,8 @@ trap 'scripts/engines.sh stop || true' EXIT
 # virtual environment). Installed when missing; the tests fail, never skip, without them.
 scripts/pool-tools.sh
 scripts/moto.sh >/dev/null
+# Debian's chromium, for the dashboard's browser test (cell/tests/dashboard.rs).
+scripts/browser.sh >/dev/null
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings

@@ -10,6 +10,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use engines::frontier::Links;
 use engines::idempotency::{Claim, KeyClaim, MAX_KEY_LEN};
 use engines::{Admission, Candidate, CrawlSpec, IngestItem, IngestOutcome};
 use protocol::{
@@ -92,7 +93,7 @@ fn json_error(e: JsonRejection) -> ApiError {
 /// The api role's routes, vitals included.
 pub fn app(state: AppState) -> Router {
     let vitals = vitals::router("api", state.ready.clone());
-    Router::new()
+    let router = Router::new()
         .route("/search", get(search))
         .route("/stats", get(stats))
         .route(
@@ -107,7 +108,8 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), measure))
         .with_state(state)
-        .merge(vitals)
+        .merge(vitals);
+    vitals::instrument(router, &[])
 }
 
 /// Count requests in flight and their latency, for the cell's pressure. The count is a drop
@@ -131,6 +133,23 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
     ))
 }
 
+/// The public api's description, generated from the handlers below and their types.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(search, stats, crawl))]
+pub struct ApiDoc;
+
+/// Full-text search over the indexed pages, best first.
+#[utoipa::path(
+    get,
+    path = "/search",
+    tag = "search",
+    params(SearchParams),
+    responses(
+        (status = 200, description = "ranked hits", body = SearchResponse),
+        (status = 400, description = "a parameter is bad (the message names it)", body = ErrorBody),
+        (status = 503, description = "the store is unavailable: try again", body = ErrorBody),
+    )
+)]
 async fn search(
     State(state): State<AppState>,
     params: Result<Query<SearchParams>, QueryRejection>,
@@ -153,6 +172,15 @@ async fn search(
 }
 
 /// Versioned: other cells (front doors, `cell status`) read it.
+#[utoipa::path(
+    get,
+    path = "/stats",
+    tag = "crawl",
+    responses(
+        (status = 200, description = "pages indexed; the frontier by state and by host, with the wire version `v`", body = protocol::Versioned<protocol::Stats>),
+        (status = 503, description = "the store is unavailable: try again", body = ErrorBody),
+    )
+)]
 async fn stats(
     State(state): State<AppState>,
 ) -> Result<Json<protocol::Versioned<protocol::Stats>>, ApiError> {
@@ -248,6 +276,25 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(key.to_string()))
 }
 
+/// Admit seed URLs into the frontier; with an `Idempotency-Key` every repeat gets the first
+/// answer.
+#[utoipa::path(
+    post,
+    path = "/crawl",
+    tag = "crawl",
+    request_body = CrawlRequest,
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "1 to 255 visible ASCII characters, kept 24 h"),
+    ),
+    responses(
+        (status = 202, description = "the accepted seeds, and each rejected one with its reason", body = CrawlAccepted),
+        (status = 400, description = "the request is bad (the message names what)", body = ErrorBody),
+        (status = 409, description = "a request with this key is being served: retry", body = ErrorBody),
+        (status = 413, description = "the body is too large", body = ErrorBody),
+        (status = 422, description = "the key was used with another body", body = ErrorBody),
+        (status = 503, description = "the store is unavailable: try again", body = ErrorBody),
+    )
+)]
 async fn crawl(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -467,10 +514,18 @@ async fn ingest(
             outcome,
         });
     }
-    let report = state.store.ingest(&items, cfg.host_budget).await?;
+    // Under client load (the controller said throttle) the links wait in the store, offered
+    // once the load falls (the publisher); the pages are searchable at once either way.
+    let links = if state.defer_links.load(std::sync::atomic::Ordering::Relaxed) {
+        Links::Defer
+    } else {
+        Links::Admit
+    };
+    let report = state.store.ingest(&items, cfg.host_budget, links).await?;
     metrics::counter!("api_ingested_results_total").increment(report.stored as u64);
     metrics::counter!("api_pages_indexed_total").increment(report.pages_indexed as u64);
     metrics::counter!("api_links_admitted_total").increment(report.links_admitted as u64);
+    metrics::counter!("api_links_deferred_total").increment(report.links_deferred as u64);
     metrics::counter!("api_links_refused_total").increment(links_refused);
     if report.unknown > 0 {
         metrics::counter!("api_ingest_unknown_total").increment(report.unknown as u64);

@@ -33,7 +33,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 pub use config::ApiConfig;
-pub use http::{app, ApiError};
+pub use http::{app, ApiDoc, ApiError};
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -52,6 +52,10 @@ pub struct AppState {
     pub load: Arc<Load>,
     /// Checks crawlers' signed permit requests ([`permits`]); `None`: no cluster key, refused.
     pub permits_verifier: Option<Arc<control::Verifier>>,
+    /// True while the cell sheds optional work (its controller said throttle, seed 003): the
+    /// links of ingested pages are kept aside in the store instead of offered to the frontier,
+    /// and offered by the [`publisher`] once the load falls.
+    pub defer_links: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The api cell's own load, measured by a middleware around every request.
@@ -202,8 +206,44 @@ impl AppState {
             ready: vitals::Readiness::default(),
             load: Arc::new(Load::default()),
             permits_verifier: None,
+            defer_links: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
+}
+
+/// The frontier by state and the queue's depth as gauges, read from the engines when `/metrics`
+/// is scraped (the figures `GET /stats` shows; not counted twice). Series the operators' checks
+/// look for exist from the start, at zero.
+fn metrics_on_scrape(state: &AppState) {
+    let (store, queue) = (state.store.clone(), state.queue.clone());
+    vitals::on_scrape(move || {
+        let (store, queue) = (store.clone(), queue.clone());
+        async move {
+            if let Ok(stats) = store.stats(0).await {
+                let f = &stats.frontier;
+                for (s, n) in [
+                    ("pending", f.pending),
+                    ("in_flight", f.in_flight),
+                    ("crawled", f.crawled),
+                    ("failed", f.failed),
+                ] {
+                    metrics::gauge!("api_frontier_urls", "state" => s).set(n as f64);
+                }
+                metrics::gauge!("api_pages_indexed").set(stats.pages_indexed as f64);
+            }
+            if let Ok(depth) = queue.depth().await {
+                for (s, n) in [
+                    ("ready", depth.ready),
+                    ("leased", depth.leased),
+                    ("dead", depth.dead),
+                ] {
+                    metrics::gauge!("queue_jobs", "state" => s).set(n as f64);
+                }
+            }
+        }
+    });
+    metrics::counter!("api_pages_indexed_total").increment(0);
+    metrics::counter!("api_ingested_results_total").increment(0);
 }
 
 /// Why the api role stopped other than by its shutdown.
@@ -222,6 +262,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    metrics_on_scrape(&state);
     let load = state.load.clone();
     let cfg = state.cfg.clone();
     let pressure = ctx.report_pressure(move || load.signals(&cfg));
@@ -230,6 +271,7 @@ pub async fn run(
             overload::WeightController::new(client, ctx.cell_id().to_string(), ctx.registry());
         tokio::spawn(controller.run(pressure, shutdown.clone()));
     }
+    follow_throttle(ctx.throttled(), state.defer_links.clone(), shutdown.clone());
     tracing::info!(advertise = %ctx.advertise(), cell_id = %ctx.cell_id(), "api cell serving");
     let publisher = tokio::spawn(publisher::run(
         state.clone(),
@@ -250,6 +292,34 @@ pub async fn run(
         tracing::error!(error = %e, "publisher task failed");
     }
     served.map_err(RunError::Serve)
+}
+
+/// Keep `defer` equal to what the cell's controller says (throttled or not) until shutdown.
+fn follow_throttle(
+    mut throttled: tokio::sync::watch::Receiver<bool>,
+    defer: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    tokio::spawn(async move {
+        loop {
+            let now = *throttled.borrow_and_update();
+            if defer.swap(now, std::sync::atomic::Ordering::Relaxed) != now {
+                tracing::info!(
+                    deferring = now,
+                    "link expansion {}",
+                    if now {
+                        "deferred: clients first"
+                    } else {
+                        "resumed"
+                    }
+                );
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = throttled.changed() => if changed.is_err() { return },
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use engines::frontier::Links;
 use engines::{IngestItem, IngestOutcome};
 use protocol::CrawlJob;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +19,10 @@ use crate::AppState;
 const TICK: Duration = Duration::from_millis(200);
 const DEAD_LETTER_EVERY: Duration = Duration::from_secs(2);
 const STALE_EVERY: Duration = Duration::from_secs(60);
+/// Pages whose kept links are offered in one transaction, and transactions per turn (the queue
+/// is fed between turns).
+const KEPT_PAGES: u32 = 64;
+const KEPT_ROUNDS: u32 = 16;
 
 pub async fn run(state: AppState, reply_to: String, shutdown: CancellationToken) {
     let mut last_dead = tokio::time::Instant::now();
@@ -28,6 +33,10 @@ pub async fn run(state: AppState, reply_to: String, shutdown: CancellationToken)
             _ = shutdown.cancelled() => return,
             _ = state.frontier_grew.notified() => {}
             _ = tokio::time::sleep(TICK) => {}
+        }
+        if let Err(e) = offer_kept_links(&state, &shutdown).await {
+            tracing::warn!(error = %e, "offering kept links to the frontier failed; will retry");
+            metrics::counter!("api_publish_errors_total").increment(1);
         }
         match publish_all(&state, &reply_to, &shutdown).await {
             Ok(()) => backoff = Duration::from_millis(100),
@@ -106,8 +115,35 @@ async fn drain_dead_letters(state: &AppState) -> engines::Result<()> {
                 }
             }
         }
-        state.store.ingest(&items, state.cfg.host_budget).await?;
+        state
+            .store
+            .ingest(&items, state.cfg.host_budget, Links::Admit)
+            .await?;
         state.queue.ack_dead(&tags).await?;
         metrics::counter!("api_dead_letters_total").increment(tags.len() as u64);
     }
+}
+
+/// Unless this cell is deferring link expansion itself, offer links kept aside (by any api,
+/// this one included, and by apis since dead) to the frontier, a bounded amount per turn.
+async fn offer_kept_links(state: &AppState, shutdown: &CancellationToken) -> engines::Result<()> {
+    for _ in 0..KEPT_ROUNDS {
+        if shutdown.is_cancelled() || state.defer_links.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(());
+        }
+        let done = state
+            .store
+            .expand_deferred(KEPT_PAGES, state.cfg.host_budget)
+            .await?;
+        if done.pages == 0 {
+            return Ok(());
+        }
+        metrics::counter!("api_kept_links_admitted_total").increment(done.links_admitted as u64);
+        tracing::debug!(
+            pages = done.pages,
+            admitted = done.links_admitted,
+            "offered kept links"
+        );
+    }
+    Ok(())
 }

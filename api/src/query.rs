@@ -5,10 +5,15 @@ use serde::Deserialize;
 
 use crate::config::ApiConfig;
 
-#[derive(Debug, Deserialize)]
+/// `GET /search` parameters, read as text so that a bad number is a named 400, not a rejection.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SearchParams {
+    /// The query: words, all of which a hit contains.
     pub q: Option<String>,
+    /// Hits per page (1 to the organism's `api.max_limit`; default 10).
     pub limit: Option<String>,
+    /// Hits to skip.
     pub offset: Option<String>,
 }
 

@@ -558,3 +558,59 @@ async fn crawl_with_an_idempotency_key_is_exactly_once_across_cells() {
     // a, b, e, f: each admitted once.
     assert_eq!(stats["frontier"]["pending"], 4, "{stats}");
 }
+
+/// Under client load (throttled) an api keeps the links of what it ingests aside: the page is
+/// searchable at once, the links wait in the store (`/stats` counts them, the crawl is not
+/// drained). The cell then dies; another api on the same store offers them and the queue gets
+/// their jobs: nothing kept is lost.
+#[tokio::test]
+async fn links_kept_under_load_are_offered_by_any_api_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let busy = cell(dir.path()).await;
+    busy.defer_links.store(true, Ordering::Relaxed);
+    call(&busy, post("/crawl", r#"{"seeds": ["http://a.test/"]}"#)).await;
+    // The seed goes to the queue as a job first, as a crawler would have taken it.
+    let published = busy.store.unpublished(10).await.expect("unpublished");
+    let urls: Vec<String> = published.iter().map(|u| u.url.clone()).collect();
+    busy.store.mark_published(&urls).await.expect("mark");
+    let (status, reply) = call(
+        &busy,
+        signed_ingest(&crawler(), ADDR, IngestBatch::KIND, &quokka_batch()),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{reply}");
+    assert_eq!(
+        (reply["stored"].clone(), reply["admitted_links"].clone()),
+        (1.into(), 0.into())
+    );
+    let (_, stats) = call(&busy, get("/stats")).await;
+    assert_eq!(stats["frontier"]["deferred"], 1, "{stats}");
+    assert_eq!(stats["frontier"]["pending"], 0, "{stats}");
+    let (_, res) = call(&busy, get("/search?q=quokka")).await;
+    assert_eq!(
+        res["total"], 1,
+        "the page is searchable while its links wait"
+    );
+    drop(busy);
+
+    let calm = cell(dir.path()).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let publisher = tokio::spawn(api::publisher::run(calm.clone(), ADDR.into(), stop.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let job = loop {
+        let jobs = calm.queue.lease(10).await.expect("lease");
+        if let Some(d) = jobs.into_iter().next() {
+            break d.job.expect("a job");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the kept link was never published"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!((job.url.as_str(), job.depth), ("http://a.test/b", 1));
+    let (_, stats) = call(&calm, get("/stats")).await;
+    assert_eq!(stats["frontier"]["deferred"], 0, "{stats}");
+    stop.cancel();
+    publisher.await.expect("publisher");
+}

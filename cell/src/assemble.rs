@@ -115,6 +115,13 @@ pub async fn factory(
         ready_timeout: Duration::from_secs(20),
         tie_to_parent: false,
         env: Vec::new(),
+        // The release a live upgrade installed, for every cell this factory starts.
+        release_file: Some(
+            cfg.raw
+                .organism
+                .data_dir
+                .join(factory::upgrade::RELEASE_FILE),
+        ),
     };
     let organism = factory::role::Organism {
         ledger: open_factory_ledger(cfg).await?,

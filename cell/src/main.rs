@@ -5,10 +5,13 @@
 mod assemble;
 mod boot;
 mod engines_setup;
+mod handover;
+mod openapi;
 mod pool_setup;
 mod run;
 mod status;
 mod up;
+mod upgrade;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -37,10 +40,18 @@ enum Command {
     Boot(boot::BootArgs),
     /// Show the cells of the organism started by `cell up` and how they are.
     Status(status::StatusArgs),
+    /// Replace the organism's cells, one by one, with a new build while it serves; roll back
+    /// to the old build if the new one fails.
+    Upgrade(upgrade::UpgradeArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // This executable's build (a digest of its bytes) is named in every heartbeat.
+    control::build::start();
+    openapi::publish();
+    // The recorder first: what the roles register while they are assembled is kept.
+    vitals::metrics_handle();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("HOMEOSTAT_LOG")
@@ -68,6 +79,7 @@ fn main() -> ExitCode {
             Command::Run(args) => run::run(args).await,
             Command::Boot(args) => boot::boot(args).await,
             Command::Status(args) => status::status(args).await,
+            Command::Upgrade(args) => upgrade::upgrade(args).await,
         }
     });
     // A blocking read of stdin (the supervisor's pipe) never returns by itself: do not wait

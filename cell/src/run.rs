@@ -55,6 +55,11 @@ pub struct RunArgs {
     /// Factory: a role whose cells listen on fixed addresses, as ROLE=ADDR,ADDR.
     #[arg(long = "fixed")]
     pub fixed: Vec<String>,
+    /// Front door, health checker: when the listen address is taken, take its listening
+    /// socket over from the cell that offers it (a live upgrade's successor). Without it a
+    /// taken address is an error, as two cells given one address must not share it.
+    #[arg(long)]
+    take_over: bool,
 }
 
 impl RunArgs {
@@ -77,13 +82,20 @@ impl RunArgs {
 
 /// The controller's settings for a cell of `role`, when its role regulates itself.
 fn homeostasis(role: &str, cfg: &infra::Config) -> Option<lifecycle::regulate::Homeostasis> {
-    use lifecycle::homeostasis::{Bounds, Params};
+    use lifecycle::homeostasis::{Bounds, FatigueParams, Params};
     let h = &cfg.raw.homeostasis;
     if !h.roles.iter().any(|r| r == role) {
         return None;
     }
     let secs = Duration::from_secs_f64;
     let bounds = cfg.bounds(role);
+    let f = &h.fatigue;
+    let fatigue = f.roles.iter().any(|r| r == role).then(|| FatigueParams {
+        ratio: f.ratio,
+        window: secs(f.window_secs),
+        replace_after: secs(f.replace_after_secs),
+        ..FatigueParams::default()
+    });
     Some(lifecycle::regulate::Homeostasis {
         params: Params {
             high: h.high,
@@ -95,6 +107,9 @@ fn homeostasis(role: &str, cfg: &infra::Config) -> Option<lifecycle::regulate::H
             shrink_cooldown: secs(h.shrink_cooldown_secs),
             shrink_after_grow: secs(h.shrink_after_grow_secs),
             grow_step: h.grow_step,
+            // Only an api has optional work to shed (link expansion).
+            throttle_first: h.throttle_first && role == "api",
+            fatigue,
             ..Params::default()
         },
         bounds: Bounds {
@@ -146,7 +161,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             life.live(shutdown, Drain::SelfBounded, run).await?;
         }
         "healthchecker" => {
-            let listener = bind(role, args.listen.as_ref().unwrap_or(&any_port)).await?;
+            let listen = args.listen.as_ref().unwrap_or(&any_port);
+            let dir = handover_dir(&cfg);
+            let listener = crate::handover::bind(role, listen, &dir, args.take_over).await?;
             let state = assemble::healthchecker(&cfg, &args, &spec, &key, listener.local_addr()?);
             let (life, ctx) = begin(spec, key, &listener)?;
             let run = |stop| healthchecker::run(ctx, state, listener, stop);
@@ -154,7 +171,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         "frontdoor" => {
             let listen = args.listen.as_ref().unwrap_or(&cfg.raw.frontdoor.listen);
-            let listener = bind(role, listen).await?;
+            let dir = handover_dir(&cfg);
+            let listener = crate::handover::bind(role, listen, &dir, args.take_over).await?;
             let state = assemble::frontdoor(&cfg, &args, &key, listener.local_addr()?)?;
             let (life, ctx) = begin(spec, key, &listener)?;
             let run = |stop| frontdoor::run(ctx, state, listener, stop);
@@ -166,6 +184,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// Where cells of fixed-address roles offer their listening sockets to a successor.
+fn handover_dir(cfg: &infra::Config) -> PathBuf {
+    cfg.raw.organism.data_dir.join("handover")
 }
 
 async fn bind(role: &str, listen: &str) -> anyhow::Result<TcpListener> {

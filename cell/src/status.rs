@@ -48,20 +48,26 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
         .timeout(Duration::from_secs(2))
         .build()?;
     println!(
-        "{:<28} {:<14} {:>8} {:<24} {:<11} {:>8} {:>9}",
-        "CELL", "ROLE", "PID", "ADDRESS", "STATE", "PRESSURE", "AGE"
+        "{:<28} {:<14} {:>8} {:<24} {:<11} {:>8} {:>9}  {:<20} WIRE",
+        "CELL", "ROLE", "PID", "ADDRESS", "STATE", "PRESSURE", "AGE", "BUILD"
     );
     for (role, cells) in &view.roles {
         for c in cells {
             println!(
-                "{:<28} {:<14} {:>8} {:<24} {:<11} {:>8.2} {:>8}s",
+                "{:<28} {:<14} {:>8} {:<24} {:<11} {:>8.2} {:>8}s  {:<20} {}",
                 c.cell_id,
                 role,
                 c.pid.map(|p| p.to_string()).unwrap_or_default(),
                 c.addr.trim_start_matches("http://"),
                 format!("{:?}", c.state).to_lowercase(),
                 c.pressure,
-                c.age_ms / 1000
+                c.age_ms / 1000,
+                shown_build(c),
+                c.wire
+                    .iter()
+                    .map(|v| format!("v{v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
             );
         }
     }
@@ -81,6 +87,16 @@ pub async fn status(args: StatusArgs) -> anyhow::Result<()> {
     }
     pool_status(&client, &organism.factories).await;
     Ok(())
+}
+
+/// A cell's build as `cell status` shows it: version+digest, or its version alone from a cell
+/// older than builds in heartbeats, or `?` while the cell is still naming it.
+fn shown_build(c: &protocol::control::CellRecord) -> String {
+    match (c.build.as_str(), c.version.as_str()) {
+        ("", "") => "?".into(),
+        ("", version) => version.into(),
+        (build, _) => build.into(),
+    }
 }
 
 /// The server pool and the purse, from the first factory that answers (nothing when the

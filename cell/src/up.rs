@@ -113,6 +113,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         ready_timeout: Duration::from_secs(60),
         tie_to_parent: true,
         env: vec![(control::KEY_ENV.to_string(), key.to_hex())],
+        // A live upgrade installs its release here; a factory restarts from it.
+        release_file: Some(data_dir.join(factory::upgrade::RELEASE_FILE)),
     };
     let mut provider = provider;
     if let Some(lease) = factory::lease::OrganismLease::current() {

@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use protocol::control::EventKind;
-use protocol::events::{interpret, SseParser, StreamItem};
 use support::{assert_exact, infra_toml, serve_web, Organism};
 use synthweb::WebSpec;
 
@@ -61,44 +60,34 @@ async fn wait_count(
     }
 }
 
-/// The events a health checker holds (`GET /events?since=0`: its ring, replayed), read for
-/// half a second, as (kind, cell, reason).
+/// The events a health checker holds, as (kind, cell, reason).
 async fn events(org: &Organism) -> Vec<(EventKind, String, String)> {
-    let url = format!("{}/events?since=0", org.healthcheckers[0]);
-    let mut resp = org.client.get(&url).send().await.expect("GET /events");
-    let mut parser = SseParser::new();
-    let mut out = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
-    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline, resp.chunk()).await {
-        for msg in parser.feed(&chunk) {
-            if let StreamItem::Cell(e) = interpret(&msg) {
-                out.push((e.kind, e.cell_id, e.reason));
-            }
-        }
-    }
-    out
+    org.events()
+        .await
+        .into_iter()
+        .map(|e| (e.kind, e.cell_id, e.reason))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_of_search_load_grows_the_apis_and_they_shrink_back() {
+    // A crawl runs through the step: about five seconds at 10 requests/s on each of 4 hosts.
     let web = serve_web(WebSpec {
         seed: 61,
         pages: 200,
         hosts: 4,
-        latency: Duration::ZERO,
+        latency: Duration::from_millis(20),
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
     let extra =
         format!("[roles.api]\nmin = 1\nmax = 3\n\n[roles.crawler]\nmin = 1\nmax = 1\n{QUICK}");
-    let toml = infra_toml(dir.path(), &web, 200.0, &extra).replacen(
+    let toml = infra_toml(dir.path(), &web, 10.0, &extra).replacen(
         "[api]\nlisten = \"127.0.0.1:0\"\n",
         "[api]\nlisten = \"127.0.0.1:0\"\ntarget_in_flight = 1\ntarget_latency_ms = 2000\n",
         1,
     );
     let org = Organism::up(&toml, dir).await;
-    org.crawl(&web.web.seeds()).await;
-    org.wait_drained(Duration::from_secs(120), |_| {}).await;
     assert_eq!(
         wait_count(&org, "api", Duration::from_secs(30), "one api", |n| n == 1).await,
         1
@@ -138,6 +127,25 @@ async fn a_step_of_search_load_grows_the_apis_and_they_shrink_back() {
         }));
     }
     let step = tokio::time::Instant::now();
+    let seeds = web.web.seeds();
+    org.crawl(&seeds).await;
+    // While the load holds, an overloaded api keeps the links of the pages it ingests aside
+    // (seed 003: throttle before dividing); `/stats` counts them.
+    let most_deferred = Arc::new(AtomicU64::new(0));
+    let watcher = {
+        let (most, stop, client) = (most_deferred.clone(), stop.clone(), org.client.clone());
+        let url = format!("{}/stats", org.api);
+        tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok(r) = client.get(&url).send().await {
+                    if let Ok(s) = r.json::<protocol::Stats>().await {
+                        most.fetch_max(s.frontier.deferred, Ordering::SeqCst);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
     let grown = wait_count(&org, "api", Duration::from_secs(60), "growth", |n| n >= 2).await;
     let to_growth = step.elapsed();
     // Hold the load a little while the role settles.
@@ -148,6 +156,7 @@ async fn a_step_of_search_load_grows_the_apis_and_they_shrink_back() {
     for c in clients {
         c.await.expect("client");
     }
+    watcher.await.expect("stats watcher");
     let ended = tokio::time::Instant::now();
     wait_count(
         &org,
@@ -166,7 +175,30 @@ async fn a_step_of_search_load_grows_the_apis_and_they_shrink_back() {
         to_min.as_secs_f64()
     );
     assert_eq!(failed, 0, "no client request fails");
+    // The links kept during the load were offered once it fell: the crawl is exact.
+    let most_deferred = most_deferred.load(Ordering::SeqCst);
+    let stats = org.wait_drained(Duration::from_secs(120), |_| {}).await;
+    eprintln!(
+        "homeostasis (api): at most {most_deferred} links kept aside during the load; crawl of \
+         {} pages drained",
+        stats.frontier.crawled
+    );
+    assert!(
+        most_deferred > 0,
+        "an overloaded api keeps links aside before it divides"
+    );
+    assert_exact(
+        &web.web,
+        &org.indexed().await,
+        &web.web.expect(&seeds, None),
+    );
     let events = events(&org).await;
+    assert!(
+        events
+            .iter()
+            .any(|(k, _, r)| *k == EventKind::Throttled && r.starts_with("throttle:")),
+        "a throttled event with its reason: {events:#?}"
+    );
     assert!(
         events
             .iter()

@@ -123,10 +123,12 @@ boot_timeout_secs = 120
         })
     };
 
-    let client = Arc::new(control::ControlClient::new(control::Signer::new(
-        support::test_key(),
-        "test",
-    )));
+    // The subject is the cap, not latency: a hundred asks at once on a small shared machine may
+    // take longer than a cell's one-second control deadline to be answered.
+    let client = Arc::new(control::ControlClient::with_timeout(
+        control::Signer::new(support::test_key(), "test"),
+        Duration::from_secs(20),
+    ));
     let asks = (0..REQUESTS).map(|n| {
         let (client, factory) = (client.clone(), factories[n % 2].clone());
         async move {

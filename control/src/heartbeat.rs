@@ -194,6 +194,7 @@ pub fn spawn(
     standing: Standing,
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
+    crate::build::start();
     // One sequence for all loops: each loop sends in increasing order, which is all a
     // checker needs.
     let seq = Arc::new(AtomicU64::new(0));
@@ -253,6 +254,8 @@ async fn beat_one(
             pressure: v.pressure,
             signals: v.signals,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            build: crate::build::current().unwrap_or_default().to_string(),
+            wire: crate::build::wire_versions(),
             parent: identity.parent.clone(),
             seq: seq.fetch_add(1, Ordering::SeqCst) + 1,
             interval_ms: interval.as_millis() as u64,

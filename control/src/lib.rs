@@ -14,6 +14,7 @@
 //! endpoints that show the organism's topology (`/cells`, `/events`, `/children`) answer only a
 //! reader that presents it ([`Verifier::check_read`]).
 
+pub mod build;
 pub mod heartbeat;
 
 use std::collections::{HashMap, VecDeque};
@@ -375,6 +376,10 @@ impl Verifier {
     /// Build the verifier before binding the listener it serves: messages sealed before its
     /// creation are refused ([`Rejection::BeforeStart`]).
     pub fn new(key: ClusterKey, window: Duration) -> Self {
+        // The refusals' series exist from the start, at zero, for every cell that verifies.
+        for reason in ["unsigned", "forged", "stale", "replayed", "misdirected"] {
+            metrics::counter!("control_rejected_total", "reason" => reason).increment(0);
+        }
         Self {
             key,
             window,

@@ -61,8 +61,37 @@ pub struct Fetcher {
     inner: Arc<Inner>,
 }
 
+/// Time spent turning fetched bodies into pages (decoding, charset, parsing) and how much was
+/// turned: the crawler's own processing time per unit of work, apart from the network and the
+/// sites' latency (fatigue: a cell that slows down on the same work is tiring).
+#[derive(Debug, Default)]
+pub struct ParseMeter {
+    micros: std::sync::atomic::AtomicU64,
+    /// Bytes parsed, each page counted as at least 1 KiB (a tiny page still costs a parse).
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl ParseMeter {
+    fn record(&self, took: Duration, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        self.micros.fetch_add(micros, Relaxed);
+        self.bytes
+            .fetch_add(bytes.max(1024).try_into().unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// Microseconds per KiB parsed since the last call; `None` when nothing was parsed.
+    pub fn take(&self) -> Option<f64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bytes = self.bytes.swap(0, Relaxed);
+        let micros = self.micros.swap(0, Relaxed);
+        (bytes > 0).then(|| micros as f64 / (bytes as f64 / 1024.0))
+    }
+}
+
 struct Inner {
     cfg: FetchConfig,
+    meter: Arc<ParseMeter>,
     client: reqwest::Client,
     policy: Arc<AddressPolicy>,
     politeness: Arc<dyn HostGate>,
@@ -280,12 +309,18 @@ impl Fetcher {
                 policy,
                 limits,
                 cfg,
+                meter: Arc::new(ParseMeter::default()),
             }),
         })
     }
 
     pub fn config(&self) -> &FetchConfig {
         &self.inner.cfg
+    }
+
+    /// The time this fetcher spends parsing, per KiB ([`ParseMeter`]).
+    pub fn parse_meter(&self) -> Arc<ParseMeter> {
+        self.inner.meter.clone()
     }
 
     /// Robots check, politeness wait, fetch with manual redirects, decode, parse. Never panics
@@ -300,6 +335,9 @@ impl Fetcher {
             }
         };
         metrics::counter!("crawler_fetches_total", "outcome" => ending.label).increment(1);
+        if ending.label == "robots_disallowed" {
+            metrics::counter!("crawler_robots_refusals_total").increment(1);
+        }
         metrics::histogram!("crawler_fetch_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         match &ending.attempt {
@@ -595,15 +633,19 @@ impl Inner {
         };
         let limits = self.limits.clone();
         let status = status.as_u16();
+        let meter = self.meter.clone();
         let parsed = tokio::task::spawn_blocking(move || -> Result<FetchedPage, PageError> {
+            let started = std::time::Instant::now();
             let decoded =
                 body::decode(wire, &codings, cap, Overflow::Refuse).map_err(PageError::Body)?;
+            let bytes = decoded.len();
             if content_type.is_none() && !sniff_html(&decoded) {
                 return Err(PageError::NotHtml);
             }
             let text = crate::charset::decode(&decoded, content_type.as_deref());
             drop(decoded);
             let page = parse::parse_page(&text, &url, directives, &limits);
+            meter.record(started.elapsed(), bytes);
             Ok(FetchedPage {
                 final_url: url.into(),
                 status,

@@ -51,7 +51,11 @@ pub async fn run(
     let per_host = state.fetch.per_host_concurrency as usize;
     let queue = FencedQueue::wrap(state.queue, ctx.standing().clone());
     let ready = vitals::Readiness::default();
-    let vitals_router = vitals::router("crawler", ready.clone());
+    let vitals_router = vitals::instrument(vitals::router("crawler", ready.clone()), &[]);
+    // Series the operators' checks look for exist from the start, at zero.
+    metrics::counter!("crawler_fetches_total", "outcome" => "page").increment(0);
+    metrics::counter!("crawler_robots_refusals_total").increment(0);
+    metrics::counter!("crawler_host_backoffs_total").increment(0);
     let vitals_stop = shutdown.clone();
     let vitals_task = tokio::spawn(async move {
         let _ = axum::serve(listener, vitals_router)
@@ -84,7 +88,18 @@ pub async fn run(
     ready.set(true);
     let worker_cfg = state.worker;
     measure_backlog(&ctx, queue_for_depth, gauges.clone(), shutdown.clone());
-    ctx.report_pressure(move || gauges.signals(&worker_cfg));
+    // Beside the pressure, the time this cell spends parsing per KiB: its own processing time,
+    // which the controller watches for fatigue.
+    let meter = worker.fetcher.parse_meter();
+    let tired = ctx.clone();
+    ctx.report_pressure(move || {
+        let (pressure, mut signals) = gauges.signals(&worker_cfg);
+        if let Some(per_kib) = meter.take() {
+            tired.report_processing(per_kib);
+            signals.push(("parse_us_per_kib", per_kib));
+        }
+        (pressure, signals)
+    });
     tracing::info!(addr = %ctx.addr(), cell_id = %ctx.cell_id(), "crawler cell working");
     worker.run(shutdown).await;
     ready.set(false);
@@ -104,6 +119,7 @@ fn measure_backlog(
     tokio::spawn(async move {
         loop {
             if let Ok(depth) = queue.depth().await {
+                metrics::gauge!("queue_jobs", "state" => "ready").set(depth.ready as f64);
                 let crawlers = match &registry {
                     Some(r) => r.read().await.ok().map(|cells| {
                         cells

@@ -13,3 +13,4 @@ pub mod local;
 pub mod pool;
 pub mod power;
 pub mod role;
+pub mod upgrade;

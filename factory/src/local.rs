@@ -69,6 +69,9 @@ pub struct LocalProvider {
     pub tie_to_parent: bool,
     /// Environment variables every cell gets (e.g. the cluster key); cells also inherit ours.
     pub env: Vec<(String, String)>,
+    /// A file naming the executable to start instead of `exe` (one path), when it exists: the
+    /// release a live upgrade installed (`cell up` restarts its factories from it).
+    pub release_file: Option<PathBuf>,
 }
 
 /// A started process.
@@ -112,7 +115,31 @@ pub enum StartError {
 
 impl LocalProvider {
     pub async fn start(&self, name: &str, spec: &CellSpec) -> Result<Started, StartError> {
-        let mut cmd = Command::new(&self.exe);
+        let exe = self.current_exe();
+        self.start_exe(&exe, self.ready_timeout, name, spec).await
+    }
+
+    /// The executable cells start from: the organism's current release when `cell up` records
+    /// one (a live upgrade installs it, see `factory::upgrade`), else [`LocalProvider::exe`].
+    pub fn current_exe(&self) -> PathBuf {
+        self.release_file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .map(|s| PathBuf::from(s.trim()))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| self.exe.clone())
+    }
+
+    /// Start `exe` (rather than [`LocalProvider::exe`]) as cell `name`, waiting `ready_timeout`
+    /// for its ready line.
+    pub async fn start_exe(
+        &self,
+        exe: &std::path::Path,
+        ready_timeout: Duration,
+        name: &str,
+        spec: &CellSpec,
+    ) -> Result<Started, StartError> {
+        let mut cmd = Command::new(exe);
         cmd.arg("run")
             .arg(&spec.role)
             .args(&self.common_args)
@@ -128,7 +155,7 @@ impl LocalProvider {
             cmd.stdin(Stdio::null());
         }
         let mut child = cmd.spawn().map_err(|error| StartError::Spawn {
-            exe: self.exe.display().to_string(),
+            exe: exe.display().to_string(),
             name: name.to_string(),
             error,
         })?;
@@ -141,7 +168,7 @@ impl LocalProvider {
         let stderr = child.stderr.take().ok_or_else(|| no_pipe("stderr"))?;
         forward(name.to_string(), BufReader::new(stderr));
         let mut lines = BufReader::new(stdout).lines();
-        let ready = tokio::time::timeout(self.ready_timeout, async {
+        let ready = tokio::time::timeout(ready_timeout, async {
             while let Some(line) = lines.next_line().await.map_err(|error| StartError::Read {
                 name: name.to_string(),
                 error,
@@ -165,7 +192,7 @@ impl LocalProvider {
         .await
         .map_err(|_| StartError::NotReady {
             name: name.to_string(),
-            after: self.ready_timeout,
+            after: ready_timeout,
         })
         .and_then(|r| r);
         let ready = match ready {

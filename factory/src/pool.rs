@@ -824,6 +824,46 @@ fn write_boot_file(dir: &std::path::Path, server: &str, join: &JoinData) {
     }
 }
 
+/// The purse and the pool as gauges, read from the ledger when `/metrics` is scraped (the
+/// figures `GET /pool` shows). Money in the budget's currency units (`infra/budget.toml`).
+/// Without a pool nothing is spent and there is no cap: spend 0, caps `+Inf`.
+pub fn spend_gauges(state: &Arc<crate::role::FactoryState>) {
+    let state = state.clone();
+    vitals::on_scrape(move || {
+        let state = state.clone();
+        async move {
+            let units = |m: engines::pool::Micros| m as f64 / 1_000_000.0;
+            let Some(pool) = state.pool.get() else {
+                metrics::gauge!("factory_spend_committed_per_hour").set(0.0);
+                metrics::gauge!("factory_spend_month").set(0.0);
+                metrics::gauge!("factory_spend_cap_per_hour").set(f64::INFINITY);
+                metrics::gauge!("factory_spend_cap_month").set(f64::INFINITY);
+                return;
+            };
+            if let Ok(spend) = pool.spend().await {
+                metrics::gauge!("factory_spend_committed_per_hour")
+                    .set(units(spend.committed_per_hour));
+                metrics::gauge!("factory_spend_month").set(units(spend.spent_month));
+                metrics::gauge!("factory_spend_committed_month").set(units(spend.committed_month));
+                metrics::gauge!("factory_spend_cap_per_hour").set(units(spend.caps.per_hour));
+                metrics::gauge!("factory_spend_cap_month").set(units(spend.caps.per_month));
+                metrics::gauge!("factory_pool_servers_spending").set(spend.spending_servers as f64);
+            }
+            if let Ok(servers) = pool.ledger.servers().await {
+                let mut by: BTreeMap<(&'static str, String), u64> = BTreeMap::new();
+                for s in &servers {
+                    *by.entry((s.state.as_str(), s.provider.clone()))
+                        .or_default() += 1;
+                }
+                for ((st, provider), n) in by {
+                    metrics::gauge!("factory_pool_servers", "state" => st, "provider" => provider)
+                        .set(n as f64);
+                }
+            }
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

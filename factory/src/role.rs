@@ -105,6 +105,52 @@ pub struct Started {
     pub listen: String,
 }
 
+/// Bring-ups under way at which a factory is at capacity: each waits for a cell to become
+/// ready (a local process) or a machine to boot and join (the pool), holding a task and, for
+/// the pool, a provider's rate limit.
+pub const STARTS_AT_CAPACITY: f64 = 8.0;
+/// Requests per second at which a factory is at capacity: each claims a key in the shared
+/// ledger (a database transaction) and reads the registry.
+pub const REQUESTS_AT_CAPACITY: f64 = 50.0;
+
+/// A factory's own load, measured where it works.
+#[derive(Debug, Default)]
+pub struct FactoryLoad {
+    /// Cell requests answered (replace, divide, grow), ever.
+    pub requests: AtomicU64,
+    /// Bring-ups under way.
+    pub starting: std::sync::atomic::AtomicUsize,
+}
+
+impl FactoryLoad {
+    /// Pressure (1.0 = at capacity) and its signals, given the request rate.
+    pub fn signals(&self, requests_per_s: f64) -> (f64, Vec<(&'static str, f64)>) {
+        let starting = self.starting.load(Ordering::Relaxed) as f64;
+        let pressure = (starting / STARTS_AT_CAPACITY).max(requests_per_s / REQUESTS_AT_CAPACITY);
+        (
+            pressure,
+            vec![
+                ("requests_per_s", requests_per_s),
+                ("starts_in_flight", starting),
+            ],
+        )
+    }
+
+    /// Count a bring-up under way until the guard drops.
+    fn start(&self) -> Starting<'_> {
+        self.starting.fetch_add(1, Ordering::Relaxed);
+        Starting(self)
+    }
+}
+
+struct Starting<'a>(&'a FactoryLoad);
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        self.0.starting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub struct FactoryState {
     pub provider: LocalProvider,
     pub verifier: Verifier,
@@ -118,7 +164,14 @@ pub struct FactoryState {
     registry: CellsClient,
     children: Mutex<HashMap<String, Started>>,
     alive: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
-    counter: AtomicU64,
+    pub(crate) counter: AtomicU64,
+    /// Held while an upgrade request is checked and begun (one at a time).
+    pub(crate) upgrading: Mutex<()>,
+    /// Cancelled when this factory leaves for a successor (an upgrade): it stops serving and
+    /// exits, leaving the cells it started running (they outlive it, as when it dies).
+    pub(crate) leave: CancellationToken,
+    /// Requests answered and bring-ups under way: the factory's own load (its pressure).
+    pub load: FactoryLoad,
     /// The server pool, when the organism has one: cells of its roles come from pool machines
     /// (admitted by the purse) instead of processes of this machine.
     pub pool: std::sync::OnceLock<Arc<crate::pool::PoolFactory>>,
@@ -149,6 +202,9 @@ impl FactoryState {
             children: Mutex::new(HashMap::new()),
             alive: Mutex::new(HashMap::new()),
             counter: AtomicU64::new(0),
+            upgrading: Mutex::new(()),
+            leave: CancellationToken::new(),
+            load: FactoryLoad::default(),
             pool: std::sync::OnceLock::new(),
         })
     }
@@ -159,6 +215,8 @@ impl FactoryState {
         self: &Arc<Self>,
         req: &ReplaceRequest,
     ) -> Result<FactoryReply, FactoryError> {
+        self.load.requests.fetch_add(1, Ordering::Relaxed);
+        let _starting = self.load.start();
         let now = now_ms();
         let memory = KEY_MEMORY.as_millis() as i64;
         let n = self.counter.fetch_add(1, Ordering::SeqCst) + 1;
@@ -351,6 +409,40 @@ impl FactoryState {
         self.registry.read().await.ok()
     }
 
+    /// The registry as every health checker that answers sees it, merged (a cell any of them
+    /// lists is listed): a checker that has just replaced another has not heard every cell yet.
+    pub(crate) async fn registry_view(&self) -> Option<CellsResponse> {
+        let auth = control::ClusterKey::from_env()
+            .ok()
+            .map(|key| key.read_authorization());
+        let mut merged: Option<CellsResponse> = None;
+        for hc in &self.organism.healthcheckers {
+            let one = CellsClient::new(vec![hc.clone()], auth.clone());
+            let Ok(view) = one.read().await else {
+                continue;
+            };
+            let all = merged.get_or_insert_with(CellsResponse::default);
+            for (role, cells) in view.roles {
+                let known = all.roles.entry(role).or_default();
+                for c in cells {
+                    if !known.iter().any(|k| k.cell_id == c.cell_id) {
+                        known.push(c);
+                    }
+                }
+            }
+        }
+        merged
+    }
+
+    /// SIGTERM the processes on this machine that run cell `cell_id` (it drains and exits).
+    pub(crate) async fn terminate(&self, cell_id: &str) -> usize {
+        let pids = processes_of_cell(cell_id);
+        for pid in &pids {
+            let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);
+        }
+        pids.len()
+    }
+
     /// SIGKILL the processes on this machine that run cell `dead`, and wait until they are gone.
     /// Found by `--cell-id DEAD` on their command line (this factory's children and any other),
     /// so a pid the kernel gave to another process since is never killed.
@@ -414,12 +506,57 @@ impl FactoryState {
             Some(addr) if address_frees(&addr).await => addr,
             _ => self.free_address(&req.role).await,
         };
+        let exe = self.provider.current_exe();
+        self.launch(
+            cell_id,
+            req,
+            &exe,
+            listen,
+            self.provider.ready_timeout,
+            false,
+        )
+        .await
+    }
+
+    /// Start cell `cell_id` for `req` from `exe`, listening on `listen` (a live cell's own
+    /// address, for an upgrade: the new cell takes its listening socket over), when it is ready
+    /// within `ready`.
+    pub(crate) async fn start_from(
+        self: &Arc<Self>,
+        cell_id: &str,
+        req: &ReplaceRequest,
+        exe: &std::path::Path,
+        listen: Option<String>,
+        ready: Duration,
+    ) -> Result<(), FactoryError> {
+        // A live cell's own address: the new cell takes its listening socket over, and only
+        // then (a taken address is otherwise an error).
+        let (listen, take_over) = match listen {
+            Some(listen) => (listen, true),
+            None => (self.free_address(&req.role).await, false),
+        };
+        self.launch(cell_id, req, exe, listen, ready, take_over)
+            .await
+    }
+
+    async fn launch(
+        self: &Arc<Self>,
+        cell_id: &str,
+        req: &ReplaceRequest,
+        exe: &std::path::Path,
+        listen: String,
+        ready: Duration,
+        take_over: bool,
+    ) -> Result<(), FactoryError> {
         let mut args = vec![
             "--listen".to_string(),
             listen.clone(),
             "--cell-id".to_string(),
             cell_id.to_string(),
         ];
+        if take_over {
+            args.push("--take-over".into());
+        }
         if let Some(parent) = &req.parent {
             args.push("--parent".into());
             args.push(parent.clone());
@@ -430,7 +567,7 @@ impl FactoryState {
             args,
         };
         tracing::info!(cell_id, role = %req.role, key = %req.request_key, reason = %req.reason, "starting a cell");
-        let mut started = self.provider.start(cell_id, &spec).await?;
+        let mut started = self.provider.start_exe(exe, ready, cell_id, &spec).await?;
         let info = Started {
             cell_id: cell_id.to_string(),
             role: req.role.clone(),
@@ -533,15 +670,18 @@ impl FactoryState {
 
 pub fn app(state: Arc<FactoryState>) -> Router {
     let vitals = vitals::router("factory", state.ready.clone());
-    Router::new()
+    let router = Router::new()
         .route("/control/replace", post(replace))
         .route("/control/stop", post(stop))
         .route("/children", get(children))
         .route("/join", post(join))
         .route("/pool", get(pool_status))
+        .route("/control/upgrade", post(upgrade))
+        .route("/upgrade", get(upgrade_status))
         .fallback(not_found)
         .with_state(state)
-        .merge(vitals)
+        .merge(vitals);
+    vitals::instrument(router, &[])
 }
 
 async fn replace(
@@ -577,6 +717,45 @@ async fn replace(
                 .into_response()
         }
     }
+}
+
+/// Begin a live upgrade (signed): answered with its status at once.
+async fn upgrade(
+    State(state): State<Arc<FactoryState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    use protocol::control::UpgradeRequest;
+    let req: UpgradeRequest =
+        match control::receive(&state.verifier, UpgradeRequest::KIND, &headers, &body) {
+            Ok((_, req)) => req,
+            Err(rejection) => return rejection.into_response(),
+        };
+    match state.upgrade(&req).await {
+        Ok(status) => Json(status).into_response(),
+        Err(e) => {
+            let status = match e {
+                crate::upgrade::UpgradeError::Busy(_) => axum::http::StatusCode::CONFLICT,
+                _ => axum::http::StatusCode::BAD_REQUEST,
+            };
+            tracing::warn!(error = %e, to = %req.to, "upgrade refused");
+            (
+                status,
+                Json(protocol::ErrorBody {
+                    error: e.to_string(),
+                }),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// The latest upgrade's status (in cluster mode only for a reader with the read token).
+async fn upgrade_status(State(state): State<Arc<FactoryState>>, headers: HeaderMap) -> Response {
+    if let Err(rejection) = state.verifier.check_read(&headers) {
+        return rejection.into_response();
+    }
+    Json(protocol::Versioned::new(state.upgrade_status())).into_response()
 }
 
 /// A request to replace a dead cell (the health checker's `replace:<dead>` keys), as opposed to
@@ -642,6 +821,13 @@ fn infra_role(role: &str) -> bool {
 
 async fn stop(State(state): State<Arc<FactoryState>>, headers: HeaderMap, body: Bytes) -> Response {
     match control::receive::<StopRequest>(&state.verifier, StopRequest::KIND, &headers, &body) {
+        // Asked to stop itself (an upgrade replaces the factories last): it leaves, and its
+        // supervisor starts its successor from the organism's release.
+        Ok((_, req)) if req.cell_id == state.organism.factory_id => {
+            tracing::info!(reason = %req.reason, "asked to leave");
+            state.leave.cancel();
+            Json(serde_json::json!({ "stopped": true })).into_response()
+        }
         Ok((_, req)) => {
             Json(serde_json::json!({ "stopped": state.stop(&req.cell_id).await })).into_response()
         }
@@ -736,17 +922,34 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     let grace = ctx.grace();
+    {
+        let (me, rate) = (state.clone(), lifecycle::pressure::Rate::default());
+        ctx.report_pressure(move || {
+            me.load
+                .signals(rate.per_sec(me.load.requests.load(Ordering::Relaxed)))
+        });
+    }
+    crate::pool::spend_gauges(&state);
     if let Some(pool) = state.pool.get() {
         // Machines whose cell is gone are powered off.
         pool.watch(Duration::from_secs(1), shutdown.clone());
     }
     state.ready.set(true);
-    let stop_serving = shutdown.clone();
+    let (stop_serving, leave) = (shutdown.clone(), state.leave.clone());
     axum::serve(listener, app(state.clone()))
-        .with_graceful_shutdown(async move { stop_serving.cancelled().await })
+        .with_graceful_shutdown(async move {
+            tokio::select! {
+                _ = stop_serving.cancelled() => {}
+                _ = leave.cancelled() => {}
+            }
+        })
         .await
         .map_err(RunError::Serve)?;
     state.ready.set(false);
+    if state.leave.is_cancelled() && !shutdown.is_cancelled() {
+        tracing::info!("leaving for a successor; the cells this factory started keep running");
+        return Ok(());
+    }
     let pids: Vec<u32> = state.children().await.iter().map(|c| c.pid).collect();
     for pid in &pids {
         let _ = kill(Pid::from_raw(*pid as i32), Signal::SIGTERM);

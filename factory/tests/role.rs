@@ -44,6 +44,7 @@ async fn factory_in(
         ready_timeout: Duration::from_secs(10),
         tie_to_parent: false,
         env: Vec::new(),
+        release_file: None,
     };
     let mut fixed = BTreeMap::new();
     fixed.insert("healthchecker".to_string(), vec!["127.0.0.1:1".to_string()]);
@@ -425,6 +426,7 @@ async fn a_cell_that_misses_its_ready_timeout_is_killed() {
         ready_timeout: Duration::from_millis(300),
         tie_to_parent: false,
         env: Vec::new(),
+        release_file: None,
     };
     let err = provider
         .start(

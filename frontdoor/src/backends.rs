@@ -199,6 +199,9 @@ mod tests {
             last_seen_ms,
             phi: 0.0,
             pid: None,
+            version: String::new(),
+            build: String::new(),
+            wire: Vec::new(),
         }
     }
 

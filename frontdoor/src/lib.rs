@@ -171,14 +171,16 @@ pub fn app(state: AppState) -> Router {
     let limit = DefaultBodyLimit::max(state.cfg.max_body_bytes);
     // Public routes are matched by `proxy::forward` on the normalized path, not by the router
     // on the raw one: `/x/../search` is `/search`, `/crawl/%2e%2e/internal/ingest` is refused.
-    Router::new()
+    let router = Router::new()
         .route(
             "/control/weight",
             post(weights::receive).layer(DefaultBodyLimit::max(MAX_CONTROL_BYTES)),
         )
         .fallback(proxy::forward.layer(limit))
         .with_state(state)
-        .merge(vitals)
+        .merge(vitals);
+    // The proxied routes are served by the fallback: named by their literal path.
+    vitals::instrument(router, &["/search", "/stats", "/crawl"])
 }
 
 /// Why a frontdoor could not be set up.
@@ -243,7 +245,25 @@ pub async fn run(
     }
     state.ready.set(true);
     let stop = shutdown.clone();
-    let served = axum::serve(listener, app(state.clone()))
+    // Once draining, every answer closes its connection: clients leave this cell between
+    // requests (to its successor on the same socket, or the other door), so none is caught on
+    // a keep-alive connection when it stops.
+    let draining = ctx.draining();
+    let router = app(state.clone()).layer(axum::middleware::map_response(
+        move |mut resp: axum::response::Response| {
+            let draining = draining.is_cancelled();
+            async move {
+                if draining {
+                    resp.headers_mut().insert(
+                        axum::http::header::CONNECTION,
+                        axum::http::HeaderValue::from_static("close"),
+                    );
+                }
+                resp
+            }
+        },
+    ));
+    let served = axum::serve(listener, router)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;
     state.ready.set(false);

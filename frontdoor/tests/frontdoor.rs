@@ -652,6 +652,9 @@ fn record(id: &str, addr: &str, state: CellState) -> CellRecord {
         last_seen_ms: 100,
         phi: 0.1,
         pid: None,
+        version: String::new(),
+        build: String::new(),
+        wire: Vec::new(),
     }
 }
 

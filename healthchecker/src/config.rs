@@ -22,6 +22,14 @@ pub struct HealthcheckerConfig {
     pub acceptable_pause_ms: u64,
     /// How often the detector looks at every cell, milliseconds.
     pub sweep_ms: u64,
+    /// A cell the detector gives up on is first probed (`GET /healthz` on its own address): no
+    /// HTTP answer within this long (refused, reset, frozen) confirms the death; an answer means
+    /// it is slow or starved, and its clock restarts. 0 declares deaths on the detector alone.
+    /// Milliseconds.
+    pub probe_timeout_ms: u64,
+    /// A cell whose heartbeats stay away this long is dead even though it answers probes (its
+    /// heartbeats are not getting through), milliseconds.
+    pub refute_limit_ms: u64,
     /// The heartbeats per second one health checker is sized for: its pressure is its rate
     /// against this (reported in its own heartbeats).
     pub target_heartbeats_per_s: u32,
@@ -58,6 +66,8 @@ impl Default for HealthcheckerConfig {
             min_std_dev_ms: phi.min_std_dev.as_millis() as u64,
             acceptable_pause_ms: phi.acceptable_pause.as_millis() as u64,
             sweep_ms: 20,
+            probe_timeout_ms: 500,
+            refute_limit_ms: 5_000,
             target_heartbeats_per_s: 20_000,
             reconcile_ms: 100,
             request_timeout_ms: 10_000,
@@ -122,6 +132,14 @@ impl HealthcheckerConfig {
     }
 
     /// The failure detector's parameters.
+    /// How suspicions are confirmed; `None` when probes are off.
+    pub fn probe_params(&self) -> Option<crate::registry::ProbeParams> {
+        (self.probe_timeout_ms > 0).then(|| crate::registry::ProbeParams {
+            timeout: Duration::from_millis(self.probe_timeout_ms),
+            refute_limit: Duration::from_millis(self.refute_limit_ms.max(self.probe_timeout_ms)),
+        })
+    }
+
     pub fn phi_params(&self) -> PhiParams {
         PhiParams {
             threshold: self.phi_threshold,

@@ -22,14 +22,16 @@ use crate::{now, HealthcheckerState, HEARTBEAT_PATH};
 /// The healthchecker's routes, merged with `/healthz`, `/readyz` and `/metrics`.
 pub fn app(state: HealthcheckerState) -> Router {
     let ready = state.ready();
-    Router::new()
+    let router = Router::new()
         .route(HEARTBEAT_PATH, post(heartbeat))
         .route("/control/retire", post(retire))
         .route("/cells", get(cells))
         .route("/events", get(events))
+        .merge(crate::dashboard::routes())
         .fallback(not_found)
         .with_state(state)
-        .merge(vitals::router("healthchecker", ready))
+        .merge(vitals::router("healthchecker", ready));
+    vitals::instrument(router, &[])
 }
 
 impl HealthcheckerState {
@@ -116,7 +118,7 @@ async fn not_found(uri: axum::http::Uri) -> Response {
         StatusCode::NOT_FOUND,
         Json(ErrorBody {
             error: format!(
-                "no such endpoint {}: see POST {HEARTBEAT_PATH}, POST /control/retire, GET /cells, GET /events",
+                "no such endpoint {}: see POST {HEARTBEAT_PATH}, POST /control/retire, GET /cells, GET /events, GET /dashboard",
                 uri.path()
             ),
         }),
@@ -124,7 +126,24 @@ async fn not_found(uri: axum::http::Uri) -> Response {
         .into_response()
 }
 
+/// The health checker's public reads, described from the handlers below and their types.
+#[derive(utoipa::OpenApi)]
+#[openapi(paths(cells, events))]
+pub struct ApiDoc;
+
 /// Versioned: every cell that reads the registry checks `v`.
+#[utoipa::path(
+    get,
+    path = "/cells",
+    tag = "cells",
+    params(
+        ("Authorization" = Option<String>, Header, description = "`Bearer <read token>`, required in cluster mode"),
+    ),
+    responses(
+        (status = 200, description = "live cells by role, with the wire version `v`", body = protocol::Versioned<protocol::control::CellsResponse>),
+        (status = 401, description = "cluster mode, and no valid read token"),
+    )
+)]
 async fn cells(State(state): State<HealthcheckerState>, headers: HeaderMap) -> Response {
     if let Err(rejection) = state.0.verifier.check_read(&headers) {
         return rejection.into_response();
@@ -132,7 +151,8 @@ async fn cells(State(state): State<HealthcheckerState>, headers: HeaderMap) -> R
     Json(protocol::Versioned::new(state.cells())).into_response()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
     /// Replay the events numbered above this one first.
     since: Option<u64>,
@@ -141,6 +161,20 @@ struct EventsQuery {
 /// The event stream: with `?since=N` (or a `Last-Event-ID` header, as a reconnecting
 /// `EventSource` sends) the ring's events after N first, then live; without, live only. An N
 /// above the last event number replays the whole ring (the checker restarted since).
+#[utoipa::path(
+    get,
+    path = "/events",
+    tag = "cells",
+    params(
+        EventsQuery,
+        ("Last-Event-ID" = Option<u64>, Header, description = "as `since`, sent by a reconnecting EventSource"),
+        ("Authorization" = Option<String>, Header, description = "`Bearer <read token>`, required in cluster mode"),
+    ),
+    responses(
+        (status = 200, description = "Server-Sent Events: `id` the event's number, `event` its kind, `data` the event as JSON; `lagged` with `{\"missed\": n}` when the reader fell behind the ring", body = protocol::control::CellEvent, content_type = "text/event-stream"),
+        (status = 401, description = "cluster mode, and no valid read token"),
+    )
+)]
 async fn events(
     State(state): State<HealthcheckerState>,
     Query(q): Query<EventsQuery>,
@@ -187,6 +221,8 @@ mod tests {
             pressure: 0.1,
             signals: BTreeMap::new(),
             version: "t".into(),
+            build: String::new(),
+            wire: Vec::new(),
             parent: None,
             seq,
             interval_ms: 100,
@@ -367,8 +403,8 @@ mod tests {
         assert_eq!(resp.status(), StatusCode::OK);
     }
 
-    /// The whole life of a cell on paused time: born, serving, declared dead by the sweep
-    /// between 0.5 and 1 s after its last heartbeat.
+    /// The whole life of a cell on paused time: born, serving, declared dead by the sweep and
+    /// its probe (refused, as a killed cell's is) between 0.5 and 1 s after its last heartbeat.
     #[tokio::test(start_paused = true)]
     async fn the_sweep_declares_a_silent_cell_dead_on_paused_time() {
         let state =
@@ -382,8 +418,12 @@ mod tests {
         let mut declared = None;
         while declared.is_none() {
             tokio::time::advance(std::time::Duration::from_millis(20)).await;
-            if !state.sweep(now()).is_empty() {
-                declared = Some(tokio::time::Instant::now() - last);
+            assert!(state.sweep(now()).is_empty(), "no death before its probe");
+            for probe in state.take_probes() {
+                let refused = Err("its probe could not connect".to_string());
+                if state.probe_result(&probe, refused, now()).is_some() {
+                    declared = Some(tokio::time::Instant::now() - last);
+                }
             }
         }
         let after = declared.expect("declared");

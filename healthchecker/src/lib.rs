@@ -14,6 +14,7 @@
 //! replacement keys from them; the factory starts one cell per key.
 
 pub mod config;
+pub mod dashboard;
 pub mod detector;
 pub mod events;
 mod http;
@@ -36,7 +37,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 pub use config::HealthcheckerConfig;
-pub use http::app;
+pub use http::{app, ApiDoc};
 
 use events::EventLog;
 use reconcile::{ReconcileParams, Reconciler};
@@ -66,6 +67,8 @@ struct Shared {
     /// Ends the event streams (so a graceful shutdown is not held open by them).
     streams: CancellationToken,
     counters: Counters,
+    /// What the dashboard gathered from other cells, and who is watching.
+    dashboard: dashboard::Dashboard,
 }
 
 /// The registry and the controllers change together, under one lock.
@@ -128,7 +131,10 @@ impl HealthcheckerState {
         );
         Self(Arc::new(Shared {
             core: Mutex::new(Core {
-                registry: Registry::new(cfg.phi_params()),
+                registry: match cfg.probe_params() {
+                    Some(p) => Registry::new(cfg.phi_params()).with_probes(p),
+                    None => Registry::new(cfg.phi_params()),
+                },
                 reconciler,
                 // Self-regulating roles retire their own surplus (`lifecycle::homeostasis`).
                 surplus: Surplus::new(
@@ -148,6 +154,7 @@ impl HealthcheckerState {
             ready: vitals::Readiness::default(),
             streams: CancellationToken::new(),
             counters: Counters::default(),
+            dashboard: dashboard::Dashboard::new(),
         }))
     }
 
@@ -264,19 +271,7 @@ impl HealthcheckerState {
         let mut core = self.core();
         self.notice_own_stall(&mut core, now);
         let departures = core.registry.sweep(now);
-        for d in &departures {
-            core.ordered.remove(&d.cell_id);
-            if d.dead {
-                core.reconciler
-                    .cell_died(&d.cell_id, &d.role, &d.event.reason, now.at);
-                self.count_death(&d.role);
-                metrics::histogram!("healthchecker_detection_seconds")
-                    .record(d.silent_for.as_secs_f64());
-                tracing::warn!(cell = %d.cell_id, role = %d.role, reason = %d.event.reason, "cell declared dead");
-            } else {
-                tracing::info!(cell = %d.cell_id, role = %d.role, "cell retired");
-            }
-        }
+        self.bury(&mut core, &departures, now);
         let retirements = {
             let Core {
                 registry, surplus, ..
@@ -319,6 +314,54 @@ impl HealthcheckerState {
         }
         self.record(events);
         departures
+    }
+
+    /// The probes the sweeps asked for (see [`registry::Registry::take_probes`]).
+    pub fn take_probes(&self) -> Vec<registry::Probe> {
+        self.core().registry.take_probes()
+    }
+
+    /// What a probe found; a confirmed death is recorded like one the sweep found.
+    pub fn probe_result(
+        &self,
+        probe: &registry::Probe,
+        answer: Result<(), String>,
+        now: Now,
+    ) -> Option<Departure> {
+        let answered = answer.is_ok();
+        let mut core = self.core();
+        let departure = core.registry.probe_result(&probe.cell_id, answer, now);
+        let outcome = match (&departure, answered) {
+            (Some(_), _) => "confirmed",
+            (None, true) => "refuted",
+            (None, false) => "moot",
+        };
+        metrics::counter!("healthchecker_probes_total", "outcome" => outcome).increment(1);
+        if answered {
+            tracing::info!(cell = %probe.cell_id, role = %probe.role, "a silent cell answered its probe: slow, not dead");
+        }
+        let departures: Vec<Departure> = departure.into_iter().collect();
+        self.bury(&mut core, &departures, now);
+        drop(core);
+        self.record(departures.iter().map(|d| d.event.clone()).collect());
+        departures.into_iter().next()
+    }
+
+    /// Book the departures the detector (or a probe) decided.
+    fn bury(&self, core: &mut Core, departures: &[Departure], now: Now) {
+        for d in departures {
+            core.ordered.remove(&d.cell_id);
+            if d.dead {
+                core.reconciler
+                    .cell_died(&d.cell_id, &d.role, &d.event.reason, now.at);
+                self.count_death(&d.role);
+                metrics::histogram!("healthchecker_detection_seconds")
+                    .record(d.silent_for.as_secs_f64());
+                tracing::warn!(cell = %d.cell_id, role = %d.role, reason = %d.event.reason, "cell declared dead");
+            } else {
+                tracing::info!(cell = %d.cell_id, role = %d.role, "cell retired");
+            }
+        }
     }
 
     /// One round of keeping roles at their minimum: plan, ask the factories, take the answers.
@@ -391,6 +434,8 @@ impl HealthcheckerState {
 
     fn record(&self, events: Vec<CellEvent>) {
         for event in events {
+            metrics::counter!("healthchecker_events_total", "kind" => event.kind.as_str())
+                .increment(1);
             self.0.events.push(event);
         }
     }
@@ -400,6 +445,62 @@ impl HealthcheckerState {
         // matters more than stopping would: keep serving.
         self.0.core.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Roles as a metric label: the organism's own, anything else (a newer cell's) `other`, so a
+/// signed but odd heartbeat cannot grow the label set.
+fn role_label(role: &str) -> &'static str {
+    match role {
+        "api" => "api",
+        "crawler" => "crawler",
+        "frontdoor" => "frontdoor",
+        "healthchecker" => "healthchecker",
+        "factory" => "factory",
+        _ => "other",
+    }
+}
+
+/// The registry's figures as gauges, set when `/metrics` is scraped: live cells by role and
+/// state, and the oldest heartbeat age by role.
+fn registry_gauges(state: &HealthcheckerState) {
+    use protocol::control::CellState;
+    const ROLES: [&str; 5] = ["api", "crawler", "frontdoor", "healthchecker", "factory"];
+    const STATES: [(CellState, &str); 7] = [
+        (CellState::Joining, "joining"),
+        (CellState::Serving, "serving"),
+        (CellState::Throttling, "throttling"),
+        (CellState::Dividing, "dividing"),
+        (CellState::Draining, "draining"),
+        (CellState::Retired, "retired"),
+        (CellState::Dead, "dead"),
+    ];
+    let cells = state.cells();
+    let mut counts: HashMap<(&'static str, &'static str), u64> = HashMap::new();
+    let mut age: HashMap<&'static str, f64> = HashMap::new();
+    for c in cells.roles.values().flatten() {
+        let role = role_label(&c.role);
+        let st = STATES
+            .iter()
+            .find(|(s, _)| *s == c.state)
+            .map_or("other", |(_, l)| *l);
+        *counts.entry((role, st)).or_default() += 1;
+        let a = age.entry(role).or_default();
+        *a = a.max(c.last_seen_ms as f64 / 1000.0);
+    }
+    // Every role and state, zeros included, so a role that lost its cells shows 0, not a gap.
+    for role in ROLES.iter().copied().chain(["other"]) {
+        for (_, st) in STATES {
+            let n = counts.get(&(role, st)).copied().unwrap_or(0);
+            if n > 0 || role != "other" {
+                metrics::gauge!("healthchecker_cells", "role" => role, "state" => st).set(n as f64);
+            }
+        }
+        if role != "other" || age.contains_key(role) {
+            metrics::gauge!("healthchecker_heartbeat_age_max_seconds", "role" => role)
+                .set(age.get(role).copied().unwrap_or(0.0));
+        }
+    }
+    metrics::gauge!("healthchecker_events_recorded").set(state.events().latest() as f64);
 }
 
 fn replaced_event(request: &ReplaceRequest, reply: &ReplaceReply) -> CellEvent {
@@ -435,6 +536,24 @@ pub fn now() -> Now {
 pub enum RunError {
     #[error("serving the healthchecker failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("the health checker's probe client could not be built: {0}")]
+    Client(String),
+}
+
+/// Ask a suspected cell's own endpoint whether it lives: any HTTP answer says it does; a
+/// refused or reset connection, or no answer in time (a frozen process whose kernel still
+/// accepts connections), says it does not.
+async fn probe_cell(client: &reqwest::Client, addr: &str, timeout: Duration) -> Result<(), String> {
+    let url = format!("{}/healthz", addr.trim_end_matches('/'));
+    match client.get(&url).send().await {
+        Ok(_) => Ok(()),
+        Err(e) if e.is_timeout() => Err(format!(
+            "no HTTP answer to its probe within {} ms",
+            timeout.as_millis()
+        )),
+        Err(e) if e.is_connect() => Err(format!("its probe could not connect ({e})")),
+        Err(e) => Err(format!("its probe failed ({e})")),
+    }
 }
 
 /// Serve the healthchecker role on `listener` until `shutdown` is cancelled, with the detector
@@ -456,10 +575,34 @@ pub async fn run(
             (r / target, vec![("heartbeats_per_s", r)])
         });
     }
+    {
+        let me = state.clone();
+        vitals::on_scrape(move || {
+            registry_gauges(&me);
+            async {}
+        });
+    }
+    // Series the checks look for exist from the start, at zero.
+    for kind in ["born", "dead", "replaced", "divided", "retired"] {
+        metrics::counter!("healthchecker_events_total", "kind" => kind).increment(0);
+    }
+    metrics::counter!("healthchecker_heartbeats_total").increment(0);
+    metrics::counter!("healthchecker_deaths_total", "role" => "api").increment(0);
+    let dashboard = tokio::spawn(dashboard::gather_while_watched(
+        state.clone(),
+        shutdown.clone(),
+    ));
     let sweep_every = Duration::from_millis(state.0.cfg.sweep_ms.max(1));
     let reconcile_every = Duration::from_millis(state.0.cfg.reconcile_ms.max(1));
     let sweeper = {
         let (state, stop) = (state.clone(), shutdown.clone());
+        let probe_timeout = Duration::from_millis(state.0.cfg.probe_timeout_ms.max(1));
+        // A fresh connection per probe: a killed cell refuses it at once.
+        let prober = reqwest::Client::builder()
+            .timeout(probe_timeout)
+            .pool_max_idle_per_host(0)
+            .build()
+            .map_err(|e| RunError::Client(e.to_string()))?;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(sweep_every);
             tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
@@ -467,6 +610,13 @@ pub async fn run(
                 tokio::select! {
                     _ = tick.tick() => { state.sweep(now()); }
                     () = stop.cancelled() => return,
+                }
+                for probe in state.take_probes() {
+                    let (state, prober) = (state.clone(), prober.clone());
+                    tokio::spawn(async move {
+                        let answer = probe_cell(&prober, &probe.addr, probe_timeout).await;
+                        state.probe_result(&probe, answer, now());
+                    });
                 }
             }
         })
@@ -500,7 +650,11 @@ pub async fn run(
     state.0.ready.set(false);
     shutdown.cancel();
     state.0.streams.cancel();
-    for (name, task) in [("sweep", sweeper), ("reconcile", reconciler)] {
+    for (name, task) in [
+        ("sweep", sweeper),
+        ("reconcile", reconciler),
+        ("dashboard", dashboard),
+    ] {
         if let Err(e) = task.await {
             tracing::error!(task = name, error = %e, "healthchecker task failed");
         }
@@ -523,6 +677,8 @@ mod tests {
             pressure,
             signals: Default::default(),
             version: "t".into(),
+            build: String::new(),
+            wire: Vec::new(),
             parent: None,
             seq,
             interval_ms: 100,
@@ -535,12 +691,131 @@ mod tests {
         Now::new(t0 + Duration::from_millis(ms), ms as i64)
     }
 
+    /// Deaths on the detector alone (probes off), as most of these tests judge it.
     fn state(minimums: &[(&str, u32)]) -> HealthcheckerState {
         let cfg = HealthcheckerConfig {
             minimums: minimums.iter().map(|(r, n)| (r.to_string(), *n)).collect(),
+            probe_timeout_ms: 0,
             ..HealthcheckerConfig::default()
         };
         HealthcheckerState::new(cfg, ClusterKey::generate(), "hc-a")
+    }
+
+    /// A checker with the default settings: suspicions are confirmed by probes.
+    fn probing_state() -> HealthcheckerState {
+        HealthcheckerState::new(
+            HealthcheckerConfig::default(),
+            ClusterKey::generate(),
+            "hc-a",
+        )
+    }
+
+    /// Sweep every 20 ms from `from` until a probe is asked for; its time.
+    fn until_probe(s: &HealthcheckerState, t0: Instant, from: u64) -> (u64, registry::Probe) {
+        let mut t = from;
+        loop {
+            assert!(
+                s.sweep(at(t0, t)).is_empty(),
+                "no death without a probe at {t} ms"
+            );
+            if let Some(p) = s.take_probes().into_iter().next() {
+                return (t, p);
+            }
+            t += 20;
+            assert!(t < from + 2_000, "no probe within 2 s");
+        }
+    }
+
+    #[test]
+    fn a_suspect_that_answers_its_probe_lives_and_one_that_does_not_is_dead() {
+        let t0 = Instant::now();
+        let s = probing_state();
+        live(&s, t0, &[("a", "api")], 0, 1_000);
+        // Silent (starved): suspected, probed, and its endpoint answers: no death.
+        let (t, probe) = until_probe(&s, t0, 1_000);
+        assert_eq!((probe.cell_id.as_str(), probe.role.as_str()), ("a", "api"));
+        assert!(t < 1_700, "suspected within the detection time, at {t} ms");
+        assert!(s.probe_result(&probe, Ok(()), at(t0, t + 5)).is_none());
+        // Still silent: suspected and probed again, answers again; then its heartbeats return.
+        let (t, probe) = until_probe(&s, t0, t + 20);
+        assert!(s.probe_result(&probe, Ok(()), at(t0, t + 5)).is_none());
+        let _ = s.heartbeat(beat("a", "api", 100, 0.0), at(t0, t + 20));
+        assert_eq!(s.stats().deaths, 0);
+        // Later silent again, and its probe finds nobody: dead, the probe's finding in the reason.
+        let (t, probe) = until_probe(&s, t0, t + 40);
+        let gone = s
+            .probe_result(
+                &probe,
+                Err("its probe could not connect".into()),
+                at(t0, t + 2),
+            )
+            .expect("a confirmed death");
+        assert!(gone.dead);
+        assert!(
+            gone.event.reason.contains("its probe could not connect"),
+            "{}",
+            gone.event.reason
+        );
+        assert_eq!(s.stats().deaths, 1);
+        // A late answer for a cell already gone changes nothing.
+        assert!(s.probe_result(&probe, Ok(()), at(t0, t + 30)).is_none());
+    }
+
+    #[test]
+    fn a_cell_that_answers_probes_but_never_heartbeats_dies_at_the_refute_limit() {
+        let t0 = Instant::now();
+        let cfg = HealthcheckerConfig {
+            refute_limit_ms: 3_000,
+            ..HealthcheckerConfig::default()
+        };
+        let s = HealthcheckerState::new(cfg, ClusterKey::generate(), "hc-a");
+        live(&s, t0, &[("a", "api")], 0, 1_000);
+        let mut t = 1_000;
+        let gone = loop {
+            let d = s.sweep(at(t0, t));
+            if let Some(d) = d.into_iter().next() {
+                break d;
+            }
+            for p in s.take_probes() {
+                assert!(s.probe_result(&p, Ok(()), at(t0, t)).is_none());
+            }
+            t += 20;
+            assert!(t < 6_000, "never declared dead");
+        };
+        assert!(
+            (3_800..=4_200).contains(&t),
+            "dead at {t} ms, the limit is 3 s after the last beat at 900 ms"
+        );
+        assert!(
+            gone.event.reason.contains("answered"),
+            "{}",
+            gone.event.reason
+        );
+    }
+
+    #[test]
+    fn a_probe_that_never_comes_back_is_a_death() {
+        let t0 = Instant::now();
+        let s = probing_state();
+        live(&s, t0, &[("a", "api")], 0, 1_000);
+        let (t, _lost) = until_probe(&s, t0, 1_000);
+        let mut u = t + 20;
+        let gone = loop {
+            if let Some(d) = s.sweep(at(t0, u)).into_iter().next() {
+                break d;
+            }
+            u += 20;
+            assert!(u < t + 3_000);
+        };
+        assert!(
+            u >= t + 1_500,
+            "the probe had its timeout and slack: {u} ms"
+        );
+        assert!(
+            gone.event.reason.contains("never came back"),
+            "{}",
+            gone.event.reason
+        );
     }
 
     /// Beats from `ids` every 100 ms with a sweep every 20 ms, from `from` to `to` ms.

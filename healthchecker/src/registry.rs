@@ -20,6 +20,13 @@
 //!   at once and never serves or acknowledges work again. The registry never takes a buried
 //!   cell back, so a replacement is never asked for a cell that is back, and the role returns
 //!   to its size when the fenced cell stops.
+//! - With probes on ([`Registry::with_probes`]), a silence the detector gives up on is first
+//!   confirmed, as SWIM confirms a suspicion with a direct ping: the sweep lists the cell in
+//!   [`Registry::take_probes`], its caller asks the cell's own HTTP endpoint, and
+//!   [`Registry::probe_result`] either declares it dead (refused, reset, or no HTTP answer in
+//!   time: a killed, frozen or half-dead cell) or restarts its clock (it answered: it is slow or
+//!   starved, not dead). A cell whose heartbeats stay away beyond [`ProbeParams::refute_limit`]
+//!   is dead even if it answers: its heartbeats are not getting through.
 //! - A health checker that was itself away (stalled longer than a detection time) does not
 //!   blame the cells for its own silence: [`Registry::observer_resumed`] restarts every
 //!   detector's clock (memberlist's Lifeguard: a slow observer trusts its suspicions less).
@@ -37,6 +44,8 @@ pub const GONE_KEEP: Duration = Duration::from_secs(600);
 pub const GONE_CAP: usize = 10_000;
 /// Most live cells; heartbeats from further new ids are refused.
 pub const MAX_CELLS: usize = 100_000;
+/// How long past its timeout a probe's answer is awaited before the probe counts as lost.
+pub const PROBE_SLACK: Duration = Duration::from_millis(1_000);
 /// Longest heartbeat interval a cell may promise.
 pub const MAX_INTERVAL_MS: u64 = 3_600_000;
 
@@ -112,6 +121,38 @@ struct Entry {
     last: Heartbeat,
     first_seen: Instant,
     detector: PhiDetector,
+    /// Set while the detector suspects the cell and probes decide (probes on).
+    suspect: Option<Suspect>,
+}
+
+/// A suspicion being confirmed.
+#[derive(Debug, Clone, Copy)]
+struct Suspect {
+    /// When the silence began (the last heartbeat before it).
+    silent_since: Instant,
+    /// When the probe under way was asked for; `None` between a refuted probe and the next
+    /// suspicion.
+    probing: Option<Instant>,
+    /// Probes the cell answered during this silence.
+    refuted: u32,
+}
+
+/// How suspicions are confirmed (see the module's rules).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProbeParams {
+    /// A probe without an HTTP answer after this long says the cell is dead.
+    pub timeout: Duration,
+    /// A cell silent this long is dead even though it answers probes.
+    pub refute_limit: Duration,
+}
+
+/// A cell to probe: ask `addr` whether it lives, and give the answer to
+/// [`Registry::probe_result`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub cell_id: String,
+    pub role: String,
+    pub addr: String,
 }
 
 struct Gone {
@@ -124,6 +165,8 @@ struct Gone {
 
 pub struct Registry {
     params: PhiParams,
+    probes: Option<ProbeParams>,
+    to_probe: Vec<Probe>,
     cells: BTreeMap<String, Entry>,
     gone: HashMap<String, Gone>,
     /// Ids in the order they left, for expiry (an id that came back and left again appears
@@ -135,9 +178,49 @@ impl Registry {
     pub fn new(params: PhiParams) -> Self {
         Self {
             params,
+            probes: None,
+            to_probe: Vec::new(),
             cells: BTreeMap::new(),
             gone: HashMap::new(),
             gone_order: VecDeque::new(),
+        }
+    }
+
+    /// Confirm suspicions with probes before declaring deaths.
+    pub fn with_probes(mut self, probes: ProbeParams) -> Self {
+        self.probes = Some(probes);
+        self
+    }
+
+    /// The probes the sweeps asked for since the last call.
+    pub fn take_probes(&mut self) -> Vec<Probe> {
+        std::mem::take(&mut self.to_probe)
+    }
+
+    /// What the probe of `cell_id` found: `Ok` (its HTTP endpoint answered) restarts its clock;
+    /// `Err(why)` declares it dead now. Nothing when it is no longer suspected (a heartbeat came
+    /// meanwhile) or gone.
+    pub fn probe_result(
+        &mut self,
+        cell_id: &str,
+        answer: Result<(), String>,
+        now: Now,
+    ) -> Option<Departure> {
+        let entry = self.cells.get_mut(cell_id)?;
+        let suspect = entry.suspect.as_mut()?;
+        suspect.probing?;
+        match answer {
+            Ok(()) => {
+                suspect.probing = None;
+                suspect.refuted += 1;
+                entry.detector.resume(now.at);
+                None
+            }
+            Err(why) => {
+                let departure = self.depart(cell_id, now, Some(&why));
+                self.expire_gone(now.at);
+                departure
+            }
         }
     }
 
@@ -155,6 +238,7 @@ impl Registry {
                 });
             }
             entry.detector.heartbeat(now.at);
+            entry.suspect = None;
             if hb.interval_ms != entry.last.interval_ms {
                 entry
                     .detector
@@ -211,6 +295,7 @@ impl Registry {
                     last: hb.clone(),
                     first_seen: now.at,
                     detector,
+                    suspect: None,
                 },
             );
         }
@@ -228,59 +313,113 @@ impl Registry {
         Ok(events)
     }
 
-    /// Remove every cell the detector gives up on at `now`.
+    /// Remove every cell the detector gives up on at `now` (with probes on: every cell whose
+    /// probe is overdue or whose silence passed the refute limit; the others it suspects are
+    /// listed for [`Registry::take_probes`]).
     pub fn sweep(&mut self, now: Now) -> Vec<Departure> {
         let threshold = self.params.threshold;
-        let leaving: Vec<String> = self
+        let suspected: Vec<String> = self
             .cells
             .iter()
             .filter(|(_, e)| e.detector.phi(now.at) > threshold)
             .map(|(id, _)| id.clone())
             .collect();
-        let mut out = Vec::with_capacity(leaving.len());
-        for id in leaving {
-            let Some(entry) = self.cells.remove(&id) else {
+        let mut out = Vec::with_capacity(suspected.len());
+        for id in suspected {
+            let Some(entry) = self.cells.get_mut(&id) else {
                 continue;
             };
-            let phi = entry.detector.phi(now.at);
-            let silent_for = entry.detector.last().map_or(Duration::ZERO, |last| {
-                now.at.saturating_duration_since(last)
-            });
-            let dead = !matches!(entry.last.state, CellState::Draining | CellState::Retired);
-            let ms = silent_for.as_millis();
-            let event = if dead {
-                event(
-                    EventKind::Dead,
-                    &entry.last,
-                    now,
-                    format!("no heartbeat for {ms} ms, phi {phi:.1}"),
-                )
-            } else {
-                event(
-                    EventKind::Retired,
-                    &entry.last,
-                    now,
-                    format!("stopped heartbeating while draining ({ms} ms ago)"),
-                )
+            let draining = matches!(entry.last.state, CellState::Draining | CellState::Retired);
+            let leave = match self.probes {
+                None => Some(None),
+                Some(_) if draining => Some(None),
+                Some(p) => {
+                    let last = entry.detector.last().unwrap_or(now.at);
+                    let suspect = entry.suspect.get_or_insert(Suspect {
+                        silent_since: last,
+                        probing: None,
+                        refuted: 0,
+                    });
+                    let silent = now.at.saturating_duration_since(suspect.silent_since);
+                    if silent > p.refute_limit {
+                        Some(Some(format!(
+                            "its HTTP endpoint answered {} probe(s) but no heartbeat came for {} ms",
+                            suspect.refuted,
+                            silent.as_millis()
+                        )))
+                    } else {
+                        match suspect.probing {
+                            Some(asked)
+                                if now.at.saturating_duration_since(asked)
+                                    > p.timeout + PROBE_SLACK =>
+                            {
+                                Some(Some("its probe never came back".to_string()))
+                            }
+                            Some(_) => None,
+                            None => {
+                                suspect.probing = Some(now.at);
+                                self.to_probe.push(Probe {
+                                    cell_id: id.clone(),
+                                    role: entry.last.role.clone(),
+                                    addr: entry.last.addr.clone(),
+                                });
+                                None
+                            }
+                        }
+                    }
+                }
             };
-            self.remember_gone(
-                id.clone(),
-                entry.last.seq,
-                !dead,
-                event.reason.clone(),
-                now.at,
-            );
-            out.push(Departure {
-                cell_id: id,
-                role: entry.last.role,
-                dead,
-                silent_for,
-                phi,
-                event,
-            });
+            if let Some(why) = leave {
+                out.extend(self.depart(&id, now, why.as_deref()));
+            }
         }
         self.expire_gone(now.at);
         out
+    }
+
+    /// Remove `id` as dead (or retired, if it was draining), `why` adding to the reason.
+    fn depart(&mut self, id: &str, now: Now, why: Option<&str>) -> Option<Departure> {
+        let entry = self.cells.remove(id)?;
+        let phi = entry.detector.phi(now.at);
+        let since = entry
+            .suspect
+            .map(|s| s.silent_since)
+            .or(entry.detector.last());
+        let silent_for = since.map_or(Duration::ZERO, |last| {
+            now.at.saturating_duration_since(last)
+        });
+        let dead = !matches!(entry.last.state, CellState::Draining | CellState::Retired);
+        let ms = silent_for.as_millis();
+        let event = if dead {
+            let mut reason = format!("no heartbeat for {ms} ms, phi {phi:.1}");
+            if let Some(why) = why {
+                reason.push_str("; ");
+                reason.push_str(why);
+            }
+            event(EventKind::Dead, &entry.last, now, reason)
+        } else {
+            event(
+                EventKind::Retired,
+                &entry.last,
+                now,
+                format!("stopped heartbeating while draining ({ms} ms ago)"),
+            )
+        };
+        self.remember_gone(
+            id.to_string(),
+            entry.last.seq,
+            !dead,
+            event.reason.clone(),
+            now.at,
+        );
+        Some(Departure {
+            cell_id: id.to_string(),
+            role: entry.last.role,
+            dead,
+            silent_for,
+            phi,
+            event,
+        })
     }
 
     /// The observer was away until `now`: restart every cell's detector clock from here.
@@ -325,6 +464,9 @@ impl Registry {
                     last_seen_ms: last_seen.as_millis() as u64,
                     phi: e.detector.phi(now),
                     pid: e.last.pid,
+                    version: e.last.version.clone(),
+                    build: e.last.build.clone(),
+                    wire: e.last.wire.clone(),
                 });
         }
         CellsResponse { roles }
@@ -527,6 +669,8 @@ pub(crate) mod tests {
             pressure: 0.5,
             signals: BTreeMap::new(),
             version: "test".into(),
+            build: String::new(),
+            wire: Vec::new(),
             parent: None,
             seq,
             interval_ms: 100,

@@ -106,6 +106,38 @@ pub struct HomeostasisSection {
     pub shrink_after_grow_secs: f64,
     /// Cells asked per division at least (a division asks up to doubling the role).
     pub grow_step: u32,
+    /// An overloaded api first sheds optional work (it keeps the links of the pages it ingests
+    /// aside, offered once the load falls) and divides only if the overload holds (seed 003).
+    pub throttle_first: bool,
+    /// Fatigue: a cell whose own processing time grows on the same work divides before it
+    /// fails, and asks for its replacement if it stays sick.
+    pub fatigue: FatigueSection,
+}
+
+/// `[homeostasis.fatigue]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FatigueSection {
+    /// The roles that measure their processing time per unit of work (crawler: per page
+    /// parsed). Empty: no cell acts on fatigue.
+    pub roles: Vec<String>,
+    /// Sick when the recent processing time is this many times the cell's own baseline.
+    pub ratio: f64,
+    /// How long the sickness must hold before the cell divides, seconds.
+    pub window_secs: f64,
+    /// How long it must hold before the cell asks for its replacement and retires, seconds.
+    pub replace_after_secs: f64,
+}
+
+impl Default for FatigueSection {
+    fn default() -> Self {
+        Self {
+            roles: vec!["crawler".into()],
+            ratio: 3.0,
+            window_secs: 15.0,
+            replace_after_secs: 60.0,
+        }
+    }
 }
 
 impl Default for HomeostasisSection {
@@ -121,6 +153,8 @@ impl Default for HomeostasisSection {
             shrink_cooldown_secs: 5.0,
             shrink_after_grow_secs: 30.0,
             grow_step: 4,
+            throttle_first: true,
+            fatigue: FatigueSection::default(),
         }
     }
 }
@@ -492,6 +526,47 @@ impl Config {
         if h.grow_step == 0 {
             push("homeostasis.grow_step".into(), "must be at least 1".into());
         }
+        let f = &h.fatigue;
+        for role in &f.roles {
+            if role != "crawler" {
+                push(
+                    "homeostasis.fatigue.roles".into(),
+                    format!("{role:?}: only crawler cells measure their processing time"),
+                );
+            }
+        }
+        if !(f.ratio.is_finite() && f.ratio > 1.0) {
+            push(
+                "homeostasis.fatigue.ratio".into(),
+                format!(
+                    "must be a number above 1 (times the baseline); got {}",
+                    f.ratio
+                ),
+            );
+        }
+        for (key, secs) in [
+            ("homeostasis.fatigue.window_secs", f.window_secs),
+            (
+                "homeostasis.fatigue.replace_after_secs",
+                f.replace_after_secs,
+            ),
+        ] {
+            if !(secs.is_finite() && (0.0..=86_400.0).contains(&secs)) {
+                push(
+                    key.into(),
+                    "must be a number of seconds from 0 to 86400".into(),
+                );
+            }
+        }
+        if f.replace_after_secs < f.window_secs {
+            push(
+                "homeostasis.fatigue.replace_after_secs".into(),
+                format!(
+                    "must be at least window_secs ({}): a cell divides before it is replaced",
+                    f.window_secs
+                ),
+            );
+        }
         if problems.is_empty() {
             Ok(Self {
                 raw,
@@ -620,6 +695,34 @@ fn classify(value: &str, key: &str) -> Result<(), String> {
     } else {
         &["amqp", "amqps"]
     };
+    // Replicated engines: the nodes of a RabbitMQ cluster as a comma-separated list of URLs,
+    // the servers of a PostgreSQL cluster as a libpq host list (`postgres://u@h1:p1,h2:p2/db`).
+    if key == "engines.queue" && value.contains(',') {
+        return value
+            .split(',')
+            .try_for_each(|one| classify(one.trim(), key));
+    }
+    if key == "engines.database" {
+        if let Some((scheme, rest)) = value.split_once("://") {
+            let end = rest.find(['/', '?']).unwrap_or(rest.len());
+            let (authority, tail) = rest.split_at(end);
+            let (userinfo, hosts) = match authority.rfind('@') {
+                Some(at) => authority.split_at(at + 1),
+                None => ("", authority),
+            };
+            if hosts.contains(',') {
+                return hosts.split(',').try_for_each(|host| {
+                    if host.is_empty() {
+                        Err(format!(
+                            "{shown:?} has an empty host in its host list: {wanted}"
+                        ))
+                    } else {
+                        classify(&format!("{scheme}://{userinfo}{host}{tail}"), key)
+                    }
+                });
+            }
+        }
+    }
     let url =
         url::Url::parse(value).map_err(|e| format!("{shown:?} is not a URL ({e}): {wanted}"))?;
     if !schemes.contains(&url.scheme()) {
@@ -631,8 +734,11 @@ fn classify(value: &str, key: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// A URL with its password hidden, for messages.
+/// A URL (or a comma-separated list of URLs) with its passwords hidden, for messages.
 pub fn redact(value: &str) -> String {
+    if value.contains(',') && value.split(',').all(|one| one.contains("://")) {
+        return value.split(',').map(redact).collect::<Vec<_>>().join(",");
+    }
     if let Ok(mut u) = url::Url::parse(value) {
         if u.password().is_some() {
             let _ = u.set_password(Some("***"));
@@ -750,12 +856,36 @@ listen = "everywhere"
     }
 
     #[test]
+    fn the_replicated_engines_file_names_every_node() {
+        let cfg = Config::parse(include_str!("../cluster-ha.toml"), "cluster-ha.toml")
+            .expect("infra/cluster-ha.toml is valid");
+        assert_eq!(
+            cfg.raw.engines.database.matches("127.0.0.1:600").count(),
+            2,
+            "a primary and a standby"
+        );
+        assert_eq!(
+            cfg.raw.engines.queue.split(',').count(),
+            3,
+            "three RabbitMQ nodes"
+        );
+    }
+
+    #[test]
     fn engine_urls_are_checked_and_secrets_hidden() {
         for (value, key) in [
             ("sqlite", "engines.database"),
             ("sqlite:///tmp/x.db", "engines.database"),
             ("postgres://u:p@db.example:5432/x", "engines.database"),
             ("amqps://u:p@mq.example/%2f", "engines.queue"),
+            (
+                "postgres://u:p@h1:5001,h2:5002/x?target_session_attrs=read-write",
+                "engines.database",
+            ),
+            (
+                "amqp://u:p@h1:5681/%2f,amqp://u:p@h2:5682/%2f",
+                "engines.queue",
+            ),
         ] {
             assert_eq!(classify(value, key), Ok(()), "{value}");
         }
@@ -766,12 +896,20 @@ listen = "everywhere"
             ("postgres://u:hunter2@db/x", "engines.queue"),
             ("sqlite:", "engines.database"),
             ("not a url", "engines.database"),
+            ("postgres://u:hunter2@h1:1,,h2:2/x", "engines.database"),
+            ("amqp://u:hunter2@h1/%2f,postgres://h2/x", "engines.queue"),
+            ("amqp://u:hunter2@h1/%2f,", "engines.queue"),
         ] {
             let reason = classify(value, key).expect_err(value);
             assert!(!reason.contains("hunter2"), "secret in {reason:?}");
         }
         assert_eq!(redact("postgres://u:hunter2@db/x"), "postgres://u:***@db/x");
         assert!(!redact("u:hunter2@db").contains("hunter2"));
+        assert_eq!(
+            redact("amqp://u:hunter2@a/%2f,amqp://v:hunter2@b/%2f"),
+            "amqp://u:***@a/%2f,amqp://v:***@b/%2f"
+        );
+        assert!(!redact("postgres://u:hunter2@h1:1,h2:2/x").contains("hunter2"));
         assert!(!redact("amqp://u:hunter2@").contains("hunter2"));
     }
 

@@ -66,6 +66,7 @@ pub(crate) fn after_notice(
             _ = standing.fenced().cancelled() => true,
         };
         ctx.set_state(CellState::Draining);
+        ctx.0.draining.cancel();
         if fenced_now {
             tracing::error!(
                 reason = ?standing.reason(),

@@ -107,7 +107,7 @@ impl Default for Params {
             shrink_after_grow: Duration::from_secs(30),
             grow_step: 4,
             grow_ratio: 1.0,
-            shrink_ratio: 0.5,
+            shrink_ratio: 0.75,
             askers: 3,
             pending_timeout: Duration::from_secs(60),
             stale_after: Duration::from_secs(5),
@@ -376,6 +376,9 @@ struct Fatigue {
     fast: f64,
     base: f64,
     samples: u32,
+    /// When the last measure came: an idle cell measures nothing, and an old ratio is no
+    /// evidence of sickness.
+    last: Option<Instant>,
     sick_since: Option<Instant>,
     divided: bool,
 }
@@ -534,8 +537,15 @@ impl Controller {
         let needed = (load / p.target).ceil() as u32;
         let desired = needed.clamp(self.bounds.min, self.bounds.max.max(self.bounds.min));
         let fatigue_ratio = match (&p.fatigue, own.processing) {
-            (Some(fp), Some(x)) => self.fatigue.sample(fp, x),
-            (Some(fp), None) => self.fatigue.ratio(fp),
+            (Some(fp), Some(x)) => {
+                self.fatigue.last = Some(now);
+                self.fatigue.sample(fp, x)
+            }
+            (Some(fp), None) => self
+                .fatigue
+                .last
+                .filter(|t| now.saturating_duration_since(*t) < p.stale_after)
+                .and_then(|_| self.fatigue.ratio(fp)),
             _ => None,
         };
         let mut figures = Figures {
@@ -1105,7 +1115,12 @@ mod tests {
     #[test]
     fn surplus_retires_in_rounds_of_the_youngest_and_never_below_the_need() {
         let t0 = Instant::now();
-        // Eight cells, load 1.0 in all: needs 2 at 0.6; minimum 1; a round retires at most 4.
+        // Eight cells, load 1.0 in all: needs 2 at 0.6; minimum 1; rounds of half the role: at
+        // most 4.
+        let halves = Params {
+            shrink_ratio: 0.5,
+            ..Params::default()
+        };
         let ids: Vec<String> = (0..8).map(|i| format!("c{i}")).collect();
         let rows: Vec<_> = ids
             .iter()
@@ -1121,7 +1136,7 @@ mod tests {
             .collect();
         let mut retired = Vec::new();
         for id in &ids {
-            let mut c = Controller::new(Params::default(), bounds(1, 100), "crawler", id.as_str());
+            let mut c = Controller::new(halves.clone(), bounds(1, 100), "crawler", id.as_str());
             let ds = run(&mut c, t0, 12, 0.125, &rows);
             if ds.iter().any(|(_, d)| d.action == Action::Retire) {
                 retired.push(id.clone());
@@ -1138,10 +1153,10 @@ mod tests {
                     .map(|(id, _, _, a)| (*id, CellState::Draining, 0.0, *a)),
             )
             .collect();
-        let mut c3 = Controller::new(Params::default(), bounds(1, 100), "crawler", "c3");
+        let mut c3 = Controller::new(halves.clone(), bounds(1, 100), "crawler", "c3");
         let ds = run(&mut c3, t0, 12, 0.25, &rest);
         assert!(ds.is_empty(), "a round is under way: {ds:?}");
-        let mut c3 = Controller::new(Params::default(), bounds(1, 100), "crawler", "c3");
+        let mut c3 = Controller::new(halves.clone(), bounds(1, 100), "crawler", "c3");
         let ds = run(&mut c3, t0, 12, 0.25, &rest[..4]);
         assert_eq!(ds.len(), 1);
         assert_eq!(ds[0].1.action, Action::Retire);
@@ -1300,6 +1315,36 @@ mod tests {
                 Own {
                     pressure: 0.5,
                     processing: Some(processing),
+                    pending: 0,
+                },
+                &view(now, c.params(), &rows),
+            );
+            assert_eq!(d.action, Action::Hold, "at {s} s: {d:?}");
+        }
+    }
+
+    #[test]
+    fn a_cell_that_stops_measuring_is_not_judged_on_its_last_ratio() {
+        let t0 = Instant::now();
+        let p = Params {
+            fatigue: Some(FatigueParams::default()),
+            ..Params::default()
+        };
+        let rows = serving(&[("a", 0.5), ("b", 0.5)]);
+        let mut c = Controller::new(p, bounds(1, 10), "crawler", "a");
+        for s in 0..300u64 {
+            let now = t0 + Duration::from_secs(s);
+            // Healthy for 30 s, slow for 5 s, then idle (no work, no measure) for good.
+            let processing = match s {
+                0..30 => Some(0.1),
+                30..35 => Some(0.5),
+                _ => None,
+            };
+            let d = c.tick(
+                now,
+                Own {
+                    pressure: 0.5,
+                    processing,
                     pending: 0,
                 },
                 &view(now, c.params(), &rows),

@@ -110,8 +110,13 @@ struct Inner {
     standing: Standing,
     /// Cancelled when the cell retires: ends the context's own tasks (pressure sampling).
     retired: CancellationToken,
+    /// Cancelled when the cell begins to drain (its notice starts).
+    draining: CancellationToken,
     /// Whether the homeostasis controller asked the role to shed optional work.
     throttled: watch::Sender<bool>,
+    /// The role's latest measure of its own processing time per unit of work, not yet read by
+    /// the controller (fatigue).
+    processing: std::sync::Mutex<Option<f64>>,
 }
 
 impl CellContext {
@@ -141,7 +146,9 @@ impl CellContext {
             client,
             standing,
             retired: CancellationToken::new(),
+            draining: CancellationToken::new(),
             throttled: watch::channel(false).0,
+            processing: std::sync::Mutex::new(None),
         }));
         (ctx, vital_rx)
     }
@@ -232,6 +239,35 @@ impl CellContext {
             }
         }
         rx
+    }
+
+    /// Hand the controller a measure of this cell's own processing time per unit of work (a
+    /// crawler: per KiB of page parsed), taken over the work done since the last one. A cell
+    /// that slows down on the same work is tiring (fatigue): it divides before it fails, and is
+    /// replaced if it stays sick. Measures that are not finite and positive are ignored.
+    pub fn report_processing(&self, per_unit: f64) {
+        if per_unit.is_finite() && per_unit > 0.0 {
+            *self
+                .0
+                .processing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(per_unit);
+        }
+    }
+
+    /// The measure handed since the last call, if any.
+    fn take_processing(&self) -> Option<f64> {
+        self.0
+            .processing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Cancelled when the cell begins to drain: from then on a routed role tells its clients
+    /// to leave (a front door answers `Connection: close`), before it stops taking work.
+    pub fn draining(&self) -> CancellationToken {
+        self.0.draining.clone()
     }
 
     /// Follows whether the homeostasis controller asked this cell to shed optional work

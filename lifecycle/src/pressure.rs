@@ -52,6 +52,11 @@ pub(crate) fn report(
     tokio::spawn(async move {
         loop {
             let (pressure, signals) = sample();
+            // The same figures for Prometheus (signal names are the roles' constants: bounded).
+            metrics::gauge!("cell_pressure_ratio").set(pressure);
+            for (name, value) in &signals {
+                metrics::gauge!("cell_pressure_signal", "signal" => *name).set(*value);
+            }
             vital.send_modify(|v| {
                 v.pressure = pressure;
                 v.signals = signals.iter().map(|(k, x)| (k.to_string(), *x)).collect();

@@ -75,7 +75,7 @@ pub(crate) fn spawn(ctx: CellContext, h: Homeostasis, pressure: tokio::sync::wat
             };
             let own = Own {
                 pressure: *pressure.borrow(),
-                processing: None,
+                processing: ctx.take_processing(),
                 pending: 0,
             };
             let decision = controller.tick(Instant::now(), own, view);

@@ -7,7 +7,19 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Where a cell is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum CellState {
     Joining,
@@ -33,8 +45,16 @@ pub struct Heartbeat {
     /// The signals behind the pressure figure, by name.
     #[serde(default)]
     pub signals: BTreeMap<String, f64>,
-    /// The software version the cell runs.
+    /// The software version the cell runs (the crate's version).
     pub version: String,
+    /// The build the cell runs: its version and a digest of its executable's bytes
+    /// (`0.1.0+1a2b3c4d5e6f`), so two different artifacts of one version differ. Empty while
+    /// the cell is still computing it, and from cells older than this field.
+    #[serde(default)]
+    pub build: String,
+    /// The wire versions (`v`) of the messages this cell reads and writes.
+    #[serde(default)]
+    pub wire: Vec<u32>,
     /// The cell that asked for this one, if any.
     #[serde(default)]
     pub parent: Option<String>,
@@ -180,7 +200,7 @@ impl WeightRequest {
 }
 
 /// A transition in a cell's life, as the health checkers record and stream it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CellEvent {
     pub kind: EventKind,
     pub cell_id: String,
@@ -192,7 +212,7 @@ pub struct CellEvent {
     pub parent: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EventKind {
     Born,
@@ -212,8 +232,26 @@ pub enum EventKind {
     Unknown,
 }
 
+impl EventKind {
+    /// The kind's name, as it is on the wire (for metric labels and tables).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Born => "born",
+            EventKind::Serving => "serving",
+            EventKind::Draining => "draining",
+            EventKind::Retired => "retired",
+            EventKind::Dead => "dead",
+            EventKind::Replaced => "replaced",
+            EventKind::Divided => "divided",
+            EventKind::Throttled => "throttled",
+            EventKind::Retiring => "retiring",
+            EventKind::Unknown => "unknown",
+        }
+    }
+}
+
 /// One live cell as the registry (`GET /cells`) shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CellRecord {
     pub cell_id: String,
     pub role: String,
@@ -231,10 +269,19 @@ pub struct CellRecord {
     /// Operating-system process id, from its heartbeat (local provider).
     #[serde(default)]
     pub pid: Option<u32>,
+    /// The software version the cell runs (from its heartbeat).
+    #[serde(default)]
+    pub version: String,
+    /// The build it runs: version and a digest of its executable (empty until it reports it).
+    #[serde(default)]
+    pub build: String,
+    /// The wire versions it speaks.
+    #[serde(default)]
+    pub wire: Vec<u32>,
 }
 
 /// `GET /cells` (served as [`crate::Versioned`], read with [`crate::client::CellsClient`]).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema, Default)]
 pub struct CellsResponse {
     /// Live cells, by role.
     pub roles: BTreeMap<String, Vec<CellRecord>>,
@@ -292,4 +339,87 @@ impl ControlRequest for crate::IngestBatch {
     const KIND: &'static str = crate::IngestBatch::KIND;
     const PATH: &'static str = "/internal/ingest";
     type Reply = crate::IngestReply;
+}
+
+/// Ask a factory to upgrade the organism, cell by cell, to the executable `to`: a path on the
+/// factory's machine, or a version name looked up in the organism's releases directory
+/// (`DATA_DIR/releases/VERSION/cell`). The factory answers with the upgrade's status at once and
+/// works in the background; a repeat while it runs (to the same target) is a no-op.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeRequest {
+    pub to: String,
+    /// How long a new cell has to become ready and heartbeat with the new build before that
+    /// start counts as failed (default 30 s).
+    #[serde(default)]
+    pub ready_secs: Option<u64>,
+    /// Failed starts of the new build after which the upgrade stops and the organism returns
+    /// to the build it ran (default 2).
+    #[serde(default)]
+    pub failures_before_rollback: Option<u32>,
+}
+
+impl UpgradeRequest {
+    pub const KIND: &'static str = "upgrade";
+}
+
+impl ControlRequest for UpgradeRequest {
+    const KIND: &'static str = UpgradeRequest::KIND;
+    const PATH: &'static str = "/control/upgrade";
+    type Reply = UpgradeStatus;
+}
+
+/// Where an upgrade is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UpgradePhase {
+    /// No upgrade was asked of this factory.
+    #[default]
+    Idle,
+    /// Replacing cells with the new build, role by role.
+    Running,
+    /// The new build failed; replacing its cells with the old build.
+    RollingBack,
+    /// Every cell runs the new build.
+    Done,
+    /// The new build failed and every cell runs the old build again.
+    RolledBack,
+    /// Neither the new build nor the rollback could finish (`reason` says why).
+    Failed,
+    /// A phase from a newer factory that this build does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+impl UpgradePhase {
+    /// True once the upgrade has ended, one way or another.
+    pub fn finished(self) -> bool {
+        matches!(self, Self::Done | Self::RolledBack | Self::Failed)
+    }
+}
+
+/// A factory's upgrade, as `GET /upgrade` and the answer to an [`UpgradeRequest`] show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct UpgradeStatus {
+    pub phase: UpgradePhase,
+    /// The build the organism ran before.
+    #[serde(default)]
+    pub from: String,
+    /// The build being installed.
+    #[serde(default)]
+    pub to: String,
+    /// The role being replaced now.
+    #[serde(default)]
+    pub role: Option<String>,
+    /// Cells replaced so far (in this phase).
+    #[serde(default)]
+    pub replaced: u32,
+    /// Starts of the new build that failed.
+    #[serde(default)]
+    pub failures: u32,
+    /// Why it rolled back or failed.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// What it did, one line a step.
+    #[serde(default)]
+    pub log: Vec<String>,
 }

@@ -111,7 +111,7 @@ pub struct IngestReply {
 }
 
 /// `POST /crawl` body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CrawlRequest {
     pub seeds: Vec<String>,
@@ -121,21 +121,21 @@ pub struct CrawlRequest {
     pub max_pages: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CrawlAccepted {
     pub crawl_id: i64,
     pub accepted: Vec<String>,
     pub rejected: Vec<Rejection>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Rejection {
     pub url: String,
     pub reason: String,
 }
 
 /// `GET /search` answer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SearchResponse {
     pub query: String,
     pub total: u64,
@@ -145,7 +145,7 @@ pub struct SearchResponse {
     pub hits: Vec<SearchHit>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SearchHit {
     pub url: String,
     pub title: String,
@@ -156,14 +156,14 @@ pub struct SearchHit {
 }
 
 /// `GET /stats` answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, Default)]
 pub struct Stats {
     pub pages_indexed: u64,
     pub frontier: FrontierCounts,
     pub hosts: Vec<HostStats>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, Default)]
 pub struct FrontierCounts {
     /// Accepted, not yet handed to the queue.
     pub pending: u64,
@@ -171,16 +171,21 @@ pub struct FrontierCounts {
     pub in_flight: u64,
     pub crawled: u64,
     pub failed: u64,
+    /// Links of crawled pages kept aside while their api was busy with clients, not yet offered
+    /// to the frontier (seed 003). Absent from an older api's answer: 0.
+    #[serde(default)]
+    pub deferred: u64,
 }
 
 impl FrontierCounts {
-    /// True when every accepted URL has ended (crawled or failed).
+    /// True when every accepted URL has ended (crawled or failed) and no link waits to be
+    /// offered.
     pub fn drained(&self) -> bool {
-        self.pending == 0 && self.in_flight == 0
+        self.pending == 0 && self.in_flight == 0 && self.deferred == 0
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, Default)]
 pub struct HostStats {
     pub host: String,
     pub pending: u64,
@@ -190,7 +195,7 @@ pub struct HostStats {
 }
 
 /// The JSON body of every 4xx/5xx answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: String,
 }
@@ -210,7 +215,7 @@ pub enum WireError {
 /// An answer one cell serves another (`GET /cells`, `GET /stats`): the body's fields with the
 /// wire version `v` beside them (`{"v":1, ...}`). A reader that ignores `v` reads the body as
 /// before; [`Versioned::decode`] checks it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Versioned<T> {
     /// Absent (`None`) only in what a sender outside this protocol wrote.
     #[serde(default)]

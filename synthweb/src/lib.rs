@@ -20,12 +20,18 @@
 //! | `/files/N.pdf`, `/img/N.png` | non-HTML resources |
 //! | `/robots.txt` | `User-agent: *` rules; a host or two answer 404 (allow all) |
 //!
+//! Beside them, on hosts of their own, the [`hostile`] web: slow and endless answers, redirect
+//! loops, redirects to internal addresses, compression bombs, oversized pages, broken markup and
+//! encodings, a calendar trap, 429s, odd robots.txt files; each with the outcome a correct crawler
+//! ends with.
+//!
 //! Architecture Invariant: the server and the oracle read the same immutable model
 //! ([`SyntheticWeb`]); the oracle never parses HTML, it resolves the very `href` strings the
 //! pages carry with the same normalization the crawler uses. The tests check the two agree by
 //! crawling the served HTML independently.
 
 mod build;
+pub mod hostile;
 mod oracle;
 mod render;
 mod server;

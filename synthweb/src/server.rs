@@ -108,13 +108,16 @@ impl ServedLog {
 struct AppState {
     web: Arc<SyntheticWeb>,
     log: ServedLog,
+    hostile: Arc<crate::hostile::Hostile>,
 }
 
 /// The router serving `web` and recording every request in `log`.
 pub fn app(web: Arc<SyntheticWeb>, log: ServedLog) -> Router {
-    Router::new()
-        .fallback(answer)
-        .with_state(AppState { web, log })
+    Router::new().fallback(answer).with_state(AppState {
+        web,
+        log,
+        hostile: Arc::default(),
+    })
 }
 
 /// Serve `web` on `listener` until `shutdown` completes, recording every request in `log`.
@@ -183,6 +186,16 @@ async fn answer(State(state): State<AppState>, request: Request) -> Response {
         .path_and_query()
         .map_or("/", |p| p.as_str())
         .to_owned();
+    if crate::hostile::is_hostile(&host) {
+        let response = state.hostile.answer(&host, &path).await;
+        state.log.push(Served {
+            host,
+            path,
+            at: Instant::now(),
+            status: response.status().as_u16(),
+        });
+        return response;
+    }
     let answer = state.web.answer(&host, &path);
     state.log.push(Served {
         host,

@@ -24,6 +24,12 @@ pub async fn serve_web(spec: WebSpec) -> Web {
         .expect("serve the synthetic web")
 }
 
+/// The organisms of one test binary run one after the other. Each is a dozen processes whose
+/// subject is often how a failure detector judges silence; two booting at once on a two-core
+/// machine starve each other's heartbeats (a false death that is the machine's, not the code's),
+/// and `cargo test` runs the binaries themselves one at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 pub struct Organism {
     pub child: Child,
     pub dir: tempfile::TempDir,
@@ -32,6 +38,9 @@ pub struct Organism {
     pub frontdoors: Vec<String>,
     pub healthcheckers: Vec<String>,
     pub client: reqwest::Client,
+    /// Held while this organism lives (see [`ONE_AT_A_TIME`]); released when it is dropped,
+    /// also when its test panics.
+    _alone: tokio::sync::MutexGuard<'static, ()>,
 }
 
 /// The `cell` binary as the tests run it: with the support's cluster key, logging at
@@ -138,6 +147,12 @@ impl Organism {
 
     /// `cell up --infra FILE` and wait for its cells.
     pub async fn up(infra: &str, dir: tempfile::TempDir) -> Organism {
+        Organism::up_with(infra, dir, &[]).await
+    }
+
+    /// `cell up --infra FILE ARGS...` (e.g. `--demo`) and wait for its cells.
+    pub async fn up_with(infra: &str, dir: tempfile::TempDir, args: &[&str]) -> Organism {
+        let alone = ONE_AT_A_TIME.lock().await;
         let path = dir.path().join("organism.toml");
         std::fs::write(&path, infra).expect("write infra");
         let mut child = cell_command()
@@ -146,6 +161,9 @@ impl Organism {
             .arg(&path)
             .arg("--grace-secs")
             .arg("5")
+            // A test killed outright (SIGTERM, SIGKILL: no Drop runs) takes its organism along.
+            .arg("--die-with-parent")
+            .args(args)
             .spawn()
             .expect("start cell up");
         let stdout = child.stdout.take().expect("stdout");
@@ -176,6 +194,7 @@ impl Organism {
             frontdoors,
             healthcheckers,
             client: reading_client(),
+            _alone: alone,
         }
     }
 
@@ -214,9 +233,19 @@ impl Organism {
     ) -> protocol::Stats {
         let started = tokio::time::Instant::now();
         let mut drained_twice = 0;
+        // The last figures read, and when the crawled count last moved: a timeout says both.
+        let mut last: Option<protocol::Stats> = None;
+        let mut moved = started;
         loop {
             if let Ok(resp) = self.client.get(format!("{}/stats", self.api)).send().await {
                 if let Ok(stats) = resp.json::<protocol::Stats>().await {
+                    if last
+                        .as_ref()
+                        .is_none_or(|l| l.frontier.crawled != stats.frontier.crawled)
+                    {
+                        moved = tokio::time::Instant::now();
+                    }
+                    last = Some(stats.clone());
                     during(&stats);
                     if stats.frontier.drained() && stats.frontier.crawled > 0 {
                         drained_twice += 1;
@@ -230,7 +259,9 @@ impl Organism {
             }
             assert!(
                 started.elapsed() < limit,
-                "frontier did not drain within {limit:?}"
+                "frontier did not drain within {limit:?}; the crawled count last moved {:?} \
+                 after the start; last /stats: {last:?}",
+                moved.duration_since(started)
             );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -272,6 +303,25 @@ impl Organism {
             .expect("indexed urls")
             .into_iter()
             .collect()
+    }
+
+    /// The events the first health checker holds (`GET /events?since=0`: its ring, replayed),
+    /// read for half a second.
+    pub async fn events(&self) -> Vec<protocol::control::CellEvent> {
+        use protocol::events::{interpret, SseParser, StreamItem};
+        let url = format!("{}/events?since=0", self.healthcheckers[0]);
+        let mut resp = self.client.get(&url).send().await.expect("GET /events");
+        let mut parser = SseParser::new();
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(deadline, resp.chunk()).await {
+            for msg in parser.feed(&chunk) {
+                if let StreamItem::Cell(e) = interpret(&msg) {
+                    out.push(e);
+                }
+            }
+        }
+        out
     }
 
     /// The live cells of `role`, from the first health checker that answers.
