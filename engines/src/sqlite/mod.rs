@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use sqlx::sqlite::SqliteSynchronous;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::Connection as _;
 
 pub use factory_ledger::SqliteFactoryLedger;
 pub use queue::SqliteQueue;
@@ -50,9 +51,31 @@ pub(crate) async fn open_pool(url_or_path: &str, max_connections: u32) -> Result
     let pool = SqlitePoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(30))
+        // A connection that sqlx still counts as inside a transaction refuses every later
+        // BEGIN ("begin_with at non-zero transaction depth"), for good, and may hold the file's
+        // write lock while it idles: seen on an api under CPU starvation, where every permit
+        // request then failed on that connection. On release, once the rollback of a dropped
+        // transaction has run (the ping waits for the commands queued before it), a connection
+        // still inside a transaction is closed instead of pooled; on acquire, again.
+        .after_release(|conn, _meta| {
+            Box::pin(async move {
+                conn.ping().await?;
+                Ok(still_usable(conn))
+            })
+        })
+        .before_acquire(|conn, _meta| Box::pin(async move { Ok(still_usable(conn)) }))
         .connect_with(options)
         .await?;
     Ok(pool)
+}
+
+/// Whether a pooled connection may be handed out (see `open_pool`).
+fn still_usable(conn: &sqlx::SqliteConnection) -> bool {
+    let stuck = conn.is_in_transaction();
+    if stuck {
+        tracing::warn!("a pooled SQLite connection was left inside a transaction; closing it");
+    }
+    !stuck
 }
 
 /// Milliseconds since the Unix epoch.
@@ -69,4 +92,36 @@ pub async fn open_store_database(url_or_path: &str, max_connections: u32) -> Res
     let pool = open_pool(url_or_path, max_connections).await?;
     store::migrate(&pool).await?;
     Ok(pool)
+}
+
+#[cfg(test)]
+mod tests {
+    use sqlx::Connection as _;
+
+    /// A connection returned to the pool while sqlx still counts it inside a transaction (here:
+    /// a transaction forgotten, so its rollback never ran) is not handed out again: the next
+    /// write transaction gets a connection that can begin.
+    #[tokio::test]
+    async fn a_connection_left_inside_a_transaction_is_not_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.db");
+        let pool = super::open_pool(path.to_str().expect("utf-8"), 1)
+            .await
+            .expect("open");
+        {
+            let mut conn = pool.acquire().await.expect("acquire");
+            let tx = conn.begin().await.expect("begin");
+            std::mem::forget(tx);
+            assert!(conn.is_in_transaction());
+        }
+        let mut tx = pool
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .expect("a fresh connection begins");
+        sqlx::query("CREATE TABLE t (x INTEGER)")
+            .execute(&mut *tx)
+            .await
+            .expect("write");
+        tx.commit().await.expect("commit");
+    }
 }
