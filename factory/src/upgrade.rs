@@ -47,6 +47,7 @@ use protocol::control::{
 use serde::{Deserialize, Serialize};
 
 use crate::role::FactoryState;
+use engines::factory_ledger::{Claim, ClaimOutcome};
 
 /// The file (in the data directory) naming the organism's current release: one path.
 pub const RELEASE_FILE: &str = "release";
@@ -574,13 +575,23 @@ impl FactoryState {
             .fixed
             .contains_key(role)
             .then(|| old.addr.trim_start_matches("http://").to_string());
-        self.start_from(&cell_id, &req, exe, listen, plan.ready)
+        let claimed = self.claim_upgrade_start(&req, &cell_id).await;
+        let started = match self
+            .start_from(&cell_id, &req, exe, listen, plan.ready)
             .await
-            .map_err(|e| format!("starting {cell_id}: {e}"))?;
-        if let Err(e) = self.wait_serving(&cell_id, build, plan.ready).await {
+        {
+            Ok(()) => self.wait_serving(&cell_id, build, plan.ready).await,
+            Err(e) => {
+                self.end_upgrade_start(&req, claimed, false).await;
+                return Err(format!("starting {cell_id}: {e}"));
+            }
+        };
+        if let Err(e) = started {
             self.stop(&cell_id).await;
+            self.end_upgrade_start(&req, claimed, false).await;
             return Err(format!("{cell_id}: {e}"));
         }
+        self.end_upgrade_start(&req, claimed, true).await;
         // Apoptosis: the old cell drains and retires, told through the health checkers.
         let order = RetireRequest {
             cell_id: old.cell_id.clone(),
@@ -613,6 +624,53 @@ impl FactoryState {
         tracing::warn!(cell = %old.cell_id, "the old cell did not leave in time; stopping it");
         self.terminate(&old.cell_id).await;
         Ok(Some(cell_id))
+    }
+
+    /// Claim the start of `cell_id` in the factories' shared ledger, as every other start is:
+    /// while it is under way, another factory's maximum check counts it as starting (the
+    /// upgrade's one extra cell must not make room for a grow elsewhere). Whether this factory
+    /// holds the claim (a failure to record it is logged: the upgrade goes on).
+    pub async fn claim_upgrade_start(&self, req: &ReplaceRequest, cell_id: &str) -> bool {
+        let now = crate::pool::now_ms();
+        let claim = Claim {
+            request_key: req.request_key.clone(),
+            role: req.role.clone(),
+            factory: self.organism.factory_id.clone(),
+            cell_id: cell_id.to_string(),
+            claimed_at_ms: now,
+            started_at_ms: None,
+        };
+        let ledger = &self.organism.ledger;
+        let memory = crate::role::KEY_MEMORY.as_millis() as i64;
+        match ledger.claim(&claim, now - memory).await {
+            Ok(ClaimOutcome::Claimed) => true,
+            // A repeat of this replacement (an earlier attempt's claim, not yet forgotten):
+            // the role's count already includes it.
+            Ok(ClaimOutcome::Held(_)) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, cell_id, "claiming an upgrade's start failed");
+                false
+            }
+        }
+    }
+
+    /// The claim's end: a cell that serves is marked started (it is live in the registry from
+    /// now on); a start that failed no longer counts against the role's maximum.
+    pub async fn end_upgrade_start(&self, req: &ReplaceRequest, claimed: bool, serving: bool) {
+        if !claimed {
+            return;
+        }
+        let (ledger, factory) = (&self.organism.ledger, &self.organism.factory_id);
+        let recorded = if serving {
+            ledger
+                .mark_started(&req.request_key, factory, crate::pool::now_ms())
+                .await
+        } else {
+            ledger.release(&req.request_key, factory).await.map(|_| ())
+        };
+        if let Err(e) = recorded {
+            tracing::warn!(error = %e, key = %req.request_key, "recording an upgrade's start failed");
+        }
     }
 
     /// Wait until `cell_id` heartbeats with `build`, serving, and answers `/readyz`.

@@ -334,6 +334,43 @@ async fn a_role_at_its_maximum_is_refused_with_an_answer() {
     kill_children(&state).await;
 }
 
+/// An upgrade's start of a new cell is claimed in the shared ledger like any other start: while
+/// it is under way a sibling factory counts it against the role's maximum (the upgrade's one
+/// extra cell does not make room for a grow elsewhere), and once it failed it no longer counts.
+#[tokio::test]
+async fn an_upgrade_start_under_way_counts_against_a_siblings_maximum() {
+    let key = ClusterKey::generate();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let maxima: BTreeMap<String, u32> = [("crawler".to_string(), 2)].into();
+    let (_, upgrading) = factory_in(&key, dir.path(), "factory-1", maxima.clone()).await;
+    let (url, sibling) = factory_in(&key, dir.path(), "factory-2", maxima).await;
+    let hc = ControlClient::new(Signer::new(key.clone(), "hc-1"));
+    let ask = async |k: &str| -> FactoryReply {
+        hc.send(&url, "/control/replace", ReplaceRequest::KIND, &request(k))
+            .await
+            .expect("an answer")
+    };
+    assert!(ask("grow:crawler:1").await.reply.started);
+
+    let upgrade = ReplaceRequest {
+        request_key: "upgrade:abc:crawler-old".into(),
+        role: "crawler".into(),
+        reason: "upgrade to abc".into(),
+        parent: Some("crawler-old".into()),
+    };
+    assert!(upgrading.claim_upgrade_start(&upgrade, "crawler-new").await);
+    let refused = ask("grow:crawler:2").await;
+    assert!(!refused.reply.started, "{refused:?}");
+    let why = refused.refused.expect("refused");
+    assert!(why.contains("1 live, 1 starting"), "{why}");
+
+    // The new build never served: its claim is released and the room is there again.
+    upgrading.end_upgrade_start(&upgrade, true, false).await;
+    let served = ask("grow:crawler:2").await;
+    assert!(served.reply.started, "{served:?}");
+    kill_children(&sibling).await;
+}
+
 /// A frozen (SIGSTOPped) local cell that is being replaced is killed before its replacement
 /// starts; a process whose command line names another cell is left alone.
 #[tokio::test]
