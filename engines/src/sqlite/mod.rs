@@ -52,30 +52,24 @@ pub(crate) async fn open_pool(url_or_path: &str, max_connections: u32) -> Result
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(30))
         // A connection that sqlx still counts as inside a transaction refuses every later
-        // BEGIN ("begin_with at non-zero transaction depth"), for good, and may hold the file's
-        // write lock while it idles: seen on an api under CPU starvation, where every permit
-        // request then failed on that connection. On release, once the rollback of a dropped
-        // transaction has run (the ping waits for the commands queued before it), a connection
-        // still inside a transaction is closed instead of pooled; on acquire, again.
-        .after_release(|conn, _meta| {
+        // BEGIN ("begin_with at non-zero transaction depth"), for good: seen on an api under
+        // CPU starvation, where every permit request then failed on that connection. The pool
+        // pings a connection on release, which runs a dropped transaction's rollback, so one
+        // still inside a transaction when it is handed out again is closed and another taken.
+        .before_acquire(|conn, _meta| {
             Box::pin(async move {
-                conn.ping().await?;
-                Ok(still_usable(conn))
+                let stuck = conn.is_in_transaction();
+                if stuck {
+                    tracing::warn!(
+                        "a pooled SQLite connection was left inside a transaction; closing it"
+                    );
+                }
+                Ok(!stuck)
             })
         })
-        .before_acquire(|conn, _meta| Box::pin(async move { Ok(still_usable(conn)) }))
         .connect_with(options)
         .await?;
     Ok(pool)
-}
-
-/// Whether a pooled connection may be handed out (see `open_pool`).
-fn still_usable(conn: &sqlx::SqliteConnection) -> bool {
-    let stuck = conn.is_in_transaction();
-    if stuck {
-        tracing::warn!("a pooled SQLite connection was left inside a transaction; closing it");
-    }
-    !stuck
 }
 
 /// Milliseconds since the Unix epoch.
