@@ -369,7 +369,9 @@ fn frontdoor_addresses(listen: &str) -> anyhow::Result<[String; 2]> {
     Ok([addr.to_string(), second.to_string()])
 }
 
-/// Turn `host:0` into `host:N` with a port free right now.
+/// Turn `host:0` into `host:N` with a port free right now, chosen outside the kernel's
+/// ephemeral range: the cell that binds it starts later, and a port the kernel hands out may be
+/// taken by any process's next connection in between (`factory::ports`).
 fn fixed_port(listen: &str) -> anyhow::Result<String> {
     let addr: SocketAddr = listen
         .parse()
@@ -377,8 +379,9 @@ fn fixed_port(listen: &str) -> anyhow::Result<String> {
     if addr.port() != 0 {
         return Ok(listen.to_string());
     }
-    let probe = std::net::TcpListener::bind(addr).with_context(|| format!("binding {listen}"))?;
-    Ok(probe.local_addr()?.to_string())
+    let chosen =
+        factory::ports::fixed_tcp(addr.ip()).with_context(|| format!("binding {listen}"))?;
+    Ok(chosen.to_string())
 }
 
 struct DemoWeb {

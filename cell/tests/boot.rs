@@ -3,7 +3,6 @@
 //! machine in (it becomes the role it is given, and the lineage is recorded); a reused, expired,
 //! forged or unknown token is refused and starts nothing.
 
-use std::net::UdpSocket;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -48,10 +47,8 @@ fn spawn(cmd: &mut Command) -> Guard {
 }
 
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
+    factory::ports::fixed_udp([127, 0, 0, 1].into())
+        .expect("a free UDP port")
         .port()
 }
 

@@ -229,10 +229,8 @@ async fn a_signed_ingest_replayed_after_the_api_restarts_is_refused() {
         ),
     )
     .expect("write infra");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
+    let port = factory::ports::fixed_tcp([127, 0, 0, 1].into())
+        .expect("a free port")
         .port();
     let listen = format!("127.0.0.1:{port}");
     let api = format!("http://{listen}");

@@ -15,8 +15,10 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").to_string()
+    // Outside the ephemeral range: the cell binds it later (see `factory::ports`).
+    factory::ports::fixed_tcp([127, 0, 0, 1].into())
+        .expect("a free port")
+        .to_string()
 }
 
 async fn cells(hc: &str) -> Option<CellsResponse> {

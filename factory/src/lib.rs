@@ -11,6 +11,7 @@
 pub mod lease;
 pub mod local;
 pub mod pool;
+pub mod ports;
 pub mod power;
 pub mod role;
 pub mod upgrade;

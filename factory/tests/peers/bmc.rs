@@ -18,16 +18,15 @@ pub const USER: &str = "admin";
 pub const PASSWORD: &str = "s3cret-Pa55";
 
 pub fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("bind an ephemeral UDP port")
+    // Outside the ephemeral range: ipmi_sim binds it later (see `factory::ports`).
+    factory::ports::fixed_udp([127, 0, 0, 1].into())
+        .expect("a free UDP port")
         .port()
 }
 
 fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .expect("bind an ephemeral TCP port")
+    factory::ports::fixed_tcp([127, 0, 0, 1].into())
+        .expect("a free TCP port")
         .port()
 }
 
