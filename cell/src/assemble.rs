@@ -72,6 +72,9 @@ pub async fn crawler(
         max_deliveries: cfg.raw.queue.max_deliveries,
         apis: args.apis.clone(),
         key,
+        // New crawlers start on this machine unless a pool serves the role.
+        shares_machine: cfg.raw.pool.file.is_empty()
+            || !cfg.raw.pool.roles.iter().any(|r| r == "crawler"),
     })
 }
 

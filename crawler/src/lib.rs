@@ -25,6 +25,7 @@ pub mod fence;
 pub mod fetch;
 pub mod ledger;
 pub mod live_apis;
+pub mod machine;
 mod parse;
 pub mod politeness;
 mod robots;

@@ -31,6 +31,9 @@ pub struct CrawlerState {
     pub apis: Vec<String>,
     /// Results travel signed with it.
     pub key: control::ClusterKey,
+    /// Whether a new crawler would start on this machine (no pool serves the role): then the
+    /// machine's CPU is measured, and a saturated machine holds the backlog's pressure.
+    pub shares_machine: bool,
 }
 
 /// Why the crawler role stopped other than by its shutdown.
@@ -88,6 +91,9 @@ pub async fn run(
     ready.set(true);
     let worker_cfg = state.worker;
     measure_backlog(&ctx, queue_for_depth, gauges.clone(), shutdown.clone());
+    if state.shares_machine {
+        crate::machine::measure(gauges.clone(), shutdown.clone());
+    }
     // Beside the pressure, the time this cell spends parsing per KiB: its own processing time,
     // which the controller watches for fatigue.
     let meter = worker.fetcher.parse_meter();

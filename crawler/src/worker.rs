@@ -38,6 +38,12 @@ pub struct WorkerConfig {
     pub max_pending_results: usize,
     /// Ready jobs in the queue per live crawler at which a crawler's pressure is 1.0.
     pub backlog_full: usize,
+    /// The share of the machine's CPU (0 to 1) from which the queue's backlog no longer asks
+    /// for another crawler on this machine: on a saturated machine one more crawler only takes
+    /// CPU from the crawlers and apis already there (BENCHMARKS.md, "where the crawl's time
+    /// goes"). Measured only where new crawlers start on this machine (no pool serves the
+    /// role); above 1.0 the backlog always counts.
+    pub machine_busy_full: f64,
 }
 
 impl Default for WorkerConfig {
@@ -49,6 +55,7 @@ impl Default for WorkerConfig {
             ingest_flush_ms: 20,
             max_pending_results: 1024,
             backlog_full: 256,
+            machine_busy_full: 0.9,
         }
     }
 }
@@ -67,12 +74,21 @@ impl WorkerConfig {
                 out.push((key.to_string(), "must be at least 1".to_string()));
             }
         }
+        if !(self.machine_busy_full.is_finite() && self.machine_busy_full > 0.0) {
+            out.push((
+                "machine_busy_full".to_string(),
+                format!(
+                    "must be a share of the CPU above 0 (above 1 never holds), not {}",
+                    self.machine_busy_full
+                ),
+            ));
+        }
         out
     }
 }
 
 /// What the loop is doing right now, for the cell's heartbeat (its pressure signals).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct WorkerGauges {
     /// Fetches in flight.
     pub in_flight: std::sync::atomic::AtomicUsize,
@@ -82,6 +98,30 @@ pub struct WorkerGauges {
     pub unsent: std::sync::atomic::AtomicUsize,
     /// The queue's ready jobs per live crawler, as last measured ([`WorkerGauges::backlog`]).
     pub backlog_per_crawler: std::sync::atomic::AtomicUsize,
+    /// The machine's CPU in use, per mille, smoothed ([`crate::machine`]); [`UNMEASURED`]
+    /// where it is not measured (new crawlers start elsewhere).
+    pub machine_busy_permille: std::sync::atomic::AtomicUsize,
+}
+
+/// [`WorkerGauges::machine_busy_permille`] before (or without) a measure.
+pub const UNMEASURED: usize = usize::MAX;
+
+/// The pressure the queue's backlog says at most while the machine is saturated: the
+/// controller's target (`lifecycle::homeostasis::Params::target`), between its idle and
+/// overloaded marks, so the role neither grows on this machine nor retires cells the backlog
+/// still needs.
+const HELD_BY_THE_MACHINE: f64 = 0.6;
+
+impl Default for WorkerGauges {
+    fn default() -> Self {
+        Self {
+            in_flight: Default::default(),
+            buffered: Default::default(),
+            unsent: Default::default(),
+            backlog_per_crawler: Default::default(),
+            machine_busy_permille: std::sync::atomic::AtomicUsize::new(UNMEASURED),
+        }
+    }
 }
 
 impl WorkerGauges {
@@ -97,16 +137,22 @@ impl WorkerGauges {
         // The queue's backlog, shared by the live crawlers: full when each has `backlog_full`
         // jobs waiting (the role needs more crawlers to drain it in good time).
         let per_crawler = self.backlog_per_crawler.load(Relaxed) as f64;
-        let queue = per_crawler / cfg.backlog_full.max(1) as f64;
-        (
-            slots.max(unsent_share).max(queue),
-            vec![
-                ("fetches_in_flight", in_flight),
-                ("jobs_buffered", buffered),
-                ("results_unsent", unsent),
-                ("queue_backlog_per_crawler", per_crawler),
-            ],
-        )
+        let mut queue = per_crawler / cfg.backlog_full.max(1) as f64;
+        let mut signals = vec![
+            ("fetches_in_flight", in_flight),
+            ("jobs_buffered", buffered),
+            ("results_unsent", unsent),
+            ("queue_backlog_per_crawler", per_crawler),
+        ];
+        let busy = self.machine_busy_permille.load(Relaxed);
+        if busy != UNMEASURED {
+            let busy = busy as f64 / 1000.0;
+            signals.push(("machine_cpu_busy", busy));
+            if busy >= cfg.machine_busy_full {
+                queue = queue.min(HELD_BY_THE_MACHINE);
+            }
+        }
+        (slots.max(unsent_share).max(queue), signals)
     }
 }
 
@@ -579,5 +625,72 @@ mod ingest_tests {
         assert!(!is_live(&apis, "http://127.0.0.1:7002"));
         assert!(!is_live(&apis, "http://attacker.example:7001"));
         assert!(!is_live(&[], "http://127.0.0.1:7001"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use super::*;
+
+    fn gauges(backlog_per_crawler: usize, busy_permille: usize) -> WorkerGauges {
+        let g = WorkerGauges::default();
+        g.backlog_per_crawler.store(backlog_per_crawler, Relaxed);
+        g.machine_busy_permille.store(busy_permille, Relaxed);
+        g
+    }
+
+    #[test]
+    fn a_backlog_asks_for_crawlers_while_the_machine_has_room() {
+        let cfg = WorkerConfig::default();
+        // Three times the backlog one crawler is sized for: pressure 3.
+        let (pressure, signals) = gauges(768, 500).signals(&cfg);
+        assert_eq!(pressure, 3.0);
+        assert!(signals.contains(&("machine_cpu_busy", 0.5)), "{signals:?}");
+        // Not measured (a pool serves the role): the backlog counts whole, and no CPU signal.
+        let (pressure, signals) = gauges(768, UNMEASURED).signals(&cfg);
+        assert_eq!(pressure, 3.0);
+        assert!(signals.iter().all(|(name, _)| *name != "machine_cpu_busy"));
+    }
+
+    #[test]
+    fn a_saturated_machine_holds_the_backlog_at_the_target() {
+        let cfg = WorkerConfig::default();
+        let (pressure, _) = gauges(768, 950).signals(&cfg);
+        assert_eq!(pressure, HELD_BY_THE_MACHINE);
+        // A backlog below the hold is not raised by it.
+        let (pressure, _) = gauges(64, 950).signals(&cfg);
+        assert_eq!(pressure, 0.25);
+        // Above 1.0 the machine never holds it.
+        let never = WorkerConfig {
+            machine_busy_full: 1.5,
+            ..WorkerConfig::default()
+        };
+        assert_eq!(gauges(768, 1000).signals(&never).0, 3.0);
+    }
+
+    #[test]
+    fn a_nonsensical_cpu_share_is_refused_by_name() {
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let cfg = WorkerConfig {
+                machine_busy_full: bad,
+                ..WorkerConfig::default()
+            };
+            let problems = cfg.problems();
+            assert!(
+                problems.iter().any(|(key, _)| key == "machine_busy_full"),
+                "{bad}: {problems:?}"
+            );
+        }
+        assert!(WorkerConfig::default().problems().is_empty());
+    }
+
+    #[test]
+    fn the_hold_is_the_controllers_target() {
+        assert_eq!(
+            HELD_BY_THE_MACHINE,
+            lifecycle::homeostasis::Params::default().target
+        );
     }
 }
