@@ -1,10 +1,12 @@
-//! The share of this machine's CPU in use, for a crawler's pressure: a backlog asks for more
-//! crawlers only while the machine they would start on has CPU to give them
-//! ([`crate::worker::WorkerConfig::machine_busy_full`]).
+//! The CPU this crawler uses and the share of its machine's CPU in use, for the crawler's
+//! pressure: the queue's backlog asks for more crawlers only while this one is busy on its own
+//! CPU ([`crate::worker::WorkerConfig::own_cpu_full`]) and the machine a new one would start on
+//! has CPU to give it ([`crate::worker::WorkerConfig::machine_busy_full`]).
 //!
 //! `sysinfo` reads the kernel's counters (`/proc/stat` on Linux) and turns two readings into a
-//! share; a reading every second is smoothed so one quiet second does not undo the hold (the
-//! controller confirms growth over 1.5 s).
+//! share, every half second. The share rises at once with a reading (a crawl saturates the
+//! machine within a second, and the controller confirms growth over 1.5 s: a slow rise would let
+//! the role divide first) and falls smoothed, so one quiet moment does not undo the hold.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -14,38 +16,62 @@ use tokio_util::sync::CancellationToken;
 
 use crate::worker::WorkerGauges;
 
-/// How often the CPU is read.
-const EVERY: Duration = Duration::from_secs(1);
-/// The weight of the newest reading in the smoothed share.
-const ALPHA: f64 = 0.5;
+/// How often the CPU is read (sysinfo's shortest meaningful interval on Linux is 200 ms).
+const EVERY: Duration = Duration::from_millis(500);
+/// The weight of the newest reading when the share falls.
+const ALPHA: f64 = 0.3;
 
-/// The smoothed share after `reading`, from `previous` (none before the first).
+/// The measure after `reading`, from `previous` (none before the first): up at once, down
+/// smoothed. A negative reading (a counter's glitch) counts as 0.
 pub fn smooth(previous: Option<f64>, reading: f64) -> f64 {
-    let reading = reading.clamp(0.0, 1.0);
+    let reading = reading.max(0.0);
     match previous {
-        Some(p) => p + ALPHA * (reading - p),
-        None => reading,
+        Some(p) if reading < p => p + ALPHA * (reading - p),
+        _ => reading,
     }
 }
 
-/// Measure the machine's CPU into `gauges` every second until `shutdown`.
-pub fn measure(gauges: Arc<WorkerGauges>, shutdown: CancellationToken) {
+/// Measure this process's CPU, and the machine's where `machine` (new crawlers start on it),
+/// into `gauges` every half second until `shutdown`.
+pub fn measure(gauges: Arc<WorkerGauges>, machine: bool, shutdown: CancellationToken) {
     tokio::spawn(async move {
+        let me = sysinfo::get_current_pid().ok();
         let mut system = sysinfo::System::new();
+        let refresh = |system: &mut sysinfo::System| {
+            system.refresh_cpu_usage();
+            if let Some(me) = me {
+                system.refresh_processes_specifics(
+                    sysinfo::ProcessesToUpdate::Some(&[me]),
+                    true,
+                    sysinfo::ProcessRefreshKind::nothing().with_cpu(),
+                );
+            }
+        };
         // The first refresh only sets the baseline the next one is measured against.
-        system.refresh_cpu_usage();
-        let mut smoothed = None;
+        refresh(&mut system);
+        let (mut machine_share, mut own_cores) = (None, None);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(EVERY) => {}
             }
-            system.refresh_cpu_usage();
-            let share = smooth(smoothed, f64::from(system.global_cpu_usage()) / 100.0);
-            smoothed = Some(share);
-            gauges
-                .machine_busy_permille
-                .store((share * 1000.0).round() as usize, Relaxed);
+            refresh(&mut system);
+            if machine {
+                let reading = (f64::from(system.global_cpu_usage()) / 100.0).min(1.0);
+                let share = smooth(machine_share, reading);
+                machine_share = Some(share);
+                gauges
+                    .machine_busy_permille
+                    .store((share * 1000.0).round() as usize, Relaxed);
+            }
+            if let Some(process) = me.and_then(|me| system.process(me)) {
+                // In cores (sysinfo: percent of one core).
+                let cores = smooth(own_cores, f64::from(process.cpu_usage()) / 100.0);
+                own_cores = Some(cores);
+                gauges
+                    .own_cpu_millicores
+                    .store((cores * 1000.0).round() as usize, Relaxed);
+            }
         }
     });
 }
@@ -55,14 +81,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn one_quiet_second_does_not_undo_a_saturated_machine() {
-        let busy = smooth(Some(smooth(None, 1.0)), 1.0);
+    fn the_share_rises_at_once_and_falls_smoothed() {
+        // From an idle machine to a saturated one in one reading.
+        let busy = smooth(Some(smooth(None, 0.1)), 1.0);
         assert_eq!(busy, 1.0);
-        // A second at 20 %: still above the default mark's neighbourhood, not back to 0.2.
+        // One quiet reading (20 %) does not undo it: 1.0 - 0.3 * 0.8.
         let after = smooth(Some(busy), 0.2);
-        assert!((after - 0.6).abs() < 1e-9, "{after}");
-        // Readings outside 0..1 (a counter's glitch) are clamped.
-        assert_eq!(smooth(None, 1.7), 1.0);
+        assert!((after - 0.76).abs() < 1e-9, "{after}");
+        // Staying quiet, it comes down.
+        let later = (0..10).fold(after, |p, _| smooth(Some(p), 0.2));
+        assert!(later < 0.25, "{later}");
+        // Cores may be more than one; a negative reading (a counter's glitch) is 0.
+        assert_eq!(smooth(Some(0.5), 1.7), 1.7);
         assert_eq!(smooth(None, -0.1), 0.0);
     }
 
@@ -71,18 +101,24 @@ mod tests {
         let gauges = Arc::new(WorkerGauges::default());
         let stop = CancellationToken::new();
         tokio::time::pause();
-        measure(gauges.clone(), stop.clone());
+        measure(gauges.clone(), true, stop.clone());
         // Let the task take its baseline, then pass the second it waits.
         tokio::task::yield_now().await;
         tokio::time::advance(EVERY + Duration::from_millis(1)).await;
+        let measured = || {
+            gauges.machine_busy_permille.load(Relaxed) != crate::worker::UNMEASURED
+                && gauges.own_cpu_millicores.load(Relaxed) != crate::worker::UNMEASURED
+        };
         for _ in 0..100 {
-            if gauges.machine_busy_permille.load(Relaxed) != crate::worker::UNMEASURED {
+            if measured() {
                 break;
             }
             tokio::task::yield_now().await;
         }
         let permille = gauges.machine_busy_permille.load(Relaxed);
         assert!(permille <= 1000, "measured {permille} per mille");
+        let millicores = gauges.own_cpu_millicores.load(Relaxed);
+        assert!(millicores < 64_000, "measured {millicores} millicores");
         stop.cancel();
     }
 }

@@ -91,9 +91,7 @@ pub async fn run(
     ready.set(true);
     let worker_cfg = state.worker;
     measure_backlog(&ctx, queue_for_depth, gauges.clone(), shutdown.clone());
-    if state.shares_machine {
-        crate::machine::measure(gauges.clone(), shutdown.clone());
-    }
+    crate::machine::measure(gauges.clone(), state.shares_machine, shutdown.clone());
     // Beside the pressure, the time this cell spends parsing per KiB: its own processing time,
     // which the controller watches for fatigue.
     let meter = worker.fetcher.parse_meter();

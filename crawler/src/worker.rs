@@ -44,6 +44,11 @@ pub struct WorkerConfig {
     /// goes"). Measured only where new crawlers start on this machine (no pool serves the
     /// role); above 1.0 the backlog always counts.
     pub machine_busy_full: f64,
+    /// The CPU this crawler's process uses, in cores, from which the queue's backlog asks for
+    /// another crawler: below it the crawler is not its own limit (it waits on the apis, the
+    /// store or the hosts' politeness, which the organism shares) and another one would only
+    /// wait beside it. 0 counts the backlog whatever the crawler's CPU.
+    pub own_cpu_full: f64,
 }
 
 impl Default for WorkerConfig {
@@ -56,6 +61,7 @@ impl Default for WorkerConfig {
             max_pending_results: 1024,
             backlog_full: 256,
             machine_busy_full: 0.9,
+            own_cpu_full: 0.8,
         }
     }
 }
@@ -83,6 +89,15 @@ impl WorkerConfig {
                 ),
             ));
         }
+        if !(self.own_cpu_full.is_finite() && self.own_cpu_full >= 0.0) {
+            out.push((
+                "own_cpu_full".to_string(),
+                format!(
+                    "must be a number of cores, 0 or more, not {}",
+                    self.own_cpu_full
+                ),
+            ));
+        }
         out
     }
 }
@@ -101,16 +116,20 @@ pub struct WorkerGauges {
     /// The machine's CPU in use, per mille, smoothed ([`crate::machine`]); [`UNMEASURED`]
     /// where it is not measured (new crawlers start elsewhere).
     pub machine_busy_permille: std::sync::atomic::AtomicUsize,
+    /// The CPU this process uses, in thousandths of a core, smoothed; [`UNMEASURED`] before
+    /// the first measure.
+    pub own_cpu_millicores: std::sync::atomic::AtomicUsize,
 }
 
 /// [`WorkerGauges::machine_busy_permille`] before (or without) a measure.
 pub const UNMEASURED: usize = usize::MAX;
 
-/// The pressure the queue's backlog says at most while the machine is saturated: the
-/// controller's target (`lifecycle::homeostasis::Params::target`), between its idle and
-/// overloaded marks, so the role neither grows on this machine nor retires cells the backlog
-/// still needs.
-const HELD_BY_THE_MACHINE: f64 = 0.6;
+/// The pressure a signal that more crawlers cannot relieve says at most: results the apis have
+/// not taken (the apis are the limit), and the queue's backlog while the machine is saturated.
+/// It is the controller's target (`lifecycle::homeostasis::Params::target`), between its idle
+/// and overloaded marks, so the role neither grows for it nor retires cells that still have the
+/// work.
+const HELD: f64 = 0.6;
 
 impl Default for WorkerGauges {
     fn default() -> Self {
@@ -120,13 +139,15 @@ impl Default for WorkerGauges {
             unsent: Default::default(),
             backlog_per_crawler: Default::default(),
             machine_busy_permille: std::sync::atomic::AtomicUsize::new(UNMEASURED),
+            own_cpu_millicores: std::sync::atomic::AtomicUsize::new(UNMEASURED),
         }
     }
 }
 
 impl WorkerGauges {
-    /// Signals by name, and the pressure they make: the busier of the fetch slots and the
-    /// result buffer, 1.0 = full.
+    /// Signals by name, and the pressure they make, 1.0 = full: the busiest of the fetch
+    /// slots, the result buffer and the queue's backlog per crawler, the last two held at
+    /// [`HELD`] where another crawler would not help.
     pub fn signals(&self, cfg: &WorkerConfig) -> (f64, Vec<(&'static str, f64)>) {
         use std::sync::atomic::Ordering::Relaxed;
         let in_flight = self.in_flight.load(Relaxed) as f64;
@@ -144,15 +165,25 @@ impl WorkerGauges {
             ("results_unsent", unsent),
             ("queue_backlog_per_crawler", per_crawler),
         ];
+        // The backlog asks for another crawler only where one would get work done: this one
+        // is busy on its own CPU, and the machine a new one would start on has CPU to give.
+        let own = self.own_cpu_millicores.load(Relaxed);
+        if own != UNMEASURED {
+            let cores = own as f64 / 1000.0;
+            signals.push(("own_cpu_cores", cores));
+            if cores < cfg.own_cpu_full {
+                queue = queue.min(HELD);
+            }
+        }
         let busy = self.machine_busy_permille.load(Relaxed);
         if busy != UNMEASURED {
             let busy = busy as f64 / 1000.0;
             signals.push(("machine_cpu_busy", busy));
             if busy >= cfg.machine_busy_full {
-                queue = queue.min(HELD_BY_THE_MACHINE);
+                queue = queue.min(HELD);
             }
         }
-        (slots.max(unsent_share).max(queue), signals)
+        (slots.max(unsent_share.min(HELD)).max(queue), signals)
     }
 }
 
@@ -634,11 +665,34 @@ mod tests {
 
     use super::*;
 
+    /// A crawler busy on its own CPU (a whole core), with this backlog and machine.
     fn gauges(backlog_per_crawler: usize, busy_permille: usize) -> WorkerGauges {
         let g = WorkerGauges::default();
         g.backlog_per_crawler.store(backlog_per_crawler, Relaxed);
         g.machine_busy_permille.store(busy_permille, Relaxed);
+        g.own_cpu_millicores.store(1000, Relaxed);
         g
+    }
+
+    #[test]
+    fn a_crawler_waiting_on_others_does_not_ask_for_more_crawlers() {
+        let cfg = WorkerConfig::default();
+        // A quarter of a core: the crawler waits (on the apis, the store, politeness).
+        let g = gauges(768, 500);
+        g.own_cpu_millicores.store(250, Relaxed);
+        let (pressure, signals) = g.signals(&cfg);
+        assert_eq!(pressure, HELD);
+        assert!(signals.contains(&("own_cpu_cores", 0.25)), "{signals:?}");
+        // Not yet measured: the backlog counts whole.
+        g.own_cpu_millicores.store(UNMEASURED, Relaxed);
+        assert_eq!(g.signals(&cfg).0, 3.0);
+        // 0 turns the check off.
+        g.own_cpu_millicores.store(250, Relaxed);
+        let off = WorkerConfig {
+            own_cpu_full: 0.0,
+            ..WorkerConfig::default()
+        };
+        assert_eq!(g.signals(&off).0, 3.0);
     }
 
     #[test]
@@ -658,7 +712,7 @@ mod tests {
     fn a_saturated_machine_holds_the_backlog_at_the_target() {
         let cfg = WorkerConfig::default();
         let (pressure, _) = gauges(768, 950).signals(&cfg);
-        assert_eq!(pressure, HELD_BY_THE_MACHINE);
+        assert_eq!(pressure, HELD);
         // A backlog below the hold is not raised by it.
         let (pressure, _) = gauges(64, 950).signals(&cfg);
         assert_eq!(pressure, 0.25);
@@ -668,6 +722,15 @@ mod tests {
             ..WorkerConfig::default()
         };
         assert_eq!(gauges(768, 1000).signals(&never).0, 3.0);
+    }
+
+    #[test]
+    fn results_the_apis_do_not_take_never_ask_for_more_crawlers() {
+        let cfg = WorkerConfig::default();
+        let g = gauges(0, 100);
+        g.unsent.store(cfg.max_pending_results, Relaxed);
+        // The buffer is full: busy enough not to retire, not a reason to divide.
+        assert_eq!(g.signals(&cfg).0, HELD);
     }
 
     #[test]
@@ -683,14 +746,22 @@ mod tests {
                 "{bad}: {problems:?}"
             );
         }
+        for bad in [-0.5, f64::NAN, f64::INFINITY] {
+            let cfg = WorkerConfig {
+                own_cpu_full: bad,
+                ..WorkerConfig::default()
+            };
+            let problems = cfg.problems();
+            assert!(
+                problems.iter().any(|(key, _)| key == "own_cpu_full"),
+                "{bad}: {problems:?}"
+            );
+        }
         assert!(WorkerConfig::default().problems().is_empty());
     }
 
     #[test]
     fn the_hold_is_the_controllers_target() {
-        assert_eq!(
-            HELD_BY_THE_MACHINE,
-            lifecycle::homeostasis::Params::default().target
-        );
+        assert_eq!(HELD, lifecycle::homeostasis::Params::default().target);
     }
 }
