@@ -504,7 +504,7 @@ impl FactoryState {
         }
         let listen = match predecessor {
             Some(addr) if address_frees(&addr).await => addr,
-            _ => self.free_address(&req.role).await,
+            _ => self.free_address(&req.role, &req.request_key).await,
         };
         let exe = self.provider.current_exe();
         self.launch(
@@ -533,7 +533,7 @@ impl FactoryState {
         // then (a taken address is otherwise an error).
         let (listen, take_over) = match listen {
             Some(listen) => (listen, true),
-            None => (self.free_address(&req.role).await, false),
+            None => (self.free_address(&req.role, &req.request_key).await, false),
         };
         self.launch(cell_id, req, exe, listen, ready, take_over)
             .await
@@ -611,12 +611,12 @@ impl FactoryState {
         fixed.contains(&listen).then_some(listen)
     }
 
-    async fn free_address(&self, role: &str) -> String {
+    async fn free_address(&self, role: &str, request_key: &str) -> String {
         let Some(fixed) = self.fixed.get(role) else {
             return "127.0.0.1:0".into();
         };
         let children = self.children.lock().await;
-        for addr in fixed {
+        for addr in in_slot_order(fixed, request_key) {
             // Not held by a cell of ours, nor by a cell of a sibling or of a previous factory
             // (a listener there refuses our probe). A process that takes it between the probe and
             // the cell's bind fails the request, which is asked again.
@@ -629,7 +629,6 @@ impl FactoryState {
         "127.0.0.1:0".into()
     }
 
-    /// SIGTERM a cell this factory started.
     /// Stop a cell this factory started: a child process is sent SIGTERM (it drains); a cell
     /// on a pool machine has its machine powered off, in the background (the provider's
     /// power-off drains it: a BMC's soft power-off, a retire order for Wake-on-LAN).
@@ -971,6 +970,23 @@ pub async fn run(
 
 /// Whether `addr` can be bound within a second (the killed predecessor's socket is released as
 /// the kernel reaps it).
+/// A role's fixed addresses in the order a request tries them: slot N of the role (a growth
+/// key, `grow:ROLE:N` or `grow:ROLE:N:ATTEMPT`) from the N-th address on, so two factories
+/// filling two slots at once (an organism's start) do not both probe the same free address and
+/// race to bind it; any other request from the first.
+fn in_slot_order<'a>(
+    fixed: &'a [String],
+    request_key: &str,
+) -> impl Iterator<Item = &'a String> + 'a {
+    let mut parts = request_key.split(':');
+    let slot = match (parts.next(), parts.next(), parts.next()) {
+        (Some("grow"), Some(_), Some(slot)) => slot.parse::<usize>().ok(),
+        _ => None,
+    };
+    let first = slot.map_or(0, |n| n.saturating_sub(1) % fixed.len().max(1));
+    fixed.iter().cycle().skip(first).take(fixed.len())
+}
+
 async fn address_frees(addr: &str) -> bool {
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
@@ -981,5 +997,24 @@ async fn address_frees(addr: &str) -> bool {
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::in_slot_order;
+
+    #[test]
+    fn each_slot_tries_its_own_fixed_address_first() {
+        let fixed = vec!["a:1".to_string(), "a:2".to_string()];
+        let order = |key: &str| in_slot_order(&fixed, key).cloned().collect::<Vec<_>>();
+        assert_eq!(order("grow:frontdoor:1"), ["a:1", "a:2"]);
+        assert_eq!(order("grow:frontdoor:2"), ["a:2", "a:1"]);
+        assert_eq!(order("grow:frontdoor:2:3"), ["a:2", "a:1"]);
+        assert_eq!(order("grow:frontdoor:3"), ["a:1", "a:2"]);
+        // Not a growth slot (a replacement, an upgrade): from the first.
+        assert_eq!(order("replace:frontdoor-1-4"), ["a:1", "a:2"]);
+        assert_eq!(order("grow:frontdoor:x"), ["a:1", "a:2"]);
+        assert!(in_slot_order(&[], "grow:frontdoor:2").next().is_none());
     }
 }
