@@ -4,9 +4,11 @@
 //! has CPU to give it ([`crate::worker::WorkerConfig::machine_busy_full`]).
 //!
 //! `sysinfo` reads the kernel's counters (`/proc/stat` on Linux) and turns two readings into a
-//! share, every half second. The share rises at once with a reading (a crawl saturates the
-//! machine within a second, and the controller confirms growth over 1.5 s: a slow rise would let
-//! the role divide first) and falls smoothed, so one quiet moment does not undo the hold.
+//! share, every half second. Each measure is smoothed the way that errs toward not dividing: the
+//! machine's share rises at once with a reading (a crawl saturates the machine within a second,
+//! and the controller confirms growth over 1.5 s: a slow rise would let the role divide first)
+//! and falls smoothed, so one quiet moment does not undo the hold; the crawler's own CPU is an
+//! average both ways, so one busy moment does not open it.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -18,8 +20,17 @@ use crate::worker::WorkerGauges;
 
 /// How often the CPU is read (sysinfo's shortest meaningful interval on Linux is 200 ms).
 const EVERY: Duration = Duration::from_millis(500);
-/// The weight of the newest reading when the share falls.
+/// The weight of the newest reading in a smoothed measure.
 const ALPHA: f64 = 0.3;
+
+/// The average after `reading`, from `previous` (none before the first), up and down alike.
+pub fn average(previous: Option<f64>, reading: f64) -> f64 {
+    let reading = reading.max(0.0);
+    match previous {
+        Some(p) => p + ALPHA * (reading - p),
+        None => reading,
+    }
+}
 
 /// The measure after `reading`, from `previous` (none before the first): up at once, down
 /// smoothed. A negative reading (a counter's glitch) counts as 0.
@@ -66,7 +77,7 @@ pub fn measure(gauges: Arc<WorkerGauges>, machine: bool, shutdown: CancellationT
             }
             if let Some(process) = me.and_then(|me| system.process(me)) {
                 // In cores (sysinfo: percent of one core).
-                let cores = smooth(own_cores, f64::from(process.cpu_usage()) / 100.0);
+                let cores = average(own_cores, f64::from(process.cpu_usage()) / 100.0);
                 own_cores = Some(cores);
                 gauges
                     .own_cpu_millicores
@@ -94,6 +105,18 @@ mod tests {
         // Cores may be more than one; a negative reading (a counter's glitch) is 0.
         assert_eq!(smooth(Some(0.5), 1.7), 1.7);
         assert_eq!(smooth(None, -0.1), 0.0);
+    }
+
+    #[test]
+    fn one_busy_moment_does_not_make_a_busy_crawler() {
+        // A quarter of a core, then one reading at a core and a half.
+        let idle = average(Some(average(None, 0.25)), 0.25);
+        let spike = average(Some(idle), 1.5);
+        assert!((spike - 0.625).abs() < 1e-9, "{spike}");
+        assert!(spike < crate::worker::WorkerConfig::default().own_cpu_full);
+        // Sustained, it gets there.
+        let busy = (0..6).fold(spike, |p, _| average(Some(p), 1.5));
+        assert!(busy > 1.2, "{busy}");
     }
 
     #[tokio::test]
