@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use protocol::control::CellsResponse;
+use protocol::control::{CellRecord, CellsResponse};
 use support::{
     amqp_url, assert_exact, cell_command, drop_database, fresh_database, infra_toml, serve_web,
     with_queue_name, Organism, Web,
@@ -155,7 +155,10 @@ impl Load {
 }
 
 /// Reads the registry every 50 ms until stopped: the most cells each role had at once
-/// (draining ones included).
+/// (draining ones included), counting processes, not entries: the cells both health checkers
+/// list, deduplicated, whose process is running. A cell that has just exited stays listed by a
+/// health checker until its failure detector notices (a fraction of a second); a count of
+/// entries would take it for one more cell.
 struct Census {
     stop: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<BTreeMap<String, usize>>,
@@ -168,16 +171,24 @@ impl Census {
         let task = tokio::spawn(async move {
             let mut most: BTreeMap<String, usize> = BTreeMap::new();
             while !flag.load(Ordering::SeqCst) {
+                let mut listed: BTreeMap<String, CellRecord> = BTreeMap::new();
                 for hc in &hcs {
                     let Ok(resp) = client.get(format!("{hc}/cells")).send().await else {
                         continue;
                     };
                     if let Ok(view) = resp.json::<CellsResponse>().await {
-                        for (role, cells) in view.roles {
-                            let n = most.entry(role).or_default();
-                            *n = (*n).max(cells.len());
+                        for cell in view.roles.into_values().flatten() {
+                            listed.insert(cell.cell_id.clone(), cell);
                         }
                     }
+                }
+                let mut now: BTreeMap<String, usize> = BTreeMap::new();
+                for cell in listed.into_values().filter(runs) {
+                    *now.entry(cell.role).or_default() += 1;
+                }
+                for (role, n) in now {
+                    let most = most.entry(role).or_default();
+                    *most = (*most).max(n);
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -190,6 +201,19 @@ impl Census {
         self.stop.store(true, Ordering::SeqCst);
         self.task.await.expect("census")
     }
+}
+
+/// Whether `cell`'s process is running: its pid's command line names the cell (a reused pid
+/// or an exited, unreaped process does not). A cell that reports no pid counts.
+fn runs(cell: &CellRecord) -> bool {
+    let Some(pid) = cell.pid else {
+        return true;
+    };
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let id = cell.cell_id.as_bytes();
+    cmdline.windows(id.len()).any(|w| w == id)
 }
 
 /// Every cell of the organism by role, with the build it names.
