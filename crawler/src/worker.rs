@@ -187,6 +187,16 @@ impl WorkerGauges {
     }
 }
 
+/// How many jobs to lease now, if any, with `free` of `room` places for jobs (waiting or
+/// fetching): in batches, when half a batch is free or when there is nothing to do (a lease per
+/// finished fetch would make the queue's write lock the bottleneck). A batch is at most the
+/// room: with a batch larger than the room (few slots), half a batch would never be free, and
+/// the crawler would lease only once it had run dry, its slots emptying between leases.
+fn lease_size(free: usize, room: usize, lease_batch: usize, idle: bool) -> Option<usize> {
+    let batch = lease_batch.min(room).max(1);
+    (free > 0 && (free >= batch.div_ceil(2) || idle)).then(|| batch.min(free))
+}
+
 /// Everything the loop needs besides its configuration.
 pub struct Worker {
     pub cfg: WorkerConfig,
@@ -281,14 +291,10 @@ impl Worker {
             let free = room.saturating_sub(buffered + fetches.len());
             let idle_now = buffered == 0 && fetches.is_empty();
             let mut leased_any = false;
-            // Lease in batches: when half a batch is free, or when there is nothing to do. A
-            // lease per finished fetch would make the queue's write lock the bottleneck.
-            if !draining
-                && free > 0
-                && (free >= self.cfg.lease_batch.div_ceil(2) || idle_now)
-                && unsent < self.cfg.max_pending_results
+            let lease = lease_size(free, room, self.cfg.lease_batch, idle_now);
+            if let (false, Some(want), true) =
+                (draining, lease, unsent < self.cfg.max_pending_results)
             {
-                let want = self.cfg.lease_batch.min(free);
                 match self.queue.lease(want).await {
                     Ok(deliveries) => {
                         leased_any = !deliveries.is_empty();
@@ -731,6 +737,19 @@ mod tests {
         g.unsent.store(cfg.max_pending_results, Relaxed);
         // The buffer is full: busy enough not to retire, not a reason to divide.
         assert_eq!(g.signals(&cfg).0, HELD);
+    }
+
+    #[test]
+    fn a_crawler_with_few_slots_leases_before_it_runs_dry() {
+        // 8 slots (room 16), the default batch of 64: half the room free is enough.
+        assert_eq!(lease_size(8, 16, 64, false), Some(8));
+        assert_eq!(lease_size(7, 16, 64, false), None);
+        assert_eq!(lease_size(16, 16, 64, true), Some(16));
+        // Many slots: half a batch.
+        assert_eq!(lease_size(40, 256, 64, false), Some(40));
+        assert_eq!(lease_size(31, 256, 64, false), None);
+        assert_eq!(lease_size(5, 256, 64, true), Some(5));
+        assert_eq!(lease_size(0, 16, 64, true), None);
     }
 
     #[test]
