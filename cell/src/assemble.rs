@@ -75,6 +75,7 @@ pub async fn crawler(
         // New crawlers start on this machine unless a pool serves the role.
         shares_machine: cfg.raw.pool.file.is_empty()
             || !cfg.raw.pool.roles.iter().any(|r| r == "crawler"),
+        held_pressure: cfg.raw.homeostasis.target,
     })
 }
 

@@ -34,6 +34,9 @@ pub struct CrawlerState {
     /// Whether a new crawler would start on this machine (no pool serves the role): then the
     /// machine's CPU is measured, and a saturated machine holds the backlog's pressure.
     pub shares_machine: bool,
+    /// The controller's target pressure (`[homeostasis] target`): what a signal another
+    /// crawler would not relieve says at most ([`WorkerGauges::signals`]).
+    pub held_pressure: f64,
 }
 
 /// Why the crawler role stopped other than by its shutdown.
@@ -90,6 +93,7 @@ pub async fn run(
     };
     ready.set(true);
     let worker_cfg = state.worker;
+    let held = state.held_pressure;
     measure_backlog(&ctx, queue_for_depth, gauges.clone(), shutdown.clone());
     crate::machine::measure(gauges.clone(), state.shares_machine, shutdown.clone());
     // Beside the pressure, the time this cell spends parsing per KiB: its own processing time,
@@ -97,7 +101,7 @@ pub async fn run(
     let meter = worker.fetcher.parse_meter();
     let tired = ctx.clone();
     ctx.report_pressure(move || {
-        let (pressure, mut signals) = gauges.signals(&worker_cfg);
+        let (pressure, mut signals) = gauges.signals(&worker_cfg, held);
         if let Some(per_kib) = meter.take() {
             tired.report_processing(per_kib);
             signals.push(("parse_us_per_kib", per_kib));

@@ -124,13 +124,6 @@ pub struct WorkerGauges {
 /// [`WorkerGauges::machine_busy_permille`] before (or without) a measure.
 pub const UNMEASURED: usize = usize::MAX;
 
-/// The pressure a signal that more crawlers cannot relieve says at most: results the apis have
-/// not taken (the apis are the limit), and the queue's backlog while the machine is saturated.
-/// It is the controller's target (`lifecycle::homeostasis::Params::target`), between its idle
-/// and overloaded marks, so the role neither grows for it nor retires cells that still have the
-/// work.
-const HELD: f64 = 0.6;
-
 impl Default for WorkerGauges {
     fn default() -> Self {
         Self {
@@ -147,8 +140,11 @@ impl Default for WorkerGauges {
 impl WorkerGauges {
     /// Signals by name, and the pressure they make, 1.0 = full: the busiest of the fetch
     /// slots, the result buffer and the queue's backlog per crawler, the last two held at
-    /// [`HELD`] where another crawler would not help.
-    pub fn signals(&self, cfg: &WorkerConfig) -> (f64, Vec<(&'static str, f64)>) {
+    /// `held` where another crawler would not help (results the apis have not taken; a backlog
+    /// while this crawler waits or its machine is saturated). `held` is the controller's
+    /// target (`[homeostasis] target`), between its idle and overloaded marks, so the role
+    /// neither grows for such a signal nor retires cells that still have the work.
+    pub fn signals(&self, cfg: &WorkerConfig, held: f64) -> (f64, Vec<(&'static str, f64)>) {
         use std::sync::atomic::Ordering::Relaxed;
         let in_flight = self.in_flight.load(Relaxed) as f64;
         let buffered = self.buffered.load(Relaxed) as f64;
@@ -172,7 +168,7 @@ impl WorkerGauges {
             let cores = own as f64 / 1000.0;
             signals.push(("own_cpu_cores", cores));
             if cores < cfg.own_cpu_full {
-                queue = queue.min(HELD);
+                queue = queue.min(held);
             }
         }
         let busy = self.machine_busy_permille.load(Relaxed);
@@ -180,10 +176,10 @@ impl WorkerGauges {
             let busy = busy as f64 / 1000.0;
             signals.push(("machine_cpu_busy", busy));
             if busy >= cfg.machine_busy_full {
-                queue = queue.min(HELD);
+                queue = queue.min(held);
             }
         }
-        (slots.max(unsent_share.min(HELD)).max(queue), signals)
+        (slots.max(unsent_share.min(held)).max(queue), signals)
     }
 }
 
@@ -671,6 +667,9 @@ mod tests {
 
     use super::*;
 
+    /// The controller's default target, as `[homeostasis] target` gives it.
+    const HELD: f64 = 0.6;
+
     /// A crawler busy on its own CPU (a whole core), with this backlog and machine.
     fn gauges(backlog_per_crawler: usize, busy_permille: usize) -> WorkerGauges {
         let g = WorkerGauges::default();
@@ -686,30 +685,30 @@ mod tests {
         // A quarter of a core: the crawler waits (on the apis, the store, politeness).
         let g = gauges(768, 500);
         g.own_cpu_millicores.store(250, Relaxed);
-        let (pressure, signals) = g.signals(&cfg);
+        let (pressure, signals) = g.signals(&cfg, HELD);
         assert_eq!(pressure, HELD);
         assert!(signals.contains(&("own_cpu_cores", 0.25)), "{signals:?}");
         // Not yet measured: the backlog counts whole.
         g.own_cpu_millicores.store(UNMEASURED, Relaxed);
-        assert_eq!(g.signals(&cfg).0, 3.0);
+        assert_eq!(g.signals(&cfg, HELD).0, 3.0);
         // 0 turns the check off.
         g.own_cpu_millicores.store(250, Relaxed);
         let off = WorkerConfig {
             own_cpu_full: 0.0,
             ..WorkerConfig::default()
         };
-        assert_eq!(g.signals(&off).0, 3.0);
+        assert_eq!(g.signals(&off, HELD).0, 3.0);
     }
 
     #[test]
     fn a_backlog_asks_for_crawlers_while_the_machine_has_room() {
         let cfg = WorkerConfig::default();
         // Three times the backlog one crawler is sized for: pressure 3.
-        let (pressure, signals) = gauges(768, 500).signals(&cfg);
+        let (pressure, signals) = gauges(768, 500).signals(&cfg, HELD);
         assert_eq!(pressure, 3.0);
         assert!(signals.contains(&("machine_cpu_busy", 0.5)), "{signals:?}");
         // Not measured (a pool serves the role): the backlog counts whole, and no CPU signal.
-        let (pressure, signals) = gauges(768, UNMEASURED).signals(&cfg);
+        let (pressure, signals) = gauges(768, UNMEASURED).signals(&cfg, HELD);
         assert_eq!(pressure, 3.0);
         assert!(signals.iter().all(|(name, _)| *name != "machine_cpu_busy"));
     }
@@ -717,17 +716,17 @@ mod tests {
     #[test]
     fn a_saturated_machine_holds_the_backlog_at_the_target() {
         let cfg = WorkerConfig::default();
-        let (pressure, _) = gauges(768, 950).signals(&cfg);
+        let (pressure, _) = gauges(768, 950).signals(&cfg, HELD);
         assert_eq!(pressure, HELD);
         // A backlog below the hold is not raised by it.
-        let (pressure, _) = gauges(64, 950).signals(&cfg);
+        let (pressure, _) = gauges(64, 950).signals(&cfg, HELD);
         assert_eq!(pressure, 0.25);
         // Above 1.0 the machine never holds it.
         let never = WorkerConfig {
             machine_busy_full: 1.5,
             ..WorkerConfig::default()
         };
-        assert_eq!(gauges(768, 1000).signals(&never).0, 3.0);
+        assert_eq!(gauges(768, 1000).signals(&never, HELD).0, 3.0);
     }
 
     #[test]
@@ -736,7 +735,7 @@ mod tests {
         let g = gauges(0, 100);
         g.unsent.store(cfg.max_pending_results, Relaxed);
         // The buffer is full: busy enough not to retire, not a reason to divide.
-        assert_eq!(g.signals(&cfg).0, HELD);
+        assert_eq!(g.signals(&cfg, HELD).0, HELD);
     }
 
     #[test]
@@ -754,33 +753,25 @@ mod tests {
 
     #[test]
     fn a_nonsensical_cpu_share_is_refused_by_name() {
-        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
-            let cfg = WorkerConfig {
-                machine_busy_full: bad,
-                ..WorkerConfig::default()
-            };
+        let machine = |v| WorkerConfig {
+            machine_busy_full: v,
+            ..WorkerConfig::default()
+        };
+        let own = |v| WorkerConfig {
+            own_cpu_full: v,
+            ..WorkerConfig::default()
+        };
+        let cases = [0.0, -1.0, f64::NAN, f64::INFINITY]
+            .map(|v| ("machine_busy_full", machine(v)))
+            .into_iter()
+            .chain([-0.5, f64::NAN, f64::INFINITY].map(|v| ("own_cpu_full", own(v))));
+        for (key, cfg) in cases {
             let problems = cfg.problems();
             assert!(
-                problems.iter().any(|(key, _)| key == "machine_busy_full"),
-                "{bad}: {problems:?}"
-            );
-        }
-        for bad in [-0.5, f64::NAN, f64::INFINITY] {
-            let cfg = WorkerConfig {
-                own_cpu_full: bad,
-                ..WorkerConfig::default()
-            };
-            let problems = cfg.problems();
-            assert!(
-                problems.iter().any(|(key, _)| key == "own_cpu_full"),
-                "{bad}: {problems:?}"
+                problems.iter().any(|(k, _)| k == key),
+                "{cfg:?}: {problems:?}"
             );
         }
         assert!(WorkerConfig::default().problems().is_empty());
-    }
-
-    #[test]
-    fn the_hold_is_the_controllers_target() {
-        assert_eq!(HELD, lifecycle::homeostasis::Params::default().target);
     }
 }
