@@ -35,6 +35,9 @@ pub struct ApiConfig {
     pub target_in_flight: u32,
     /// Mean request latency at which this cell is at capacity (pressure 1.0), milliseconds.
     pub target_latency_ms: u32,
+    /// Answers to repeated searches kept while the index is unchanged, at most this many MiB
+    /// per api cell; 0 keeps none.
+    pub search_cache_mb: u64,
 }
 
 impl Default for ApiConfig {
@@ -55,6 +58,7 @@ impl Default for ApiConfig {
             stale_in_flight_secs: 1800,
             target_in_flight: 128,
             target_latency_ms: 250,
+            search_cache_mb: 8,
         }
     }
 }

@@ -20,7 +20,7 @@ use protocol::{
 use sha2::Digest as _;
 
 use crate::query::{self, SearchParams};
-use crate::{url_guard, AppState};
+use crate::{search_cache, url_guard, AppState};
 
 /// Why a request was not served.
 #[derive(Debug, thiserror::Error)]
@@ -158,9 +158,14 @@ async fn search(
     let Query(params) =
         params.map_err(|e| ApiError::BadRequest(format!("bad query string: {}", e.body_text())))?;
     let q = query::parse(&params, &state.cfg).map_err(ApiError::BadRequest)?;
-    let results = state.store.search(&q).await?;
+    let (results, outcome) = state.search_cache.search(state.store.as_ref(), &q).await?;
     let took = started.elapsed();
     metrics::histogram!("api_search_seconds").record(took.as_secs_f64());
+    let kept = match outcome {
+        search_cache::Outcome::Kept => "kept",
+        search_cache::Outcome::Searched => "searched",
+    };
+    metrics::counter!("api_search_answers_total", "answer" => kept).increment(1);
     Ok(Json(SearchResponse {
         query: params.q.unwrap_or_default(),
         total: results.total,

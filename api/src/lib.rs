@@ -22,6 +22,7 @@ pub mod overload;
 pub mod permits;
 pub mod publisher;
 pub mod query;
+pub mod search_cache;
 pub mod url_guard;
 
 use std::sync::Arc;
@@ -56,6 +57,8 @@ pub struct AppState {
     /// links of ingested pages are kept aside in the store instead of offered to the frontier,
     /// and offered by the [`publisher`] once the load falls.
     pub defer_links: Arc<std::sync::atomic::AtomicBool>,
+    /// Answers to repeated searches while the index is unchanged ([`search_cache`]).
+    pub search_cache: Arc<search_cache::SearchCache>,
 }
 
 /// The api cell's own load, measured by a middleware around every request.
@@ -196,7 +199,11 @@ impl AppState {
         queue: Arc<dyn JobQueue>,
         verifier: Arc<control::Verifier>,
     ) -> Self {
+        let search_cache = Arc::new(search_cache::SearchCache::new(
+            cfg.search_cache_mb.saturating_mul(1 << 20),
+        ));
         Self {
+            search_cache,
             cfg: Arc::new(cfg),
             store,
             keys,

@@ -204,6 +204,12 @@ pub trait Store: HostLedger + Send + Sync + 'static {
     /// Return in-flight entries older than `age` to pending (a safety net for lost jobs).
     async fn requeue_stale(&self, age: Duration) -> Result<u64>;
     async fn search(&self, query: &SearchQuery) -> Result<SearchResults>;
+    /// A token that changes whenever anything `search` reads may have changed (a commit by any
+    /// cell), read before a search: an answer kept under a token is still the answer while the
+    /// token stays the same. `None`: the engine cannot tell (nothing may be kept).
+    async fn search_generation(&self) -> Result<Option<String>> {
+        Ok(None)
+    }
     async fn stats(&self, top_hosts: u32) -> Result<Stats>;
     /// The state and failure reason of one URL, if known.
     async fn frontier_state(&self, url: &str) -> Result<Option<(String, Option<String>)>>;

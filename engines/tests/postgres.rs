@@ -440,3 +440,15 @@ async fn kept_counts_agree_with_the_rows() {
     conformance::counts::kept_counts_agree_with_the_rows(&store).await;
     finish(db, store).await;
 }
+
+/// Two connections to one database are two api cells: a commit by either moves the other's
+/// search generation.
+#[tokio::test]
+async fn search_generation_moves_with_another_cells_commit() {
+    let _server = SERVER.read().await;
+    let db = PgDb::create().await;
+    let (a, b) = (store(&db).await, store(&db).await);
+    conformance::search_generation_moves_with_another_cells_commit(&a, &b).await;
+    b.pool().close().await;
+    finish(db, a).await;
+}

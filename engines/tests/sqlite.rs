@@ -280,3 +280,21 @@ async fn a_common_term_is_ranked_among_a_bounded_set() {
     let deep = search(1_095).await;
     assert_eq!(deep.hits.len(), 5);
 }
+
+/// Two stores on one file are two api cells: a commit by either moves the other's generation;
+/// reads (searches, stats) leave it as it was.
+#[tokio::test]
+async fn search_generation_moves_with_another_cells_commit() {
+    let (_dir, path, a) = support::sqlite_store().await;
+    let b = SqliteStore::open(&path).await.expect("open b");
+    conformance::search_generation_moves_with_another_cells_commit(&a, &b).await;
+    let g = a.search_generation().await.expect("read");
+    let query = engines::SearchQuery {
+        terms: vec!["quagga".into()],
+        limit: 10,
+        offset: 0,
+    };
+    assert_eq!(b.search(&query).await.expect("search").total, 1);
+    b.stats(10).await.expect("stats");
+    assert_eq!(a.search_generation().await.expect("read"), g);
+}

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::figures::Figures;
 use crate::run::live::Mode;
-use crate::run::profile::{Phase, Profile, SearchSpec};
+use crate::run::profile::{Phase, Profile, SearchSpec, Terms};
 use crate::run::{execute, up_demo, Endpoints, RunPlan};
 
 #[derive(Args, Debug, Clone)]
@@ -27,6 +27,13 @@ pub struct SearchArgs {
     /// A short run.
     #[arg(long)]
     pub quick: bool,
+    /// Which words, each measured at every rate, comma-separated: `common` (as often as pages
+    /// carry them) and `rare` (on at most 1% of the pages).
+    #[arg(long, value_delimiter = ',', default_value = "common,rare")]
+    pub terms: Vec<Terms>,
+    /// Each search asks one of result pages 1 to N evenly (pagination).
+    #[arg(long, default_value_t = 1)]
+    pub pages_deep: u32,
     /// Load this front door instead of starting `cell up --demo` (its words come from the
     /// embedded demo web unless the web options say otherwise).
     #[arg(long, value_name = "URL")]
@@ -44,7 +51,7 @@ pub struct SearchArgs {
     /// One JSON line per rate instead of the blocks for people.
     #[arg(long)]
     pub json: bool,
-    /// Keep each rate's timeline, requests and report here (rate-N/ under it).
+    /// Keep each rate's timeline, requests and report here (rate-N-TERMS/ under it).
     #[arg(long, value_name = "DIR")]
     pub out: Option<std::path::PathBuf>,
 }
@@ -159,10 +166,18 @@ async fn measure(
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    for &rate in rates {
+    for (&rate, &terms) in rates
+        .iter()
+        .flat_map(|r| args.terms.iter().map(move |t| (r, t)))
+    {
+        let search = SearchSpec {
+            terms,
+            pages_deep: args.pages_deep,
+            ..search.clone()
+        };
         let profile = Profile {
-            name: format!("search-{rate}"),
-            description: format!("{rate} searches/s for {secs} s"),
+            name: format!("search-{rate}-{terms}"),
+            description: format!("{rate} searches/s for {secs} s, {terms} terms"),
             search: search.clone(),
             crawl: None,
             chaos: None,
@@ -174,7 +189,7 @@ async fn measure(
             "--rates {rate}: {}",
             problems.join("; ")
         );
-        let out = base.join(format!("rate-{rate}"));
+        let out = base.join(format!("rate-{rate}-{terms}"));
         let t = execute(
             RunPlan {
                 profile,
@@ -193,8 +208,9 @@ async fn measure(
             crate::report::render(&t, &out)?;
         }
         let s = &t.summary;
-        let mut f = Figures::new("search", format!("{rate}/s for {secs} s"))
+        let mut f = Figures::new("search", format!("{rate}/s for {secs} s, {terms} terms"))
             .condition("web pages", args.pages)
+            .condition("result pages asked", format!("1 to {}", args.pages_deep))
             .condition("target", endpoints.frontdoors.join(" "));
         f.add("offered", Some(s.offered_rate), "req/s");
         f.add("achieved", Some(s.achieved_rate), "req/s");

@@ -287,7 +287,7 @@ pub async fn execute(plan: RunPlan, interrupt: CancellationToken) -> anyhow::Res
     anyhow::ensure!(!endpoints.frontdoors.is_empty(), "no front door to load");
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let vocabulary = Vocabulary::of_spec(&profile.search);
-    let queries = Queries::new(&vocabulary, profile.search.seed, profile.search.words)?;
+    let queries = Queries::new(&vocabulary, &profile.search)?;
     let requests_file = if requests_log {
         let path = out.join(timeline::REQUESTS_CSV);
         Some(std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?)

@@ -731,6 +731,18 @@ impl Store for PgStore {
         })
     }
 
+    async fn search_generation(&self) -> Result<Option<String>> {
+        // The set of committed transactions (xmin, xmax and those in progress): equal snapshots
+        // see equal data. With the server's start time, so a promoted standby never repeats a
+        // token its old primary gave out.
+        let token: String = sqlx::query_scalar(
+            "SELECT pg_current_snapshot()::text || '@' || pg_postmaster_start_time()::text",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(Some(token))
+    }
+
     async fn stats(&self, top_hosts: u32) -> Result<Stats> {
         // Kept counts (migration 0007): append-only deltas, summed here in one snapshot, and
         // folded into one row per key once they have grown.

@@ -23,8 +23,9 @@ crate::idempotency::idempotency_store_on!(SqliteStore);
 
 use crate::{EngineError, Result};
 
-/// Open (creating if needed) a SQLite database for concurrent use by several processes.
-pub(crate) async fn open_pool(url_or_path: &str, max_connections: u32) -> Result<SqlitePool> {
+/// Connection options for a SQLite database shared by several processes (its directory made
+/// if missing).
+fn connect_options(url_or_path: &str) -> Result<SqliteConnectOptions> {
     let options = if url_or_path.starts_with("sqlite:") {
         SqliteConnectOptions::from_str(url_or_path)
             .map_err(|e| EngineError::Config(format!("bad sqlite URL {url_or_path:?}: {e}")))?
@@ -38,7 +39,7 @@ pub(crate) async fn open_pool(url_or_path: &str, max_connections: u32) -> Result
             })?;
         }
     }
-    let options = options
+    Ok(options
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         // NORMAL in WAL mode is durable against process crashes (what kill -9 tests), which is
@@ -47,7 +48,12 @@ pub(crate) async fn open_pool(url_or_path: &str, max_connections: u32) -> Result
         .busy_timeout(Duration::from_secs(30))
         .foreign_keys(false)
         .pragma("temp_store", "memory")
-        .pragma("cache_size", "-16000");
+        .pragma("cache_size", "-16000"))
+}
+
+/// Open (creating if needed) a SQLite database for concurrent use by several processes.
+pub(crate) async fn open_pool(url_or_path: &str, max_connections: u32) -> Result<SqlitePool> {
+    let options = connect_options(url_or_path)?;
     let pool = SqlitePoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(30))
@@ -70,6 +76,47 @@ pub(crate) async fn open_pool(url_or_path: &str, max_connections: u32) -> Result
         .connect_with(options)
         .await?;
     Ok(pool)
+}
+
+/// Whether anything was committed to a database file since the last look, by any connection of
+/// any process: `PRAGMA data_version` on a connection of its own that never writes (its value
+/// changes when another connection commits, and only then). A new connection starts its count
+/// again, so the token carries which connection read it.
+pub(crate) struct DataVersion {
+    options: SqliteConnectOptions,
+    conn: tokio::sync::Mutex<(Option<sqlx::SqliteConnection>, u64)>,
+}
+
+impl DataVersion {
+    pub(crate) fn new(url_or_path: &str) -> Result<Self> {
+        Ok(Self {
+            options: connect_options(url_or_path)?,
+            conn: tokio::sync::Mutex::new((None, 0)),
+        })
+    }
+
+    /// `CONNECTION:VERSION`; a failed read drops the connection (the next opens another).
+    pub(crate) async fn read(&self) -> Result<String> {
+        let mut held = self.conn.lock().await;
+        let (conn, opened) = &mut *held;
+        let c = match conn {
+            Some(c) => c,
+            None => {
+                *opened += 1;
+                conn.insert(sqlx::SqliteConnection::connect_with(&self.options).await?)
+            }
+        };
+        match sqlx::query_scalar::<_, i64>("PRAGMA data_version")
+            .fetch_one(&mut *c)
+            .await
+        {
+            Ok(v) => Ok(format!("{opened}:{v}")),
+            Err(e) => {
+                *conn = None;
+                Err(e.into())
+            }
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch.

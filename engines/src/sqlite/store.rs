@@ -24,6 +24,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite_s
 
 pub struct SqliteStore {
     pub(super) pool: SqlitePool,
+    /// What [`Store::search_generation`] reads.
+    data_version: super::DataVersion,
 }
 
 /// Bring the store's schema up to date. Several cells (apis, factories) may open the same file
@@ -37,7 +39,10 @@ impl SqliteStore {
     pub async fn open(url_or_path: &str) -> Result<Self> {
         let pool = open_pool(url_or_path, 8).await?;
         migrate(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            data_version: super::DataVersion::new(url_or_path)?,
+        })
     }
 
     pub(super) async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
@@ -468,13 +473,19 @@ impl Store for SqliteStore {
             .fetch_one(&self.pool)
             .await?
         };
+        // Ranked first, snippets after: snippet() re-reads and tokenizes a page's text, and
+        // SQLite computes a sorted query's columns for every row before it sorts, so a
+        // snippet in the ranking query would cost one per candidate, not one per hit.
         let rows = sqlx::query(
-            "SELECT p.url, p.title, \
-                    snippet(pages_fts, -1, ?, ?, '…', 24) AS snip, \
-                    bm25(pages_fts, 4.0, 1.0) AS rank \
-             FROM pages_fts JOIN pages p ON p.id = pages_fts.rowid \
-             WHERE pages_fts MATCH ? AND pages_fts.rowid >= ? \
-             ORDER BY rank, p.id LIMIT ? OFFSET ?",
+            "WITH top AS ( \
+                 SELECT rowid AS id, bm25(pages_fts, 4.0, 1.0) AS rank FROM pages_fts \
+                 WHERE pages_fts MATCH ?3 AND rowid >= ?4 \
+                 ORDER BY rank, rowid LIMIT ?5 OFFSET ?6) \
+             SELECT p.url, p.title, snippet(pages_fts, -1, ?1, ?2, '…', 24) AS snip, top.rank \
+             FROM top CROSS JOIN pages_fts ON pages_fts.rowid = top.id \
+                      JOIN pages p ON p.id = top.id \
+             WHERE pages_fts MATCH ?3 \
+             ORDER BY top.rank, top.id",
         )
         .bind(MARK_OPEN)
         .bind(MARK_CLOSE)
@@ -498,6 +509,10 @@ impl Store for SqliteStore {
             total: total as u64,
             hits,
         })
+    }
+
+    async fn search_generation(&self) -> Result<Option<String>> {
+        Ok(Some(self.data_version.read().await?))
     }
 
     async fn stats(&self, top_hosts: u32) -> Result<Stats> {

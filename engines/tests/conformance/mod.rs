@@ -510,3 +510,34 @@ pub mod politeness;
 pub async fn wait_lease_pub(queue: &dyn JobQueue) -> engines::Delivery {
     wait_lease(queue).await
 }
+
+/// The search generation (what an api keeps search answers under) moves when another cell
+/// commits to the store: an answer kept before the commit is not given after it.
+pub async fn search_generation_moves_with_another_cells_commit(a: &dyn Store, b: &dyn Store) {
+    let crawl = a.create_crawl(UNLIMITED).await.expect("crawl");
+    let seed = cand("http://gen.test/1");
+    a.admit_seeds(crawl, std::slice::from_ref(&seed), u64::MAX)
+        .await
+        .expect("admit");
+    let before = a
+        .search_generation()
+        .await
+        .expect("read")
+        .expect("this engine has a generation");
+    b.ingest(
+        &[page(&seed.url, "t", "quagga", &[])],
+        u64::MAX,
+        Links::Admit,
+    )
+    .await
+    .expect("ingest by another cell");
+    let after = a
+        .search_generation()
+        .await
+        .expect("read")
+        .expect("a generation");
+    assert_ne!(
+        before, after,
+        "a commit by another cell left the generation as it was"
+    );
+}

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::profile::{Profile, Schedule};
-use super::queries::Queries;
+use super::queries::{Queries, Query};
 
 /// The error kind of a request skipped for the outstanding bound.
 pub const OVER_BOUND: &str = "over_outstanding_bound";
@@ -374,12 +374,17 @@ pub async fn drive(
 }
 
 /// One search: `ok`, or the error kind; and the status when there was an answer.
-async fn search(target: &Target, url: &str, query: &str) -> (String, Option<u16>) {
+async fn search(target: &Target, url: &str, query: &Query) -> (String, Option<u16>) {
     let limit = target.limit.to_string();
+    let offset = query.offset.to_string();
     let sent = target
         .client
         .get(url)
-        .query(&[("q", query), ("limit", limit.as_str())])
+        .query(&[
+            ("q", query.q.as_str()),
+            ("limit", limit.as_str()),
+            ("offset", offset.as_str()),
+        ])
         .send()
         .await;
     let resp = match sent {

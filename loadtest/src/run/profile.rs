@@ -48,6 +48,12 @@ pub struct SearchSpec {
     pub seed: u64,
     /// Words in a query.
     pub words: usize,
+    /// Which words: `common` (drawn as often as pages carry them) or `rare` (drawn evenly
+    /// among the words on at most 1% of the indexed pages).
+    pub terms: Terms,
+    /// Result pages asked: each search asks one of pages 1 to `pages_deep` evenly (`offset`
+    /// = (page - 1) x `limit`); 1 asks only the first.
+    pub pages_deep: u32,
     /// The synthetic web whose words are asked (default: `[demo]` of the embedded organism).
     pub web_seed: u64,
     pub web_pages: usize,
@@ -61,10 +67,31 @@ impl Default for SearchSpec {
             limit: 10,
             seed: 1,
             words: 1,
+            terms: Terms::Common,
+            pages_deep: 1,
             web_seed: demo.seed,
             web_pages: demo.pages,
             web_hosts: demo.hosts,
         }
+    }
+}
+
+/// Which words the searches ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Terms {
+    /// As often as pages carry them: a few words on most pages are asked most.
+    Common,
+    /// Evenly among the words on at most 1% of the indexed pages.
+    Rare,
+}
+
+impl std::fmt::Display for Terms {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Terms::Common => "common",
+            Terms::Rare => "rare",
+        })
     }
 }
 
@@ -296,6 +323,14 @@ impl Profile {
         if self.search.words == 0 || self.search.words > 8 {
             problems.push("[search] words must be from 1 to 8".into());
         }
+        if self.search.pages_deep == 0
+            || u64::from(self.search.pages_deep - 1) * u64::from(self.search.limit) > 10_000
+        {
+            problems.push(
+                "[search] pages_deep must be at least 1, and (pages_deep - 1) x limit at most 10000 (the api's largest offset)"
+                    .into(),
+            );
+        }
         if self.search.web_hosts == 0 || self.search.web_pages < self.search.web_hosts {
             problems.push(
                 "[search] web_pages must be at least web_hosts, and web_hosts at least 1".into(),
@@ -482,7 +517,7 @@ mod tests {
     #[test]
     fn every_problem_is_named() {
         let err = Profile::parse(
-            "name = \"bad\"\n[search]\nlimit = 0\n\
+            "name = \"bad\"\n[search]\nlimit = 0\npages_deep = 0\nterms = \"rare\"\n\
              [chaos]\naction = \"kill\"\nroles = [\"api\", \"painter\"]\nevery_secs = 0\n\
              [[phase]]\nkind = \"hold\"\nrate = -1\nsecs = 0\n\
              [[phase]]\nkind = \"sine\"\nlow = 1\nhigh = 1e9\nperiod_secs = 0\nsecs = 1\n",
@@ -497,6 +532,7 @@ mod tests {
             "phase 2 (sine): period_secs",
             "phase 2 (sine): high = 1000000000",
             "[search] limit",
+            "[search] pages_deep",
             "\"painter\" is not a role",
             "[chaos] every_secs",
         ] {

@@ -9,15 +9,17 @@ use std::collections::BTreeMap;
 
 use rand::distr::weighted::WeightedIndex;
 use rand::distr::Distribution as _;
-use rand::SeedableRng as _;
+use rand::{Rng as _, SeedableRng as _};
 use rand_chacha::ChaCha8Rng;
 use synthweb::{SyntheticWeb, WebSpec};
 
-use super::profile::SearchSpec;
+use super::profile::{SearchSpec, Terms};
 
 /// The words of a web, with the number of pages each occurs on.
 pub struct Vocabulary {
     pub words: Vec<(String, u32)>,
+    /// Pages a correct crawl indexes.
+    pub pages: usize,
 }
 
 impl Vocabulary {
@@ -34,7 +36,9 @@ impl Vocabulary {
 
     pub fn of(web: &SyntheticWeb) -> Vocabulary {
         let mut pages_with: BTreeMap<String, u32> = BTreeMap::new();
-        for url in web.expect(&web.seeds(), None) {
+        let indexed = web.expect(&web.seeds(), None);
+        let pages = indexed.len();
+        for url in indexed {
             let Some(body) = web.body(&url) else { continue };
             let text = String::from_utf8_lossy(body);
             let mut on_page: Vec<String> = page_words(&text).collect();
@@ -46,6 +50,7 @@ impl Vocabulary {
         }
         Vocabulary {
             words: pages_with.into_iter().collect(),
+            pages,
         }
     }
 }
@@ -74,30 +79,58 @@ fn page_words(html: &str) -> impl Iterator<Item = String> + '_ {
         .into_iter()
 }
 
+/// One search to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Query {
+    pub q: String,
+    pub offset: u64,
+}
+
 /// An endless, seeded stream of queries.
 pub struct Queries {
     words: Vec<String>,
     pick: WeightedIndex<u32>,
     rng: ChaCha8Rng,
     per_query: usize,
+    limit: u32,
+    pages_deep: u32,
 }
 
 impl Queries {
-    pub fn new(vocabulary: &Vocabulary, seed: u64, per_query: usize) -> anyhow::Result<Queries> {
+    /// Queries of `spec`'s kind: its terms, words per query, result pages and seed.
+    pub fn new(vocabulary: &Vocabulary, spec: &SearchSpec) -> anyhow::Result<Queries> {
+        let chosen: Vec<&(String, u32)> = match spec.terms {
+            Terms::Common => vocabulary.words.iter().collect(),
+            Terms::Rare => {
+                let indexed = vocabulary.pages.max(1);
+                let at_most = (indexed / 100).max(1);
+                vocabulary
+                    .words
+                    .iter()
+                    .filter(|(_, n)| *n as usize <= at_most)
+                    .collect()
+            }
+        };
         anyhow::ensure!(
-            !vocabulary.words.is_empty(),
-            "the synthetic web has no words to search for"
+            !chosen.is_empty(),
+            "the synthetic web has no {} words to search for",
+            spec.terms
         );
-        let pick = WeightedIndex::new(vocabulary.words.iter().map(|(_, n)| *n))?;
+        let pick = match spec.terms {
+            Terms::Common => WeightedIndex::new(chosen.iter().map(|(_, n)| *n))?,
+            Terms::Rare => WeightedIndex::new(chosen.iter().map(|_| 1u32))?,
+        };
         Ok(Queries {
-            words: vocabulary.words.iter().map(|(w, _)| w.clone()).collect(),
+            words: chosen.iter().map(|(w, _)| w.clone()).collect(),
             pick,
-            rng: ChaCha8Rng::seed_from_u64(seed),
-            per_query: per_query.max(1),
+            rng: ChaCha8Rng::seed_from_u64(spec.seed),
+            per_query: spec.words.max(1),
+            limit: spec.limit,
+            pages_deep: spec.pages_deep.max(1),
         })
     }
 
-    pub fn next_query(&mut self) -> String {
+    pub fn next_query(&mut self) -> Query {
         let mut q = String::new();
         for i in 0..self.per_query {
             if i > 0 {
@@ -105,7 +138,15 @@ impl Queries {
             }
             q.push_str(&self.words[self.pick.sample(&mut self.rng)]);
         }
-        q
+        let page = if self.pages_deep > 1 {
+            self.rng.random_range(0..self.pages_deep)
+        } else {
+            0
+        };
+        Query {
+            q,
+            offset: u64::from(page) * u64::from(self.limit),
+        }
     }
 }
 
@@ -127,11 +168,17 @@ mod tests {
         });
         let vocabulary = Vocabulary::of(&web);
         assert!(vocabulary.words.len() > 50, "{}", vocabulary.words.len());
-        let mut a = Queries::new(&vocabulary, 9, 1).expect("words");
-        let mut b = Queries::new(&vocabulary, 9, 1).expect("words");
-        let asked: Vec<String> = (0..2000).map(|_| a.next_query()).collect();
-        let again: Vec<String> = (0..2000).map(|_| b.next_query()).collect();
+        let spec = SearchSpec {
+            seed: 9,
+            ..SearchSpec::default()
+        };
+        let mut a = Queries::new(&vocabulary, &spec).expect("words");
+        let mut b = Queries::new(&vocabulary, &spec).expect("words");
+        let asked: Vec<Query> = (0..2000).map(|_| a.next_query()).collect();
+        let again: Vec<Query> = (0..2000).map(|_| b.next_query()).collect();
         assert_eq!(asked, again, "seeded");
+        assert!(asked.iter().all(|q| q.offset == 0), "first pages only");
+        let asked: Vec<String> = asked.into_iter().map(|q| q.q).collect();
         let count = |w: &str| asked.iter().filter(|q| *q == w).count();
         let (common, _) = vocabulary
             .words
@@ -144,7 +191,46 @@ mod tests {
             .min_by_key(|(_, n)| *n)
             .expect("a word");
         assert!(count(common) > count(rare), "{common} vs {rare}");
-        let two = Queries::new(&vocabulary, 9, 2).expect("words").next_query();
-        assert_eq!(two.split(' ').count(), 2);
+        let two = Queries::new(
+            &vocabulary,
+            &SearchSpec {
+                words: 2,
+                ..spec.clone()
+            },
+        )
+        .expect("words")
+        .next_query();
+        assert_eq!(two.q.split(' ').count(), 2);
+    }
+
+    #[test]
+    fn rare_terms_are_on_few_pages_and_deep_pages_are_asked() {
+        let web = SyntheticWeb::generate(&WebSpec {
+            seed: 3,
+            pages: 2000,
+            hosts: 4,
+            latency: std::time::Duration::ZERO,
+        });
+        let vocabulary = Vocabulary::of(&web);
+        let on_pages: BTreeMap<&str, u32> = vocabulary
+            .words
+            .iter()
+            .map(|(w, n)| (w.as_str(), *n))
+            .collect();
+        let at_most = (vocabulary.pages / 100).max(1) as u32;
+        let spec = SearchSpec {
+            terms: Terms::Rare,
+            pages_deep: 3,
+            limit: 10,
+            ..SearchSpec::default()
+        };
+        let mut rare = Queries::new(&vocabulary, &spec).expect("rare words");
+        let asked: Vec<Query> = (0..600).map(|_| rare.next_query()).collect();
+        for q in &asked {
+            let n = on_pages[q.q.as_str()];
+            assert!(n <= at_most, "{} is on {n} pages", q.q);
+        }
+        let offsets: std::collections::BTreeSet<u64> = asked.iter().map(|q| q.offset).collect();
+        assert_eq!(offsets.into_iter().collect::<Vec<_>>(), [0, 10, 20]);
     }
 }
