@@ -169,6 +169,7 @@ async fn search(
     Ok(Json(SearchResponse {
         query: params.q.unwrap_or_default(),
         total: results.total,
+        total_exact: results.total_exact,
         limit: q.limit,
         offset: q.offset,
         took_ms: took.as_secs_f64() * 1000.0,

@@ -162,8 +162,21 @@ pub struct SearchQuery {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SearchResults {
+    /// Pages matching: exact up to the ranking's bound, estimated above it (`total_exact`).
     pub total: u64,
+    pub total_exact: bool,
     pub hits: Vec<protocol::SearchHit>,
+}
+
+/// The total of a query that matches more pages than its ranking looks at, without walking
+/// every match: its `seen` newest matches lie on page ids `from..=max_id`, and the other ids
+/// (`min_id..from`) are taken to match as densely. Exact when every page matches; at least
+/// `seen`. Page ids only grow, so the newest pages are the highest ids; gaps in the ids (a
+/// sequence value an upsert used up) are in both spans and cancel out.
+pub(crate) fn estimated_total(seen: u64, from: i64, min_id: i64, max_id: i64) -> u64 {
+    let range = (max_id.saturating_sub(from)).saturating_add(1).max(1) as f64;
+    let all = (max_id.saturating_sub(min_id)).saturating_add(1).max(1) as f64;
+    ((seen as f64 * all / range).round() as u64).max(seen)
 }
 
 /// Pages, frontier and full-text index. Every method is atomic; ingest is idempotent. The store
@@ -256,4 +269,19 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn lease_dead(&self, max: usize) -> Result<Vec<(Delivery, String)>>;
     async fn ack_dead(&self, tags: &[DeliveryTag]) -> Result<()>;
     async fn depth(&self) -> Result<QueueDepth>;
+}
+
+#[cfg(test)]
+mod estimate_tests {
+    use super::estimated_total;
+
+    #[test]
+    fn a_total_is_estimated_from_the_density_of_the_newest_matches() {
+        // Every page matches: exact.
+        assert_eq!(estimated_total(1001, 4000, 1, 5000), 5000);
+        // Every other page: the newest 1,001 on 2,002 ids of 10,000.
+        assert_eq!(estimated_total(1001, 7999, 1, 10_000), 5000);
+        // Never below what was seen, whatever the ids say.
+        assert_eq!(estimated_total(1001, 10, 50, 5), 1001);
+    }
 }

@@ -84,6 +84,7 @@ conformance_test!(frontier_invariant);
 conformance_test!(idempotent_ingest);
 conformance_test!(limits);
 conformance_test!(search_ranking_and_snippets);
+conformance_test!(totals_above_the_bound_are_estimated);
 conformance_test!(idempotency_keys);
 
 shared_conformance_test!(idempotency_one_holder);

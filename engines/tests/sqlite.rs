@@ -38,6 +38,12 @@ async fn search_ranking_and_snippets() {
     conformance::search_ranking_and_snippets(&s).await;
 }
 
+#[tokio::test]
+async fn totals_above_the_bound_are_estimated() {
+    let (_d, s) = store().await;
+    conformance::totals_above_the_bound_are_estimated(&s).await;
+}
+
 /// Ingest throughput, checked and printed (`HOMEOSTAT_INGEST_PAGES=5000 cargo test --workspace
 /// --test sqlite -- --nocapture ingest_throughput` for the benchmark's size).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,7 +222,8 @@ async fn hostile_page_text() {
     }
 }
 
-/// A term on more pages than the ranking cap: the total stays exact, pages of hits do not
+/// A term on more pages than the ranking cap (here every page): the total, estimated, is right,
+/// pages of hits do not
 /// overlap, and the best page among the newest ones comes first.
 #[tokio::test]
 async fn a_common_term_is_ranked_among_a_bounded_set() {

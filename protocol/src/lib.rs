@@ -134,11 +134,20 @@ pub struct Rejection {
     pub reason: String,
 }
 
+fn exact() -> bool {
+    true
+}
+
 /// `GET /search` answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SearchResponse {
     pub query: String,
+    /// Pages matching: exact when `total_exact`; above the ranking's bound (1,000 matches) an
+    /// estimate from how densely the newest matches lie among the newest pages.
     pub total: u64,
+    /// Absent (an older api): exact.
+    #[serde(default = "exact")]
+    pub total_exact: bool,
     pub limit: u32,
     pub offset: u64,
     pub took_ms: f64,

@@ -663,24 +663,48 @@ impl Store for PgStore {
         // plainto_tsquery ANDs the words it finds and parses no operators, so nothing the user
         // typed reaches the query parser as syntax.
         let words = pg_text(&query.terms.join(" ")).into_owned();
-        let total: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pages WHERE search @@ plainto_tsquery($1::regconfig, $2)",
+        // Bounded top-k: rank the newest `cap` matches (all of them when there are fewer, so
+        // the answer is then exact), then build headlines only for the page of hits. Ranking
+        // reads each candidate's tsvector: a common term must not make it read them all. Above
+        // the cap the total is estimated from how densely the newest matches lie among the
+        // newest pages ([`crate::estimated_total`]): an exact count(*) of a common term reads
+        // every matching row (30-190 ms on 50,000 pages), the newest cap+1 a few ms.
+        let offset = query.offset.min(i64::MAX as u64) as i64;
+        let cap = RANK_CAP.max(offset.saturating_add(i64::from(query.limit)));
+        let (seen, from_id): (i64, Option<i64>) = sqlx::query_as(
+            "SELECT count(*), min(id) FROM ( \
+                 SELECT p.id FROM pages p WHERE p.search @@ plainto_tsquery($1::regconfig, $2) \
+                 ORDER BY p.id DESC LIMIT $3) m",
         )
         .bind(TS_CONFIG)
         .bind(&words)
+        .bind(cap.saturating_add(1))
         .fetch_one(&self.pool)
         .await?;
+        let (total, total_exact) = match from_id {
+            Some(from) if seen > cap => {
+                let (min_id, max_id): (Option<i64>, Option<i64>) = sqlx::query_as(
+                    "SELECT (SELECT min(id) FROM pages), (SELECT max(id) FROM pages)",
+                )
+                .fetch_one(&self.pool)
+                .await?;
+                let total = crate::estimated_total(
+                    seen as u64,
+                    from,
+                    min_id.unwrap_or(from),
+                    max_id.unwrap_or(from),
+                );
+                (total, false)
+            }
+            _ => (seen.max(0) as u64, true),
+        };
         if total == 0 || query.limit == 0 {
             return Ok(SearchResults {
-                total: total as u64,
+                total,
+                total_exact,
                 hits: Vec::new(),
             });
         }
-        // Bounded top-k: rank the newest `cap` matches (all of them when there are fewer, so
-        // the answer is then exact), then build headlines only for the page of hits. Ranking
-        // reads each candidate's tsvector: a common term must not make it read them all.
-        let offset = query.offset.min(i64::MAX as u64) as i64;
-        let cap = RANK_CAP.max(offset.saturating_add(i64::from(query.limit)));
         let rows = sqlx::query(
             "SELECT h.url, h.title, \
                     ts_headline($1::regconfig, left(h.body, 100000), q, $5) AS body_snip, \
@@ -726,7 +750,8 @@ impl Store for PgStore {
             })
             .collect();
         Ok(SearchResults {
-            total: total as u64,
+            total,
+            total_exact,
             hits,
         })
     }

@@ -249,7 +249,7 @@ pub async fn search_ranking_and_snippets(store: &dyn Store) {
         })
         .await
         .expect("search");
-    assert_eq!(res.total, 2);
+    assert_eq!((res.total, res.total_exact), (2, true));
     assert_eq!(
         res.hits[0].url, urls[0],
         "the page about zebras ranks first"
@@ -540,4 +540,60 @@ pub async fn search_generation_moves_with_another_cells_commit(a: &dyn Store, b:
         before, after,
         "a commit by another cell left the generation as it was"
     );
+}
+
+/// Above the ranking's bound (1,000 matches) the total is estimated from the newest matches:
+/// exact in value when every page matches, close when some do, and said to be an estimate.
+pub async fn totals_above_the_bound_are_estimated(store: &dyn Store) {
+    let crawl = store.create_crawl(UNLIMITED).await.expect("crawl");
+    let n = 2_400;
+    let urls: Vec<String> = (0..n)
+        .map(|i| format!("http://e{}.test/{i}", i % 9))
+        .collect();
+    let cands: Vec<Candidate> = urls.iter().map(|u| cand(u)).collect();
+    store
+        .admit_seeds(crawl, &cands, u64::MAX)
+        .await
+        .expect("admit");
+    let items: Vec<IngestItem> = urls
+        .iter()
+        .enumerate()
+        .map(|(i, u)| {
+            // Every page says "every"; every other page "half"; one page in 100 "few".
+            let mut text = String::from("every");
+            if i % 2 == 0 {
+                text.push_str(" half");
+            }
+            if i % 100 == 0 {
+                text.push_str(" few");
+            }
+            page(u, "t", &text, &[])
+        })
+        .collect();
+    for chunk in items.chunks(200) {
+        store
+            .ingest(chunk, u64::MAX, Links::Admit)
+            .await
+            .expect("ingest");
+    }
+    let total = |word: &'static str| async move {
+        let r = store
+            .search(&SearchQuery {
+                terms: vec![word.into()],
+                limit: 10,
+                offset: 0,
+            })
+            .await
+            .expect("search");
+        assert_eq!(r.hits.len(), 10.min(r.total as usize), "{word}");
+        (r.total, r.total_exact)
+    };
+    assert_eq!(total("every").await, (n as u64, false));
+    let (half, exact) = total("half").await;
+    assert!(!exact);
+    assert!(
+        (1_100..=1_300).contains(&half),
+        "half of {n} pages estimated as {half}"
+    );
+    assert_eq!(total("few").await, (24, true));
 }
