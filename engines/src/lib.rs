@@ -168,12 +168,19 @@ pub struct SearchResults {
     pub hits: Vec<protocol::SearchHit>,
 }
 
+/// The page ids' span, `(min, max)`, for [`estimated_total`]: each in a query of its own
+/// (SQLite reads a lone min() or max() of the rowid from the b-tree's edge, but both in one
+/// query scan the table: 9 ms on 50,000 pages).
+pub(crate) const PAGE_ID_SPAN: &str =
+    "SELECT (SELECT min(id) FROM pages), (SELECT max(id) FROM pages)";
+
 /// The total of a query that matches more pages than its ranking looks at, without walking
-/// every match: its `seen` newest matches lie on page ids `from..=max_id`, and the other ids
-/// (`min_id..from`) are taken to match as densely. Exact when every page matches; at least
-/// `seen`. Page ids only grow, so the newest pages are the highest ids; gaps in the ids (a
+/// every match: its `seen` newest matches lie on page ids `from..=max`, and the other ids of
+/// `span` ([`PAGE_ID_SPAN`]) are taken to match as densely. Exact when every page matches; at
+/// least `seen`. Page ids only grow, so the newest pages are the highest ids; gaps in the ids (a
 /// sequence value an upsert used up) are in both spans and cancel out.
-pub(crate) fn estimated_total(seen: u64, from: i64, min_id: i64, max_id: i64) -> u64 {
+pub(crate) fn estimated_total(seen: u64, from: i64, span: (Option<i64>, Option<i64>)) -> u64 {
+    let (min_id, max_id) = (span.0.unwrap_or(from), span.1.unwrap_or(from));
     let range = (max_id.saturating_sub(from)).saturating_add(1).max(1) as f64;
     let all = (max_id.saturating_sub(min_id)).saturating_add(1).max(1) as f64;
     ((seen as f64 * all / range).round() as u64).max(seen)
@@ -278,10 +285,10 @@ mod estimate_tests {
     #[test]
     fn a_total_is_estimated_from_the_density_of_the_newest_matches() {
         // Every page matches: exact.
-        assert_eq!(estimated_total(1001, 4000, 1, 5000), 5000);
+        assert_eq!(estimated_total(1001, 4000, (Some(1), Some(5000))), 5000);
         // Every other page: the newest 1,001 on 2,002 ids of 10,000.
-        assert_eq!(estimated_total(1001, 7999, 1, 10_000), 5000);
+        assert_eq!(estimated_total(1001, 7999, (Some(1), Some(10_000))), 5000);
         // Never below what was seen, whatever the ids say.
-        assert_eq!(estimated_total(1001, 10, 50, 5), 1001);
+        assert_eq!(estimated_total(1001, 10, (Some(50), Some(5))), 1001);
     }
 }

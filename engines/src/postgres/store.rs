@@ -687,18 +687,10 @@ impl Store for PgStore {
         .await?;
         let (total, total_exact) = match from_id {
             Some(from) if seen > cap => {
-                let (min_id, max_id): (Option<i64>, Option<i64>) = sqlx::query_as(
-                    "SELECT (SELECT min(id) FROM pages), (SELECT max(id) FROM pages)",
-                )
-                .fetch_one(&self.pool)
-                .await?;
-                let total = crate::estimated_total(
-                    seen as u64,
-                    from,
-                    min_id.unwrap_or(from),
-                    max_id.unwrap_or(from),
-                );
-                (total, false)
+                let span = sqlx::query_as(crate::PAGE_ID_SPAN)
+                    .fetch_one(&self.pool)
+                    .await?;
+                (crate::estimated_total(seen as u64, from, span), false)
             }
             _ => (seen.max(0) as u64, true),
         };

@@ -462,20 +462,10 @@ impl Store for SqliteStore {
         .await?;
         let (total, total_exact, from_rowid) = match from_rowid {
             Some(from) if seen > cap => {
-                // Each in a query of its own: SQLite reads a lone min() or max() of the rowid
-                // from the b-tree's edge, but both in one query scan the table (9 ms here).
-                let (min_id, max_id): (Option<i64>, Option<i64>) = sqlx::query_as(
-                    "SELECT (SELECT min(id) FROM pages), (SELECT max(id) FROM pages)",
-                )
-                .fetch_one(&self.pool)
-                .await?;
-                let total = crate::estimated_total(
-                    seen as u64,
-                    from,
-                    min_id.unwrap_or(from),
-                    max_id.unwrap_or(from),
-                );
-                (total, false, from)
+                let span = sqlx::query_as(crate::PAGE_ID_SPAN)
+                    .fetch_one(&self.pool)
+                    .await?;
+                (crate::estimated_total(seen as u64, from, span), false, from)
             }
             _ => (seen.max(0) as u64, true, i64::MIN),
         };

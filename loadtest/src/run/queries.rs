@@ -99,16 +99,17 @@ pub struct Queries {
 impl Queries {
     /// Queries of `spec`'s kind: its terms, words per query, result pages and seed.
     pub fn new(vocabulary: &Vocabulary, spec: &SearchSpec) -> anyhow::Result<Queries> {
-        let chosen: Vec<&(String, u32)> = match spec.terms {
-            Terms::Common => vocabulary.words.iter().collect(),
+        // The words, and how often each is drawn.
+        let (chosen, weights): (Vec<&String>, Vec<u32>) = match spec.terms {
+            Terms::Common => vocabulary.words.iter().map(|(w, n)| (w, *n)).unzip(),
             Terms::Rare => {
-                let indexed = vocabulary.pages.max(1);
-                let at_most = (indexed / 100).max(1);
+                let at_most = (vocabulary.pages / 100).max(1);
                 vocabulary
                     .words
                     .iter()
                     .filter(|(_, n)| *n as usize <= at_most)
-                    .collect()
+                    .map(|(w, _)| (w, 1))
+                    .unzip()
             }
         };
         anyhow::ensure!(
@@ -116,12 +117,9 @@ impl Queries {
             "the synthetic web has no {} words to search for",
             spec.terms
         );
-        let pick = match spec.terms {
-            Terms::Common => WeightedIndex::new(chosen.iter().map(|(_, n)| *n))?,
-            Terms::Rare => WeightedIndex::new(chosen.iter().map(|_| 1u32))?,
-        };
+        let pick = WeightedIndex::new(weights)?;
         Ok(Queries {
-            words: chosen.iter().map(|(w, _)| w.clone()).collect(),
+            words: chosen.into_iter().cloned().collect(),
             pick,
             rng: ChaCha8Rng::seed_from_u64(spec.seed),
             per_query: spec.words.max(1),
