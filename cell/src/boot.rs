@@ -6,9 +6,15 @@
 //! The join data comes from the command line or the environment (`HOMEOSTAT_JOIN`,
 //! `HOMEOSTAT_TOKEN`: a cloud instance's user data sets them), or from a file on the machine's
 //! boot volume (`--token-file`, lines `KEY=value`, which the factory writes before power-on).
+//!
+//! The join reply names the organism's release (`factory::release`): when this machine's own
+//! `cell` is another build, the release is downloaded into the state directory (kept there for
+//! the next boot), checked byte for byte against its SHA-256, and that is what the machine
+//! becomes. So a machine booted from an old image joins running the organism's build, and a
+//! live upgrade reaches the pool's roles.
 
 use std::os::unix::process::CommandExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -114,7 +120,7 @@ pub async fn boot(args: BootArgs) -> anyhow::Result<()> {
     let infra = dir.join("organism.toml");
     std::fs::write(&infra, &reply.infra_toml)
         .with_context(|| format!("writing {}", infra.display()))?;
-    let exe = std::env::current_exe().context("locating the cell executable")?;
+    let exe = release_exe(reply.release.as_ref(), &dir, &reply.cluster_key).await?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("run")
         .arg(&reply.role)
@@ -131,6 +137,123 @@ pub async fn boot(args: BootArgs) -> anyhow::Result<()> {
     // Become the cell: same process, so the machine's power-off (or its process group's) ends it.
     let err = cmd.exec();
     Err(anyhow::anyhow!("becoming {}: {err}", reply.role))
+}
+
+/// The executable this machine becomes: its own `cell` when it is the organism's release (or
+/// none is named), else the release, downloaded into `dir` once and checked against its SHA-256.
+async fn release_exe(
+    release: Option<&factory::release::ReleaseRef>,
+    dir: &Path,
+    key_hex: &str,
+) -> anyhow::Result<PathBuf> {
+    let own = std::env::current_exe().context("locating the cell executable")?;
+    let Some(release) = release else {
+        return Ok(own);
+    };
+    anyhow::ensure!(
+        factory::release::is_sha256(&release.sha256),
+        "the join reply names release {:?}, which is not a SHA-256",
+        release.sha256
+    );
+    let want = release.sha256.to_ascii_lowercase();
+    if sha256_of(Path::new("/proc/self/exe")).await? == want {
+        return Ok(own);
+    }
+    let path = dir.join(format!("cell-{}", &want[..12]));
+    if path.is_file() && sha256_of(&path).await? == want {
+        tracing::info!(release = %want, path = %path.display(), "running the release kept from an earlier boot");
+        return Ok(path);
+    }
+    let key = control::ClusterKey::from_hex(key_hex)
+        .context("the join reply's cluster key is not a key")?;
+    let mut pause = Duration::from_millis(200);
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match download(&release.url, &key.read_authorization(), &want, &path).await {
+            Ok(()) => break,
+            Err(e) if tries < 4 => {
+                tracing::warn!(url = %release.url, error = %format!("{e:#}"), tries, "downloading the release failed; trying again");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+            Err(e) => {
+                return Err(e.context(format!("downloading the release from {}", release.url)))
+            }
+        }
+    }
+    tracing::info!(release = %want, path = %path.display(), "downloaded the organism's release");
+    // Earlier releases on this disk are no longer wanted.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("cell-") && entry.path() != path {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    Ok(path)
+}
+
+/// The SHA-256 (hex) of a file, read off the async runtime.
+async fn sha256_of(path: &Path) -> anyhow::Result<String> {
+    let owned = path.to_path_buf();
+    tokio::task::spawn_blocking(move || control::build::sha256_of_file(&owned))
+        .await?
+        .with_context(|| format!("reading {}", path.display()))
+}
+
+/// Download `url` to `path` (through a temporary file beside it, renamed once every byte
+/// matched `sha256`), executable.
+async fn download(url: &str, authorization: &str, sha256: &str, path: &Path) -> anyhow::Result<()> {
+    use sha2::Digest as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    use tokio::io::AsyncWriteExt as _;
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(600))
+        .build()?;
+    let mut resp = client
+        .get(url)
+        .header(reqwest::header::AUTHORIZATION, authorization)
+        .send()
+        .await?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        anyhow::bail!("the factory answered {status}: {text}");
+    }
+    let tmp = path.with_extension(format!("part{}", std::process::id()));
+    let mut file = tokio::fs::File::create(&tmp)
+        .await
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let mut hasher = sha2::Sha256::new();
+    let written: anyhow::Result<()> = async {
+        while let Some(chunk) = resp.chunk().await? {
+            hasher.update(&chunk);
+            file.write_all(&chunk).await?;
+        }
+        file.flush().await?;
+        file.sync_all().await?;
+        Ok(())
+    }
+    .await;
+    drop(file);
+    let got = hex::encode(hasher.finalize());
+    let checked = written.and_then(|()| {
+        anyhow::ensure!(
+            got == sha256,
+            "the bytes received have SHA-256 {got}, not the release's {sha256}"
+        );
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    });
+    if checked.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    checked
 }
 
 /// The `key=value` pairs of the TXT records of `host.domain` at DNS server `server`

@@ -50,6 +50,7 @@ pub async fn pool_factory(
                 exe.clone(),
                 lease.clone(),
                 Duration::from_secs(20),
+                Some(cfg.raw.organism.data_dir.join("machines")),
             )),
             ProviderKind::Wol => Arc::new(factory::power::wol::WolProvider::new(Arc::new(
                 factory::pool::RetireThroughHealthcheckers {

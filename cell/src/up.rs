@@ -338,20 +338,31 @@ async fn wait_for_minimums(
     }
 }
 
-/// Wait until a front door routes to an api (it learns them from the registry by polling).
+/// Wait until a front door routes to an api (it learns them from the registry by polling; an
+/// api is ready once its engines answer, which on replicated engines just after a failover can
+/// take a while): as long as the organism's growth to its minimums may take.
 async fn wait_routable(front: &str) -> anyhow::Result<()> {
+    const LIMIT: Duration = Duration::from_secs(120);
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    let mut last: String;
     loop {
-        if let Ok(resp) = client.get(format!("{front}/stats")).send().await {
-            if resp.status().is_success() {
-                return Ok(());
+        match client.get(format!("{front}/stats")).send().await {
+            Ok(resp) if resp.status().is_success() => return Ok(()),
+            Ok(resp) => {
+                let status = resp.status();
+                let body = resp.text().await.unwrap_or_default();
+                last = format!("{status} {}", body.chars().take(300).collect::<String>());
             }
+            Err(e) => last = e.to_string(),
         }
         if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("the front door {front} routes to no api after 30 s");
+            anyhow::bail!(
+                "the front door {front} routes to no api after {} s; it last answered: {last}",
+                LIMIT.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -254,6 +254,15 @@ async fn wait_all_on(org: &Organism, build: &str, limit: Duration) {
 
 /// `cell upgrade --to TO` against the organism: its exit status and output.
 async fn cell_upgrade(org: &Organism, to: &str, ready_secs: u64) -> (bool, String) {
+    cell_upgrade_within(org, to, ready_secs, 150).await
+}
+
+async fn cell_upgrade_within(
+    org: &Organism,
+    to: &str,
+    ready_secs: u64,
+    timeout_secs: u64,
+) -> (bool, String) {
     let out = cell_command()
         .arg("upgrade")
         .arg("--to")
@@ -263,7 +272,7 @@ async fn cell_upgrade(org: &Organism, to: &str, ready_secs: u64) -> (bool, Strin
         .arg("--ready-secs")
         .arg(ready_secs.to_string())
         .arg("--timeout-secs")
-        .arg("150")
+        .arg(timeout_secs.to_string())
         .stderr(std::process::Stdio::piped())
         .output()
         .await
@@ -398,4 +407,158 @@ async fn a_build_that_never_becomes_ready_is_rolled_back() {
     let expected = web.web.expect(&seeds, None);
     assert_exact(&web.web, &org.indexed().await, &expected);
     org.stop().await;
+}
+
+/// Three machines of the `local` provider (a process group each, with a disk of its own).
+const POOL: &str = r#"
+[[server]]
+name = "box-1"
+provider = "local"
+hourly_cost = 0.50
+
+[[server]]
+name = "box-2"
+provider = "local"
+hourly_cost = 0.50
+
+[[server]]
+name = "box-3"
+provider = "local"
+hourly_cost = 0.50
+"#;
+
+/// Reads the pool's inventory every 50 ms until stopped: the most machines spending at once.
+struct Machines {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<usize>,
+}
+
+impl Machines {
+    fn start(ledger: engines::pool::PoolLedger) -> Machines {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut most = 0;
+            while !flag.load(Ordering::SeqCst) {
+                if let Ok(servers) = ledger.servers().await {
+                    most = most.max(servers.iter().filter(|s| s.state.spends()).count());
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            most
+        });
+        Machines { stop, task }
+    }
+
+    async fn finish(self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("machines")
+    }
+}
+
+/// Upgrade an organism whose crawlers are pool machines (booted from the old `cell`) while a
+/// crawl runs and clients search: each new crawler is a machine the purse admits, which joins,
+/// downloads the release from the factory, checks it and runs it; each old one retires and its
+/// machine is powered off. `per_hour` is the cap: room for a third machine (mitosis first) or
+/// for two only (the old cell retires first). The spend never passes the cap.
+async fn upgrade_on_pool(seed: u64, per_hour: &str, cap_machines: usize) {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let web = serve_web(web_spec(seed, 300)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("pool.toml"), POOL).expect("pool.toml");
+    std::fs::write(
+        dir.path().join("budget.toml"),
+        format!("per_hour = {per_hour}\nper_month = 100.00\n"),
+    )
+    .expect("budget.toml");
+    let extra = format!(
+        "{EXTRA}\n[pool]\nfile = \"pool.toml\"\nbudget = \"budget.toml\"\nroles = [\"crawler\"]\n\
+         boot_timeout_secs = 60\nbackoff_secs = 0.5\n"
+    );
+    let mut org = Organism::up(&infra_toml(dir.path(), &web, 4.0, &extra), dir).await;
+    let ledger = engines::pool::PoolLedger::open_sqlite(
+        org.data_dir().join("store.db").to_str().expect("utf-8"),
+    )
+    .await
+    .expect("the organism's pool inventory");
+    let old = control::build::of_file(Path::new(env!("CARGO_BIN_EXE_cell"))).expect("old build");
+    let new_exe = second_build(&org.data_dir(), "2");
+    let new = control::build::of_file(&new_exe).expect("new build");
+    wait_all_on(&org, &old, Duration::from_secs(90)).await;
+    let crawlers = org.cells_of("crawler").await;
+    assert!(
+        crawlers.iter().all(|c| c.cell_id.starts_with("pool-")),
+        "the crawlers are pool machines: {crawlers:?}"
+    );
+
+    let machines = Machines::start(ledger.clone());
+    let census = Census::start(&org);
+    let load = Load::start(&org, &web);
+    let seeds = web.web.seeds();
+    org.crawl(&seeds).await;
+    let (ok, output) = cell_upgrade_within(&org, "2", 30, 400).await;
+    assert!(ok, "the upgrade succeeded:\n{output}");
+    if cap_machines == 2 {
+        assert!(output.contains("retires first"), "{output}");
+    } else {
+        assert!(!output.contains("retires first"), "{output}");
+    }
+    wait_all_on(&org, &new, Duration::from_secs(60)).await;
+    org.wait_drained(Duration::from_secs(120), |_| {}).await;
+    let (answered, failures) = load.finish().await;
+    let most = census.finish().await;
+    let most_machines = machines.finish().await;
+    eprintln!("{answered} searches answered; most cells at once: {most:?}; most machines spending at once: {most_machines}");
+
+    assert!(failures.is_empty(), "failed requests: {failures:#?}");
+    assert_within_maximum_plus_one(&most);
+    assert!(
+        most_machines <= cap_machines,
+        "{most_machines} machines spent at once; the cap allows {cap_machines}"
+    );
+    // The new crawlers are pool machines that run the release they downloaded and checked.
+    let crawlers = org.cells_of("crawler").await;
+    let servers = ledger.servers().await.expect("servers");
+    for c in &crawlers {
+        assert_eq!(c.build, new, "{c:?}");
+        let server = servers
+            .iter()
+            .find(|s| s.cell_id.as_deref() == Some(&c.cell_id) && s.state.spends())
+            .unwrap_or_else(|| panic!("{} runs on no pool machine: {servers:#?}", c.cell_id));
+        let kept = org
+            .data_dir()
+            .join("machines")
+            .join(&server.name)
+            .join(format!("cell-{}", control::build::digest(&new)));
+        assert!(
+            kept.is_file(),
+            "{} holds no release at {kept:?}",
+            server.name
+        );
+    }
+    // The old crawlers' machines are off: only the new ones spend.
+    assert_eq!(
+        servers.iter().filter(|s| s.state.spends()).count(),
+        2,
+        "{servers:#?}"
+    );
+    let expected = web.web.expect(&seeds, None);
+    assert_exact(&web.web, &org.indexed().await, &expected);
+    let _kept = std::mem::replace(&mut org.dir, tempfile::tempdir().expect("tempdir"));
+    org.stop().await;
+    let servers = ledger.servers().await.expect("servers");
+    assert!(
+        servers.iter().all(|s| !s.state.spends()),
+        "machines still spending after the organism stopped: {servers:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_machines_are_upgraded_a_machine_at_a_time_within_the_cap() {
+    upgrade_on_pool(74, "1.50", 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_room_for_one_more_machine_an_old_pool_cell_retires_first() {
+    upgrade_on_pool(75, "1.00", 2).await;
 }

@@ -22,6 +22,21 @@ pub fn wire_versions() -> Vec<u32> {
 /// another version names its own in its heartbeats; the upgrade compares digests) and the first
 /// twelve hex digits of the SHA-256 of its bytes.
 pub fn of_file(path: &Path) -> std::io::Result<String> {
+    Ok(of_sha256(&sha256_of_file(path)?))
+}
+
+/// The build named by an executable's SHA-256 (hex; see [`of_file`]).
+pub fn of_sha256(sha256: &str) -> String {
+    format!(
+        "{}+{}",
+        env!("CARGO_PKG_VERSION"),
+        sha256.get(..12).unwrap_or(sha256)
+    )
+}
+
+/// The SHA-256 of the file at `path`, hex: what a pool machine checks a release it downloads
+/// against (the build's twelve digits name an artifact; all 64 vouch for its bytes).
+pub fn sha256_of_file(path: &Path) -> std::io::Result<String> {
     let mut file = std::fs::File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -32,11 +47,7 @@ pub fn of_file(path: &Path) -> std::io::Result<String> {
         }
         hasher.update(&buf[..n]);
     }
-    Ok(format!(
-        "{}+{}",
-        env!("CARGO_PKG_VERSION"),
-        &hex::encode(hasher.finalize())[..12]
-    ))
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// The digest part of a build (`1a2b3c4d5e6f` of `0.1.0+1a2b3c4d5e6f`): what identifies the
@@ -104,6 +115,10 @@ mod tests {
             "{ba}"
         );
         assert_eq!(digest(&ba).len(), 12);
+        let sha = sha256_of_file(&a).expect("sha");
+        assert_eq!(sha.len(), 64);
+        assert!(sha.starts_with(digest(&ba)), "{sha} {ba}");
+        assert_eq!(of_sha256(&sha), ba);
         std::fs::write(&b, b"\x7fELF same bytes and a tail").expect("append");
         assert_ne!(of_file(&b).expect("b"), ba);
     }

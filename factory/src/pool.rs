@@ -82,6 +82,10 @@ pub struct JoinReply {
     pub cluster_key: String,
     /// Arguments for `cell run` (health checkers, factories, ...).
     pub args: Vec<String>,
+    /// The organism's release: a machine whose own `cell` differs fetches and runs it (absent
+    /// from an older factory: the machine runs the `cell` it booted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<crate::release::ReleaseRef>,
 }
 
 /// What a blank machine sends to join.
@@ -189,6 +193,16 @@ impl PoolFactory {
             settings,
             is_live,
         })
+    }
+
+    /// The URL machines join at (this factory's).
+    pub fn join_url(&self) -> &str {
+        &self.join_url
+    }
+
+    /// From power-on to a live cell, at most.
+    pub fn boot_timeout(&self) -> Duration {
+        self.settings.boot_timeout
     }
 
     /// Put the declared servers in the inventory (new ones `off`).
@@ -374,6 +388,10 @@ impl PoolFactory {
                         why = e.to_string();
                         break;
                     }
+                    Err(Attempt::Abandoned(why)) => {
+                        tracing::info!(server = %name, role, reason = %why, "bring-up abandoned");
+                        return;
+                    }
                     Err(Attempt::Failed(e)) => {
                         why = e;
                         tracing::warn!(server = %name, attempt, reason = %why, "power-on produced no cell");
@@ -463,6 +481,17 @@ impl PoolFactory {
         let mut tick = Duration::from_millis(50);
         while tokio::time::Instant::now() < deadline {
             if let Ok(Some(row)) = self.ledger.server(&spec.name).await {
+                // Taken out from under this bring-up (a live upgrade gave up on the machine
+                // and powered it off): nothing more to do here.
+                let ours = row.request_key.as_deref() == Some(key)
+                    && matches!(row.state, ServerState::PoweringOn | ServerState::Booting);
+                if !ours {
+                    return Err(Attempt::Abandoned(format!(
+                        "the server is {} for {:?} now",
+                        row.state.as_str(),
+                        row.request_key
+                    )));
+                }
                 if let Some(cell) = row.cell_id.clone() {
                     if (self.is_live)(cell.clone()).await {
                         return Ok(cell);
@@ -674,15 +703,32 @@ impl PoolFactory {
         });
     }
 
-    /// Power off every spending server this factory admitted (it is stopping with its
-    /// organism).
+    /// Power off every spending server this factory admitted, and those of factories that are
+    /// gone (a predecessor replaced by a live upgrade): it is stopping with its organism.
     pub async fn power_off_all(&self, reason: &str) {
         let Ok(rows) = self.ledger.servers().await else {
             return;
         };
-        let mine = rows
-            .into_iter()
-            .filter(|r| r.state.spends() && r.factory.as_deref() == Some(&self.factory_id));
+        let mut mine = Vec::new();
+        let mut owner_live: HashMap<String, bool> = HashMap::new();
+        for row in rows.into_iter().filter(|r| r.state.spends()) {
+            let owner = row.factory.clone().unwrap_or_default();
+            let adopt = if owner == self.factory_id {
+                true
+            } else {
+                match owner_live.get(&owner) {
+                    Some(live) => !live,
+                    None => {
+                        let live = !owner.is_empty() && (self.is_live)(owner.clone()).await;
+                        owner_live.insert(owner, live);
+                        !live
+                    }
+                }
+            };
+            if adopt {
+                mine.push(row);
+            }
+        }
         for row in mine {
             if let Err(e) = self.power_off(&row.name, reason).await {
                 tracing::warn!(server = %row.name, error = %e, "power-off failed");
@@ -734,6 +780,7 @@ impl PoolFactory {
             infra_toml: self.join.infra_toml.clone(),
             cluster_key: self.join.cluster_key_hex.clone(),
             args: self.join.cell_args.clone(),
+            release: None,
         })
     }
 
@@ -802,6 +849,8 @@ enum Attempt {
     /// Not worth retrying on this server (authentication, configuration).
     Auth(PowerError),
     Failed(String),
+    /// The server was taken out of this bring-up's hands (powered off by its requester).
+    Abandoned(String),
 }
 
 fn write_boot_file(dir: &std::path::Path, server: &str, join: &JoinData) {

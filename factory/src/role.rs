@@ -175,6 +175,8 @@ pub struct FactoryState {
     /// The server pool, when the organism has one: cells of its roles come from pool machines
     /// (admitted by the purse) instead of processes of this machine.
     pub pool: std::sync::OnceLock<Arc<crate::pool::PoolFactory>>,
+    /// The release's SHA-256, as joining machines are told it (`GET /release/{sha256}`).
+    pub releases: crate::release::Releases,
 }
 
 impl FactoryState {
@@ -206,6 +208,7 @@ impl FactoryState {
             leave: CancellationToken::new(),
             load: FactoryLoad::default(),
             pool: std::sync::OnceLock::new(),
+            releases: crate::release::Releases::default(),
         })
     }
 
@@ -293,7 +296,7 @@ impl FactoryState {
     }
 
     /// Whether cells of `role` come from the pool (roles with fixed addresses stay here).
-    fn pool_serves(&self, role: &str) -> bool {
+    pub(crate) fn pool_serves(&self, role: &str) -> bool {
         self.pool
             .get()
             .is_some_and(|p| p.roles.iter().any(|r| r == role) && !self.fixed.contains_key(role))
@@ -674,6 +677,7 @@ pub fn app(state: Arc<FactoryState>) -> Router {
         .route("/control/stop", post(stop))
         .route("/children", get(children))
         .route("/join", post(join))
+        .route("/release/{sha256}", get(release))
         .route("/pool", get(pool_status))
         .route("/control/upgrade", post(upgrade))
         .route("/upgrade", get(upgrade_status))
@@ -875,13 +879,88 @@ async fn join(State(state): State<Arc<FactoryState>>, body: Bytes) -> Response {
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("bad join request: {e}")),
     };
     match pool.join(&req).await {
-        Ok(reply) => Json(reply).into_response(),
+        Ok(mut reply) => {
+            let exe = state.provider.current_exe();
+            match state.releases.reference(&exe, pool.join_url()).await {
+                Ok(release) => reply.release = Some(release),
+                // The machine runs the `cell` it booted: mixed builds work together.
+                Err(e) => {
+                    tracing::warn!(exe = %exe.display(), error = %e, "naming the release for a joining machine failed")
+                }
+            }
+            Json(reply).into_response()
+        }
         Err(e @ (crate::pool::JoinError::Token(_) | crate::pool::JoinError::Malformed)) => {
             tracing::warn!(host = ?req.hostname, error = %e, "join refused");
             error(StatusCode::UNAUTHORIZED, e.to_string())
         }
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
+}
+
+/// The organism's release, for a pool machine that joined (see [`crate::release`]): the
+/// executable whose SHA-256 is asked, if it is this factory's current release; in cluster mode
+/// only for a reader with the read token (which a joined machine has).
+async fn release(
+    State(state): State<Arc<FactoryState>>,
+    axum::extract::Path(sha256): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    use axum::http::{header, StatusCode};
+    if let Err(rejection) = state.verifier.check_read(&headers) {
+        return rejection.into_response();
+    }
+    let error = |status: StatusCode, error: String| {
+        (status, Json(protocol::ErrorBody { error })).into_response()
+    };
+    if !crate::release::is_sha256(&sha256) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{sha256:?} is not a SHA-256 in hex (64 digits)"),
+        );
+    }
+    let exe = state.provider.current_exe();
+    let have = match state.releases.sha256_of(&exe).await {
+        Ok(have) => have,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the release {}: {e}", exe.display()),
+            )
+        }
+    };
+    if !have.eq_ignore_ascii_case(&sha256) {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("the organism's release is {have}, not {sha256}"),
+        );
+    }
+    let file = match tokio::fs::File::open(&exe).await {
+        Ok(file) => file,
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("opening the release {}: {e}", exe.display()),
+            )
+        }
+    };
+    let len = match file.metadata().await {
+        Ok(meta) => meta.len(),
+        Err(e) => {
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the release {}: {e}", exe.display()),
+            )
+        }
+    };
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+        ],
+        axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+    )
+        .into_response()
 }
 
 /// The pool's servers and the purse: in cluster mode only for a reader with the read token.

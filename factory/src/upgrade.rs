@@ -29,9 +29,12 @@
 //! /upgrade`, a second request while one runs is answered with its status, and the status
 //! survives the factories' own replacement.
 //!
-//! Architecture Invariant: an upgrade starts cells only through the local provider; cells of
-//! the pool's roles run the binary their machines boot (`cell boot`), and are left alone (said
-//! in the log).
+//! Cells of the pool's roles are replaced the same way, a machine at a time: the new cell is a
+//! pool machine the purse admits, which joins running the release (`cell boot` fetches it, see
+//! [`crate::release`]); once the old cell has left, its machine is powered off. When the purse
+//! has no room for one more machine (the cap, or no server off), the old cell retires first and
+//! its machine is powered off before the new one is asked for: the role is one cell short for a
+//! moment, and the spend never passes the cap.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -46,6 +49,7 @@ use protocol::control::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::pool::PoolAnswer;
 use crate::role::FactoryState;
 use engines::factory_ledger::{Claim, ClaimOutcome};
 
@@ -373,17 +377,18 @@ impl FactoryState {
         let mut failures = 0u32;
         for pass in 0..3 {
             for role in ORDER {
-                if self.pool_serves_role(role) {
-                    if pass == 0 {
-                        self.note(format!(
-                            "{role}: its cells are pool machines, which run the binary they boot"
-                        ));
-                    }
-                    continue;
-                }
                 self.update(|s| s.role = Some(role.to_string()));
+                if pass == 0 && self.pool_serves(role) {
+                    self.note(format!(
+                        "{role}: its cells are pool machines, which join running the release"
+                    ));
+                }
                 while let Some(old) = self.next_old(role, build).await {
-                    let step = self.replace_one(client, role, &old, exe, build, plan).await;
+                    let step = if self.pool_serves(role) {
+                        self.replace_on_pool(client, role, &old, build, plan).await
+                    } else {
+                        self.replace_one(client, role, &old, exe, build, plan).await
+                    };
                     match step {
                         Ok(Some(new)) => {
                             self.note(format!("{role}: {} replaced by {new}", old.cell_id));
@@ -474,12 +479,6 @@ impl FactoryState {
         Ok(())
     }
 
-    fn pool_serves_role(&self, role: &str) -> bool {
-        self.pool
-            .get()
-            .is_some_and(|p| p.roles.iter().any(|r| r == role) && !self.fixed.contains_key(role))
-    }
-
     /// The oldest cell of `role` that runs another build than `build`, once every cell of the
     /// role has named its build (bounded wait); `None` when there is none.
     async fn next_old(&self, role: &str, build: &str) -> Option<CellRecord> {
@@ -518,7 +517,6 @@ impl FactoryState {
         };
         ORDER
             .iter()
-            .filter(|r| !self.pool_serves_role(r))
             .flat_map(|r| view.roles.get(*r).into_iter().flatten())
             .filter(|c| c.state != CellState::Draining)
             .all(|c| digest(&c.build) == digest(build))
@@ -536,32 +534,9 @@ impl FactoryState {
         build: &str,
         plan: &Plan,
     ) -> Result<Option<String>, String> {
-        // At most one cell above the maximum: wait while an earlier old cell still drains.
-        let max = self.organism.maxima.get(role).copied();
-        let deadline = tokio::time::Instant::now() + plan.ready + Duration::from_secs(30);
-        loop {
-            let view = self.registry_view().await;
-            let cells = view
-                .as_ref()
-                .map(|v| v.roles.get(role).cloned().unwrap_or_default());
-            if let Some(cells) = &cells {
-                let still = cells
-                    .iter()
-                    .any(|c| c.cell_id == old.cell_id && c.state != CellState::Draining);
-                if !still {
-                    // It left (or is leaving) by itself: nothing to replace.
-                    return Ok(None);
-                }
-            }
-            match (cells.map(|c| c.len()), max) {
-                (Some(n), Some(max)) if n as u64 > u64::from(max) => {}
-                (Some(_), _) => break,
-                (None, _) => {}
-            }
-            if tokio::time::Instant::now() > deadline {
-                return Err(format!("{role} stayed above its maximum of {max:?}"));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if !self.room_for_one_more(role, old, plan).await? {
+            // It left (or is leaving) by itself: nothing to replace.
+            return Ok(None);
         }
         let n = self.next_number();
         let cell_id = format!("{role}-{}-{n}", std::process::id());
@@ -580,7 +555,7 @@ impl FactoryState {
             .start_from(&cell_id, &req, exe, listen, plan.ready)
             .await
         {
-            Ok(()) => self.wait_serving(&cell_id, build, plan.ready).await,
+            Ok(()) => self.wait_serving(&cell_id, build, plan.ready, true).await,
             Err(e) => {
                 self.end_upgrade_start(&req, claimed, false).await;
                 return Err(format!("starting {cell_id}: {e}"));
@@ -592,10 +567,58 @@ impl FactoryState {
             return Err(format!("{cell_id}: {e}"));
         }
         self.end_upgrade_start(&req, claimed, true).await;
-        // Apoptosis: the old cell drains and retires, told through the health checkers.
+        self.retire(
+            client,
+            role,
+            old,
+            &format!("upgraded: replaced by {cell_id} ({build})"),
+        )
+        .await;
+        Ok(Some(cell_id))
+    }
+
+    /// Wait while `role` has more than its maximum of cells (draining ones included): at most
+    /// one cell above the maximum. False when `old` left (or began to) meanwhile.
+    async fn room_for_one_more(
+        &self,
+        role: &str,
+        old: &CellRecord,
+        plan: &Plan,
+    ) -> Result<bool, String> {
+        let max = self.organism.maxima.get(role).copied();
+        let deadline = tokio::time::Instant::now() + plan.ready + Duration::from_secs(30);
+        loop {
+            let view = self.registry_view().await;
+            let cells = view
+                .as_ref()
+                .map(|v| v.roles.get(role).cloned().unwrap_or_default());
+            if let Some(cells) = &cells {
+                let still = cells
+                    .iter()
+                    .any(|c| c.cell_id == old.cell_id && c.state != CellState::Draining);
+                if !still {
+                    return Ok(false);
+                }
+            }
+            match (cells.map(|c| c.len()), max) {
+                (Some(n), Some(max)) if n as u64 > u64::from(max) => {}
+                (Some(_), _) => return Ok(true),
+                (None, _) => {}
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(format!("{role} stayed above its maximum of {max:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Apoptosis: `old` drains and retires, told through the health checkers (the same door as
+    /// surplus retirement); it is stopped if it has not left within [`DRAIN_WAIT`]. A cell on a
+    /// pool machine has its machine powered off once it has left.
+    async fn retire(&self, client: &ControlClient, role: &str, old: &CellRecord, reason: &str) {
         let order = RetireRequest {
             cell_id: old.cell_id.clone(),
-            reason: format!("upgraded: replaced by {cell_id} ({build})"),
+            reason: reason.to_string(),
         };
         let mut told = false;
         for hc in &self.organism.healthcheckers {
@@ -610,20 +633,150 @@ impl FactoryState {
             tracing::warn!(cell = %old.cell_id, "could not ask the old cell to retire");
         }
         let gone_by = tokio::time::Instant::now() + DRAIN_WAIT;
+        let mut gone = false;
         while tokio::time::Instant::now() < gone_by {
-            let still = self.registry_view().await.is_none_or(|v| {
-                v.roles
+            gone = self.registry_view().await.is_some_and(|v| {
+                !v.roles
                     .get(role)
                     .is_some_and(|cells| cells.iter().any(|c| c.cell_id == old.cell_id))
             });
-            if !still {
-                return Ok(Some(cell_id));
+            if gone {
+                break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tracing::warn!(cell = %old.cell_id, "the old cell did not leave in time; stopping it");
-        self.terminate(&old.cell_id).await;
-        Ok(Some(cell_id))
+        if !gone {
+            tracing::warn!(cell = %old.cell_id, "the old cell did not leave in time; stopping it");
+            self.terminate(&old.cell_id).await;
+        }
+        if let Some(pool) = self.pool.get() {
+            pool.fence_cell(&old.cell_id).await;
+        }
+    }
+
+    /// Mitosis then apoptosis for a cell of a pool role: a machine the purse admits joins
+    /// running the release (`build`), then the old cell retires and its machine is powered off.
+    /// Without room in the purse for one more machine, the old cell retires first.
+    async fn replace_on_pool(
+        self: &Arc<Self>,
+        client: &ControlClient,
+        role: &str,
+        old: &CellRecord,
+        build: &str,
+        plan: &Plan,
+    ) -> Result<Option<String>, String> {
+        let pool = self.pool.get().cloned().ok_or("no pool")?;
+        if !self.room_for_one_more(role, old, plan).await? {
+            return Ok(None);
+        }
+        let req = ReplaceRequest {
+            request_key: format!("upgrade:{}:{}", digest(build), old.cell_id),
+            role: role.to_string(),
+            reason: format!("upgrade to {build}"),
+            parent: Some(old.cell_id.clone()),
+        };
+        let before: Vec<String> = self
+            .registry_view()
+            .await
+            .and_then(|v| v.roles.get(role).cloned())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| c.cell_id)
+            .collect();
+        let claim_id = format!("{role}-pool-{}-{}", std::process::id(), self.next_number());
+        let claimed = self.claim_upgrade_start(&req, &claim_id).await;
+        let limit = pool.boot_timeout() + plan.ready;
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut retired_first = false;
+        let refused = loop {
+            match pool
+                .request(role, &req.request_key, req.parent.clone())
+                .await
+            {
+                Ok(PoolAnswer::Admitted(_) | PoolAnswer::Already(_)) => break None,
+                Ok(PoolAnswer::Refused(r)) if !retired_first => {
+                    self.note(format!(
+                        "{role}: no machine for one more cell ({}); {} retires first",
+                        r.reason, old.cell_id
+                    ));
+                    self.retire(client, role, old, &format!("upgrade to {build}: retiring first, the purse has no room for one more machine"))
+                        .await;
+                    retired_first = true;
+                }
+                Ok(PoolAnswer::Refused(r)) => {
+                    // The role was one cell short: the health checkers' minimum-keeping may
+                    // have taken the machine for a cell of its own, which joins running the
+                    // release as well.
+                    if let Some(new) = self.new_cell_since(role, &before, build).await {
+                        self.end_upgrade_start(&req, claimed, false).await;
+                        self.note(format!(
+                            "{role}: {new}, started to keep the role's minimum, runs {build}"
+                        ));
+                        return Ok(Some(new));
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        break Some(r.reason);
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => break Some(format!("asking the pool: {e}")),
+            }
+        };
+        if let Some(reason) = refused {
+            self.end_upgrade_start(&req, claimed, false).await;
+            return Err(format!("no machine for {role}: {reason}"));
+        }
+        // The machine that holds the request (a quarantined one's successor included), its
+        // cell once it has joined, and that cell serving the release.
+        let mut last = "no machine joined".to_string();
+        let mut holder = None;
+        while tokio::time::Instant::now() < deadline {
+            let row = pool.ledger.servers().await.ok().and_then(|rows| {
+                rows.into_iter().find(|r| {
+                    r.state.spends() && r.request_key.as_deref() == Some(&req.request_key)
+                })
+            });
+            if let Some(row) = row {
+                holder = Some(row.name.clone());
+                if let Some(cell_id) = row.cell_id {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match self.wait_serving(&cell_id, build, left, false).await {
+                        Ok(()) => {
+                            // Live in the registry under its own id from now on: the claim
+                            // (under a stand-in id) must not count it a second time.
+                            self.end_upgrade_start(&req, claimed, false).await;
+                            if !retired_first {
+                                let reason = format!(
+                                    "upgraded: replaced by {cell_id} on {} ({build})",
+                                    row.name
+                                );
+                                self.retire(client, role, old, &reason).await;
+                            }
+                            return Ok(Some(cell_id));
+                        }
+                        Err(e) => last = format!("{cell_id} on {}: {e}", row.name),
+                    }
+                } else {
+                    last = format!("{} is {}", row.name, row.state.as_str());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if let Some(server) = holder {
+            if let Err(e) = pool
+                .power_off(
+                    &server,
+                    &format!("upgrade to {build}: its cell never served"),
+                )
+                .await
+            {
+                tracing::warn!(server, error = %e, "powering off a failed upgrade's machine failed");
+            }
+        }
+        self.end_upgrade_start(&req, claimed, false).await;
+        Err(format!(
+            "{role} on a pool machine: not serving with {build} within {limit:?} ({last})"
+        ))
     }
 
     /// Claim the start of `cell_id` in the factories' shared ledger, as every other start is:
@@ -673,12 +826,28 @@ impl FactoryState {
         }
     }
 
-    /// Wait until `cell_id` heartbeats with `build`, serving, and answers `/readyz`.
+    /// A cell of `role` not among `before` that serves with `build`, if there is one.
+    async fn new_cell_since(&self, role: &str, before: &[String], build: &str) -> Option<String> {
+        let view = self.registry_view().await?;
+        view.roles
+            .get(role)?
+            .iter()
+            .find(|c| {
+                !before.contains(&c.cell_id)
+                    && digest(&c.build) == digest(build)
+                    && matches!(c.state, CellState::Serving | CellState::Throttling)
+            })
+            .map(|c| c.cell_id.clone())
+    }
+
+    /// Wait until `cell_id` heartbeats with `build`, serving, and answers `/readyz`; a cell this
+    /// factory started (`local`) fails at once when its process exits.
     async fn wait_serving(
         &self,
         cell_id: &str,
         build: &str,
         limit: Duration,
+        local: bool,
     ) -> Result<(), String> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(2))
@@ -687,7 +856,7 @@ impl FactoryState {
         let deadline = tokio::time::Instant::now() + limit;
         let mut last = "no heartbeat".to_string();
         while tokio::time::Instant::now() < deadline {
-            if !self.children().await.iter().any(|c| c.cell_id == cell_id) {
+            if local && !self.children().await.iter().any(|c| c.cell_id == cell_id) {
                 return Err("exited".into());
             }
             let found = self.registry_view().await.and_then(|v| {

@@ -55,7 +55,12 @@ async fn a_machine_that_never_joins_is_retried_quarantined_and_the_next_is_tried
     let ledger = PoolLedger::open_sqlite(&dir.path().join("store.db").to_string_lossy())
         .await
         .expect("ledger");
-    let machines = LocalMachines::new(dud_machine(dir.path()), Vec::new(), Duration::from_secs(2));
+    let machines = LocalMachines::new(
+        dud_machine(dir.path()),
+        Vec::new(),
+        Duration::from_secs(2),
+        None,
+    );
     let mut providers: HashMap<ProviderKind, Arc<dyn PowerProvider>> = HashMap::new();
     providers.insert(ProviderKind::Local, Arc::new(machines));
     let never: IsLive = Arc::new(|_| Box::pin(async { false }));
@@ -158,7 +163,12 @@ async fn a_dead_factorys_machines_are_adopted_and_powered_off() {
     let ledger = PoolLedger::open_sqlite(&dir.path().join("store.db").to_string_lossy())
         .await
         .expect("ledger");
-    let machines = LocalMachines::new(dud_machine(dir.path()), Vec::new(), Duration::from_secs(2));
+    let machines = LocalMachines::new(
+        dud_machine(dir.path()),
+        Vec::new(),
+        Duration::from_secs(2),
+        None,
+    );
     let mut providers: HashMap<ProviderKind, Arc<dyn PowerProvider>> = HashMap::new();
     providers.insert(ProviderKind::Local, Arc::new(machines));
     // Live: the surviving factories, and no cell.
