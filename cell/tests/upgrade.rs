@@ -3,7 +3,8 @@
 //! second build of the binary (mitosis before apoptosis), with no failed client request, the
 //! crawl exact against the oracle, and no role ever above its maximum plus one. A build that
 //! never becomes ready is rolled back with the same guarantees. The upgrade runs on the
-//! embedded engines and on PostgreSQL and RabbitMQ.
+//! embedded engines and on PostgreSQL and RabbitMQ, and over crawlers that are pool machines
+//! (which join running the release they download), within the purse's cap.
 //!
 //! The second build is a genuinely different artifact: a copy of the `cell` executable with
 //! bytes appended (an ELF loader ignores trailing data), so its digest, and the build its cells
@@ -362,11 +363,7 @@ async fn an_upgrade_replaces_every_cell_with_no_failed_request() {
     upgrade_under_load(71, false).await;
 }
 
-/// Not in the default suite: it failed once in CI (2026-11-26) with its message cut from the
-/// log, and passes on this machine alone, after `stable_storage` and in the whole suite; until
-/// the cause is found it runs on demand: `cargo test --test upgrade -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "failed once in CI for a reason not yet found; run with --ignored"]
 async fn an_upgrade_on_postgres_and_rabbitmq_replaces_every_cell_with_no_failed_request() {
     upgrade_under_load(72, true).await;
 }
