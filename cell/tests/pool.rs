@@ -8,25 +8,8 @@ mod support;
 use std::time::Duration;
 
 use engines::pool::{PoolLedger, ServerState};
-use support::{infra_toml, serve_web, Organism};
+use support::{infra_toml, serve_web, Organism, THREE_LOCAL_MACHINES};
 use synthweb::WebSpec;
-
-const POOL: &str = r#"
-[[server]]
-name = "box-1"
-provider = "local"
-hourly_cost = 0.50
-
-[[server]]
-name = "box-2"
-provider = "local"
-hourly_cost = 0.50
-
-[[server]]
-name = "box-3"
-provider = "local"
-hourly_cost = 0.50
-"#;
 
 /// Two machines' worth an hour.
 const BUDGET: &str = "per_hour = 1.00\nper_month = 100.00\n";
@@ -57,7 +40,7 @@ async fn pool_machines_join_crawl_and_are_powered_off_with_the_organism() {
     })
     .await;
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("pool.toml"), POOL).expect("pool.toml");
+    std::fs::write(dir.path().join("pool.toml"), THREE_LOCAL_MACHINES).expect("pool.toml");
     std::fs::write(dir.path().join("budget.toml"), BUDGET).expect("budget.toml");
     let extra = r#"
 [roles.crawler]

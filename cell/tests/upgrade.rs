@@ -24,7 +24,7 @@ use std::time::Duration;
 use protocol::control::{CellRecord, CellsResponse};
 use support::{
     amqp_url, assert_exact, cell_command, drop_database, fresh_database, infra_toml, serve_web,
-    with_queue_name, Organism, Web,
+    with_queue_name, Organism, Web, THREE_LOCAL_MACHINES,
 };
 use synthweb::WebSpec;
 
@@ -406,24 +406,6 @@ async fn a_build_that_never_becomes_ready_is_rolled_back() {
     org.stop().await;
 }
 
-/// Three machines of the `local` provider (a process group each, with a disk of its own).
-const POOL: &str = r#"
-[[server]]
-name = "box-1"
-provider = "local"
-hourly_cost = 0.50
-
-[[server]]
-name = "box-2"
-provider = "local"
-hourly_cost = 0.50
-
-[[server]]
-name = "box-3"
-provider = "local"
-hourly_cost = 0.50
-"#;
-
 /// Reads the pool's inventory every 50 ms until stopped: the most machines spending at once.
 struct Machines {
     stop: Arc<AtomicBool>,
@@ -462,7 +444,7 @@ async fn upgrade_on_pool(seed: u64, per_hour: &str, cap_machines: usize) {
     let _one = ONE_AT_A_TIME.lock().await;
     let web = serve_web(web_spec(seed, 300)).await;
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("pool.toml"), POOL).expect("pool.toml");
+    std::fs::write(dir.path().join("pool.toml"), THREE_LOCAL_MACHINES).expect("pool.toml");
     std::fs::write(
         dir.path().join("budget.toml"),
         format!("per_hour = {per_hour}\nper_month = 100.00\n"),

@@ -645,25 +645,13 @@ impl PoolFactory {
                 let Ok(rows) = me.ledger.servers().await else {
                     continue;
                 };
-                let mut owner_live: HashMap<String, bool> = HashMap::new();
+                let mut owners = HashMap::new();
                 for row in rows.into_iter().filter(|r| r.state.spends()) {
                     let owner = row.factory.clone().unwrap_or_default();
-                    let adopted = if owner == me.factory_id {
-                        false
-                    } else {
-                        let live = match owner_live.get(&owner) {
-                            Some(live) => *live,
-                            None => {
-                                let live = !owner.is_empty() && (me.is_live)(owner.clone()).await;
-                                owner_live.insert(owner.clone(), live);
-                                live
-                            }
-                        };
-                        if live {
-                            continue;
-                        }
-                        true
-                    };
+                    let adopted = owner != me.factory_id;
+                    if adopted && !me.owner_gone(&owner, &mut owners).await {
+                        continue;
+                    }
                     let (subject, reason) = match (row.state, row.cell_id.clone()) {
                         (ServerState::Joined, Some(cell)) => {
                             if (me.is_live)(cell.clone()).await {
@@ -703,6 +691,17 @@ impl PoolFactory {
         });
     }
 
+    /// Whether the factory `owner` (a server row's) is no longer live; each owner is asked once
+    /// per pass over the inventory (`asked`). A row without an owner has none live.
+    async fn owner_gone(&self, owner: &str, asked: &mut HashMap<String, bool>) -> bool {
+        if let Some(live) = asked.get(owner) {
+            return !live;
+        }
+        let live = !owner.is_empty() && (self.is_live)(owner.to_string()).await;
+        asked.insert(owner.to_string(), live);
+        !live
+    }
+
     /// Power off every spending server this factory admitted, and those of factories that are
     /// gone (a predecessor replaced by a live upgrade): it is stopping with its organism.
     pub async fn power_off_all(&self, reason: &str) {
@@ -710,22 +709,10 @@ impl PoolFactory {
             return;
         };
         let mut mine = Vec::new();
-        let mut owner_live: HashMap<String, bool> = HashMap::new();
+        let mut owners = HashMap::new();
         for row in rows.into_iter().filter(|r| r.state.spends()) {
             let owner = row.factory.clone().unwrap_or_default();
-            let adopt = if owner == self.factory_id {
-                true
-            } else {
-                match owner_live.get(&owner) {
-                    Some(live) => !live,
-                    None => {
-                        let live = !owner.is_empty() && (self.is_live)(owner.clone()).await;
-                        owner_live.insert(owner, live);
-                        !live
-                    }
-                }
-            };
-            if adopt {
+            if owner == self.factory_id || self.owner_gone(&owner, &mut owners).await {
                 mine.push(row);
             }
         }

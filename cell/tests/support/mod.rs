@@ -14,6 +14,25 @@ use synthweb::{ServedLog, SyntheticWeb, WebSpec};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
+/// Three machines of the `local` provider at 0.50 an hour each (a process group each, with a
+/// disk of its own under the organism's data directory).
+pub const THREE_LOCAL_MACHINES: &str = r#"
+[[server]]
+name = "box-1"
+provider = "local"
+hourly_cost = 0.50
+
+[[server]]
+name = "box-2"
+provider = "local"
+hourly_cost = 0.50
+
+[[server]]
+name = "box-3"
+provider = "local"
+hourly_cost = 0.50
+"#;
+
 /// The synthetic web a test's organism crawls, served until dropped.
 pub type Web = synthweb::Serving;
 
