@@ -236,6 +236,26 @@ impl IngestSender {
     }
 }
 
+/// A host whose permit is refused for at most this long keeps a few of its jobs here and
+/// pauses, rather than sending them all back to the queue to be leased again: the host with the
+/// most work is the one whose permits are most often all out.
+const HOLD_HOST_WAIT: Duration = Duration::from_secs(1);
+/// A host whose permits are all out is asked again after this long at most, or as soon as one
+/// of this crawler's own requests to it ends (which frees a permit): the ledger's "not before"
+/// for a busy host (`engines::politeness::BUSY_RETRY_MS`) is when to ask again, not a politeness
+/// limit, and at tens of requests a second per host its 100 ms left the host idle.
+const BUSY_HOST_PAUSE: Duration = Duration::from_millis(20);
+
+/// How long a host pauses here after a "not before" of `after`.
+fn host_pause(after: Duration) -> Duration {
+    let busy_retry = Duration::from_millis(engines::politeness::BUSY_RETRY_MS.unsigned_abs());
+    if after <= busy_retry {
+        after.min(BUSY_HOST_PAUSE)
+    } else {
+        after
+    }
+}
+
 struct Pending {
     tag: DeliveryTag,
     reply_to: String,
@@ -255,9 +275,10 @@ enum Done {
         tag: DeliveryTag,
         after: Duration,
     },
-    /// Not attempted: back to the queue without spending the delivery.
+    /// Not attempted (the host is not due): held here for a short wait, otherwise back to the
+    /// queue without spending the delivery.
     Defer {
-        tag: DeliveryTag,
+        job: Job,
         after: Duration,
     },
 }
@@ -270,6 +291,8 @@ impl Worker {
         let mut waiting: HashMap<String, VecDeque<Job>> = HashMap::new();
         let mut host_order: VecDeque<String> = VecDeque::new();
         let mut active: HashMap<String, usize> = HashMap::new();
+        // Hosts whose jobs wait here for a short while (see `HOLD_HOST_WAIT`), until when.
+        let mut paused: HashMap<String, tokio::time::Instant> = HashMap::new();
         let mut buffered = 0usize;
         let mut fetches: JoinSet<(String, Done)> = JoinSet::new();
         let mut results: Vec<Pending> = Vec::new();
@@ -336,7 +359,9 @@ impl Worker {
                 }
             }
 
-            // 2. Start fetches, round-robin over hosts that have a free slot.
+            // 2. Start fetches, round-robin over hosts that have a free slot and are not paused.
+            let now = tokio::time::Instant::now();
+            paused.retain(|_, until| *until > now);
             let mut scanned = 0;
             while fetches.len() < self.cfg.concurrency && scanned < host_order.len() {
                 let Some(host) = host_order.pop_front() else {
@@ -346,7 +371,7 @@ impl Worker {
                 let Some(q) = waiting.get_mut(&host) else {
                     continue;
                 };
-                if slots >= per_host {
+                if slots >= per_host || paused.contains_key(&host) {
                     host_order.push_back(host);
                     scanned += 1;
                     continue;
@@ -410,13 +435,17 @@ impl Worker {
 
             // 4. Wait for something to happen.
             let nothing_to_do = !leased_any && fetches.is_empty() && sends.is_empty();
-            let wait = if nothing_to_do {
+            let mut wait = if nothing_to_do {
                 idle = (idle * 2).min(Duration::from_millis(100));
                 idle
             } else {
                 idle = Duration::from_millis(5);
                 Duration::from_millis(self.cfg.ingest_flush_ms.max(1))
             };
+            // A paused host's jobs start when its pause ends.
+            if let Some(until) = paused.values().min() {
+                wait = wait.min(until.saturating_duration_since(tokio::time::Instant::now()));
+            }
             tokio::select! {
                 Some(joined) = fetches.join_next(), if !fetches.is_empty() => {
                     // Take every fetch that has finished, not just the first.
@@ -427,6 +456,10 @@ impl Worker {
                     for joined in finished {
                         match joined {
                             Ok((host, done)) => {
+                                if !matches!(done, Done::Defer { .. }) {
+                                    // A permit of the host's is free now.
+                                    paused.remove(&host);
+                                }
                                 if let Some(n) = active.get_mut(&host) {
                                     *n = n.saturating_sub(1);
                                     if *n == 0 {
@@ -445,16 +478,39 @@ impl Worker {
                                             tracing::warn!(error = %e, "returning a job to the queue failed; its lease will expire");
                                         }
                                     }
-                                    Done::Defer { tag, after } => {
-                                        // The host's other waiting jobs would hear the same.
-                                        let mut tags = vec![tag];
-                                        if let Some(q) = waiting.remove(&host) {
+                                    Done::Defer { job, after } => {
+                                        let q = waiting.entry(host.clone()).or_default();
+                                        let mut back = Vec::new();
+                                        if after <= HOLD_HOST_WAIT && !draining {
+                                            // A short wait (the host's permits are all out, or
+                                            // its next start is near): the host pauses here and
+                                            // keeps a few of its jobs; the rest go back so they
+                                            // do not crowd other hosts out of this crawler.
+                                            paused.insert(host.clone(), tokio::time::Instant::now() + host_pause(after));
+                                            if q.is_empty() {
+                                                host_order.push_back(host.clone());
+                                            }
+                                            q.push_front(job);
+                                            buffered += 1;
+                                            let keep = 2 * per_host;
+                                            while q.len() > keep {
+                                                back.extend(q.pop_back());
+                                            }
+                                            buffered -= back.len();
+                                        } else {
+                                            // The host's other waiting jobs would hear the same.
                                             buffered -= q.len();
-                                            tags.extend(q.into_iter().map(|j| j.tag));
+                                            back.push(job);
+                                            back.extend(q.drain(..));
                                         }
-                                        metrics::counter!("crawler_jobs_deferred_total", "why" => "host").increment(tags.len() as u64);
-                                        for tag in tags {
-                                            if let Err(e) = self.queue.defer(tag, after).await {
+                                        if q.is_empty() {
+                                            waiting.remove(&host);
+                                        }
+                                        if !back.is_empty() {
+                                            metrics::counter!("crawler_jobs_deferred_total", "why" => "host").increment(back.len() as u64);
+                                        }
+                                        for job in back {
+                                            if let Err(e) = self.queue.defer(job.tag, after).await {
                                                 tracing::warn!(error = %e, "deferring a job failed; its lease will expire");
                                             }
                                         }
@@ -536,12 +592,7 @@ impl Worker {
 async fn crawl_one(fetcher: &Fetcher, job: Job, max_deliveries: u32) -> Done {
     let outcome = match fetcher.crawl(&job.job.url).await {
         CrawlAttempt::Done(outcome) => outcome,
-        CrawlAttempt::Defer { after, .. } => {
-            return Done::Defer {
-                tag: job.tag,
-                after,
-            }
-        }
+        CrawlAttempt::Defer { after, .. } => return Done::Defer { job, after },
         CrawlAttempt::Retry { reason, after } => {
             if job.deliveries >= max_deliveries {
                 Outcome::Failed {

@@ -3,6 +3,7 @@
 //! writers do not take the same lock. WAL mode lets the cells of one machine share the files.
 
 mod factory_ledger;
+mod gate;
 mod politeness;
 mod queue;
 mod store;
@@ -22,6 +23,69 @@ pub use store::SqliteStore;
 crate::idempotency::idempotency_store_on!(SqliteStore);
 
 use crate::{EngineError, Result};
+pub(crate) use gate::WriteGate;
+
+/// A write transaction begun behind the database's [`WriteGate`]: the gate is held until the
+/// transaction commits or is dropped.
+pub(crate) struct WriteTx<'g> {
+    // Dropped first: its rollback is queued before the next writer may begin.
+    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    _gate: gate::GateGuard<'g>,
+}
+
+impl<'g> WriteTx<'g> {
+    /// Take the gate, then begin an immediate (write-locking) transaction.
+    pub(crate) async fn begin(pool: &SqlitePool, gate: &'g WriteGate) -> Result<Self> {
+        let guard = gate.enter().await?;
+        Ok(Self {
+            tx: pool.begin_with("BEGIN IMMEDIATE").await?,
+            _gate: guard,
+        })
+    }
+
+    pub(crate) async fn commit(self) -> Result<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for WriteTx<'_> {
+    type Target = sqlx::Transaction<'static, sqlx::Sqlite>;
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
+    }
+}
+
+/// The file of the database `url_or_path` names (`None` in memory).
+fn database_file(url_or_path: &str) -> Result<Option<std::path::PathBuf>> {
+    let options = connect_options(url_or_path)?;
+    let file = options.get_filename();
+    let in_memory = file.as_os_str().is_empty() || file.to_string_lossy().contains(":memory:");
+    Ok((!in_memory).then(|| file.to_path_buf()))
+}
+
+/// The gate of the database `url_or_path` names (without a file in memory).
+pub(crate) fn write_gate(url_or_path: &str) -> Result<WriteGate> {
+    Ok(WriteGate::new(database_file(url_or_path)?.as_deref()))
+}
+
+/// A database file beside the one `url_or_path` names: `store.db` -> `store-NAME.db` (`None`
+/// for a database in memory).
+pub(crate) fn sibling_file(url_or_path: &str, name: &str) -> Result<Option<std::path::PathBuf>> {
+    Ok(database_file(url_or_path)?.map(|file| {
+        let stem = file
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        file.with_file_name(format!("{stem}-{name}.db"))
+    }))
+}
 
 /// Connection options for a SQLite database shared by several processes (its directory made
 /// if missing).

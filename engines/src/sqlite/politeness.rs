@@ -1,6 +1,7 @@
 //! [`HostLedger`] on SQLite: one write transaction per request (`BEGIN IMMEDIATE` takes the
 //! database's write lock, so every api cell of the machine sees one ledger): load the rows of the
-//! hosts the request names, [`politeness::walk`] them, write back what changed.
+//! hosts the request names, [`politeness::walk`] them, write back what changed. The ledger's
+//! database is a file of its own beside the store's (`store::Ledger`).
 
 use std::collections::HashMap;
 
@@ -37,12 +38,12 @@ async fn load(tx: &mut Transaction<'static, Sqlite>, host: &str, now: i64) -> Re
 #[async_trait]
 impl HostLedger for SqliteStore {
     async fn permits(&self, request: &PermitRequest) -> Result<PermitReply> {
-        let mut tx = self.begin_write().await?;
+        let mut tx = super::WriteTx::begin(&self.ledger.pool, &self.ledger.gate).await?;
         let now = now_ms();
         for id in &request.releases {
             sqlx::query("DELETE FROM host_permits WHERE id = ?")
                 .bind(id)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await?;
         }
         let mut slots: HashMap<String, HostSlot> = HashMap::new();
@@ -60,7 +61,7 @@ impl HostLedger for SqliteStore {
                 )
                 .bind(&ask.host)
                 .bind(expires_ms)
-                .fetch_one(&mut *tx)
+                .fetch_one(&mut **tx)
                 .await?;
             }
             answers.push(politeness::answer(decision, permit, now));
@@ -80,7 +81,7 @@ impl HostLedger for SqliteStore {
             .bind(host)
             .bind(slot.last_start_ms)
             .bind(slot.blocked_until_ms)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         }
         tx.commit().await?;

@@ -12,13 +12,14 @@ use protocol::CrawlJob;
 use sqlx::sqlite::SqlitePool;
 use sqlx::Row;
 
-use super::{now_ms, open_pool};
+use super::{now_ms, open_pool, WriteTx};
 use crate::{Delivery, DeliveryTag, JobQueue, QueueDepth, Result};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite_queue");
 
 pub struct SqliteQueue {
     pool: SqlitePool,
+    gate: super::WriteGate,
     lease: Duration,
     max_deliveries: u32,
 }
@@ -31,6 +32,7 @@ impl SqliteQueue {
         crate::migrate_with_retries("queue", || MIGRATOR.run(&pool)).await?;
         Ok(Self {
             pool,
+            gate: super::write_gate(url_or_path)?,
             lease,
             max_deliveries: max_deliveries.max(1),
         })
@@ -45,6 +47,12 @@ fn delivery(id: i64, body: &[u8], deliveries: i64) -> Delivery {
     }
 }
 
+/// Delivery tags as one JSON array of ids.
+fn tag_array(tags: &[DeliveryTag]) -> String {
+    serde_json::to_string(&tags.iter().map(|t| t.0 as i64).collect::<Vec<_>>())
+        .expect("integers serialize")
+}
+
 #[async_trait]
 impl JobQueue for SqliteQueue {
     async fn publish(&self, jobs: &[CrawlJob]) -> Result<()> {
@@ -52,21 +60,31 @@ impl JobQueue for SqliteQueue {
             return Ok(());
         }
         let now = now_ms();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for job in jobs {
-            sqlx::query("INSERT INTO jobs (body, visible_ms) VALUES (?, ?)")
-                .bind(job.encode())
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-        }
+        // One statement for the batch: each job's JSON as one string of a JSON array, stored
+        // as the bytes it is.
+        let bodies: Vec<String> = jobs
+            .iter()
+            .map(|job| String::from_utf8(job.encode()).expect("JSON is UTF-8"))
+            .collect();
+        let tx = {
+            let mut tx = WriteTx::begin(&self.pool, &self.gate).await?;
+            sqlx::query(
+                "INSERT INTO jobs (body, visible_ms) \
+                 SELECT CAST(value AS BLOB), ? FROM json_each(?)",
+            )
+            .bind(now)
+            .bind(serde_json::to_string(&bodies).expect("strings serialize"))
+            .execute(&mut **tx)
+            .await?;
+            tx
+        };
         tx.commit().await?;
         Ok(())
     }
 
     async fn lease(&self, max: usize) -> Result<Vec<Delivery>> {
         let now = now_ms();
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.gate).await?;
         // Jobs whose last allowed delivery expired unacknowledged are poison: dead-letter them.
         let limit = i64::from(self.max_deliveries);
         sqlx::query(
@@ -76,12 +94,12 @@ impl JobQueue for SqliteQueue {
         )
         .bind(now)
         .bind(limit)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         sqlx::query("DELETE FROM jobs WHERE +visible_ms <= ? AND deliveries >= ?")
             .bind(now)
             .bind(limit)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         let rows = sqlx::query(
             "UPDATE jobs SET deliveries = deliveries + 1, visible_ms = ?, leased = 1 \
@@ -91,7 +109,7 @@ impl JobQueue for SqliteQueue {
         .bind(now + self.lease.as_millis() as i64)
         .bind(now)
         .bind(max as i64)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut **tx)
         .await?;
         tx.commit().await?;
         let mut out: Vec<Delivery> = rows
@@ -106,18 +124,16 @@ impl JobQueue for SqliteQueue {
         if tags.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for tag in tags {
-            sqlx::query("DELETE FROM jobs WHERE id = ?")
-                .bind(tag.0 as i64)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
+        let _gate = self.gate.enter().await?;
+        sqlx::query("DELETE FROM jobs WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(tag_array(tags))
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
     async fn retry(&self, tag: DeliveryTag, after: Duration) -> Result<()> {
+        let _gate = self.gate.enter().await?;
         sqlx::query("UPDATE jobs SET visible_ms = ?, leased = 0 WHERE id = ?")
             .bind(now_ms() + after.as_millis() as i64)
             .bind(tag.0 as i64)
@@ -128,6 +144,7 @@ impl JobQueue for SqliteQueue {
 
     async fn defer(&self, tag: DeliveryTag, after: Duration) -> Result<()> {
         // The lease counted this delivery; taking it back makes the wait free.
+        let _gate = self.gate.enter().await?;
         sqlx::query(
             "UPDATE jobs SET visible_ms = ?, leased = 0, deliveries = max(deliveries - 1, 0) \
              WHERE id = ? AND leased = 1",
@@ -140,18 +157,18 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn dead_letter(&self, tag: DeliveryTag, reason: &str) -> Result<()> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = WriteTx::begin(&self.pool, &self.gate).await?;
         sqlx::query(
             "INSERT OR IGNORE INTO dead (id, body, deliveries, reason) \
              SELECT id, body, deliveries, ? FROM jobs WHERE id = ?",
         )
         .bind(reason)
         .bind(tag.0 as i64)
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
         sqlx::query("DELETE FROM jobs WHERE id = ?")
             .bind(tag.0 as i64)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         tx.commit().await?;
         Ok(())
@@ -159,6 +176,7 @@ impl JobQueue for SqliteQueue {
 
     async fn lease_dead(&self, max: usize) -> Result<Vec<(Delivery, String)>> {
         let now = now_ms();
+        let _gate = self.gate.enter().await?;
         let rows = sqlx::query(
             "UPDATE dead SET taken_ms = ? \
              WHERE id IN (SELECT id FROM dead WHERE taken_ms <= ? ORDER BY id LIMIT ?) \
@@ -181,14 +199,11 @@ impl JobQueue for SqliteQueue {
     }
 
     async fn ack_dead(&self, tags: &[DeliveryTag]) -> Result<()> {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        for tag in tags {
-            sqlx::query("DELETE FROM dead WHERE id = ?")
-                .bind(tag.0 as i64)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
+        let _gate = self.gate.enter().await?;
+        sqlx::query("DELETE FROM dead WHERE id IN (SELECT value FROM json_each(?))")
+            .bind(tag_array(tags))
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

@@ -21,9 +21,21 @@ use crate::{
 const RANK_CAP: i64 = 1_000;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite_store");
+static LEDGER_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite_ledger");
+
+/// Where the host ledger lives: a database file of its own beside the store's
+/// (`<store>-ledger.db`), so that permit requests never queue behind ingest batches for one
+/// write lock; a store in memory keeps it in its own tables.
+pub(super) struct Ledger {
+    pub(super) pool: SqlitePool,
+    pub(super) gate: super::WriteGate,
+}
 
 pub struct SqliteStore {
     pub(super) pool: SqlitePool,
+    /// Every write transaction and write statement goes through it.
+    pub(super) gate: super::WriteGate,
+    pub(super) ledger: Ledger,
     /// What [`Store::search_generation`] reads.
     data_version: super::DataVersion,
 }
@@ -39,14 +51,31 @@ impl SqliteStore {
     pub async fn open(url_or_path: &str) -> Result<Self> {
         let pool = open_pool(url_or_path, 8).await?;
         migrate(&pool).await?;
+        let ledger = match super::sibling_file(url_or_path, "ledger")? {
+            Some(path) => {
+                let path = path.to_string_lossy();
+                let pool = open_pool(&path, 2).await?;
+                crate::migrate_with_retries("ledger", || LEDGER_MIGRATOR.run(&pool)).await?;
+                Ledger {
+                    pool,
+                    gate: super::write_gate(&path)?,
+                }
+            }
+            None => Ledger {
+                pool: pool.clone(),
+                gate: super::write_gate(url_or_path)?,
+            },
+        };
         Ok(Self {
             pool,
+            gate: super::write_gate(url_or_path)?,
+            ledger,
             data_version: super::DataVersion::new(url_or_path)?,
         })
     }
 
-    pub(super) async fn begin_write(&self) -> Result<Transaction<'static, Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    pub(super) async fn begin_write(&self) -> Result<super::WriteTx<'_>> {
+        super::WriteTx::begin(&self.pool, &self.gate).await
     }
 }
 
@@ -353,7 +382,7 @@ impl Store for SqliteStore {
             "SELECT id, crawl_id, depth, links FROM deferred_links ORDER BY id LIMIT ?",
         )
         .bind(i64::from(pages))
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut **tx)
         .await?;
         if rows.is_empty() {
             return Ok(Expanded::default());
@@ -374,7 +403,7 @@ impl Store for SqliteStore {
         let ids: Vec<i64> = batches.iter().map(|b| b.id).collect();
         sqlx::query("DELETE FROM deferred_links WHERE id IN (SELECT value FROM json_each(?))")
             .bind(json_keys(&ids))
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
         tx.commit().await?;
         Ok(Expanded {
@@ -396,7 +425,7 @@ impl Store for SqliteStore {
         .bind(now + crate::PUBLISH_CLAIM.as_millis() as i64)
         .bind(now)
         .bind(i64::from(limit))
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut **tx)
         .await?;
         tx.commit().await?;
         let mut rows: Vec<(i64, Unpublished)> = rows
@@ -420,6 +449,7 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let now = now_ms();
+        let _gate = self.gate.enter().await?;
         sqlx::query(
             "UPDATE frontier SET state = 'queued', updated_ms = ? \
              WHERE url IN (SELECT value FROM json_each(?)) AND state = 'pending'",
@@ -433,6 +463,7 @@ impl Store for SqliteStore {
 
     async fn requeue_stale(&self, age: Duration) -> Result<u64> {
         let cutoff = now_ms() - age.as_millis() as i64;
+        let _gate = self.gate.enter().await?;
         let done = sqlx::query(
             "UPDATE frontier SET state = 'pending', updated_ms = ? WHERE state = 'queued' AND updated_ms < ?",
         )
