@@ -107,6 +107,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     )
     .context("recording the organism's addresses")?;
 
+    // This process's build, known before the factories start so that they and every cell they
+    // start from this file take it from their environment rather than each reading the file.
+    tokio::task::spawn_blocking(control::build::current_blocking)
+        .await
+        .context("naming this build")?;
     let provider = LocalProvider {
         exe: std::env::current_exe().context("locating the cell executable")?,
         common_args: vec!["--infra".into(), effective.to_string_lossy().to_string()],

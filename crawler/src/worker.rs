@@ -289,7 +289,6 @@ impl Worker {
         let client = self.ingest.clone();
         let per_host = self.per_host_concurrency.max(1);
         let mut waiting: HashMap<String, VecDeque<Job>> = HashMap::new();
-        let mut host_order: VecDeque<String> = VecDeque::new();
         let mut active: HashMap<String, usize> = HashMap::new();
         // Hosts whose jobs wait here for a short while (see `HOLD_HOST_WAIT`), until when.
         let mut paused: HashMap<String, tokio::time::Instant> = HashMap::new();
@@ -319,11 +318,7 @@ impl Worker {
                         leased_any = !deliveries.is_empty();
                         for d in deliveries {
                             if let Some((host, job)) = self.accept(d).await {
-                                let q = waiting.entry(host.clone()).or_default();
-                                if q.is_empty() {
-                                    host_order.push_back(host);
-                                }
-                                q.push_back(job);
+                                waiting.entry(host).or_default().push_back(job);
                                 buffered += 1;
                             }
                         }
@@ -359,41 +354,52 @@ impl Worker {
                 }
             }
 
-            // 2. Start fetches, round-robin over hosts that have a free slot and are not paused.
+            // 2. Start fetches: the host with the most jobs waiting first, among hosts with a
+            //    free slot that are not paused. A crawl ends when its largest host ends, and a
+            //    host's rate is its slots over a request's round trip: round-robin gave every
+            //    host the same few slots while the largest waited its turn.
             let now = tokio::time::Instant::now();
             paused.retain(|_, until| *until > now);
-            let mut scanned = 0;
-            while fetches.len() < self.cfg.concurrency && scanned < host_order.len() {
-                let Some(host) = host_order.pop_front() else {
-                    break;
-                };
-                let slots = active.get(&host).copied().unwrap_or(0);
-                let Some(q) = waiting.get_mut(&host) else {
-                    continue;
-                };
-                if slots >= per_host || paused.contains_key(&host) {
-                    host_order.push_back(host);
-                    scanned += 1;
-                    continue;
+            if fetches.len() < self.cfg.concurrency {
+                let mut ready: Vec<(usize, String)> = waiting
+                    .iter()
+                    .filter(|(host, q)| {
+                        !q.is_empty()
+                            && active.get(*host).copied().unwrap_or(0) < per_host
+                            && !paused.contains_key(*host)
+                    })
+                    .map(|(host, q)| (q.len(), host.clone()))
+                    .collect();
+                ready.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+                'fill: while fetches.len() < self.cfg.concurrency && !ready.is_empty() {
+                    let mut started = false;
+                    for (_, host) in &ready {
+                        if fetches.len() >= self.cfg.concurrency {
+                            break 'fill;
+                        }
+                        let slots = active.entry(host.clone()).or_default();
+                        if *slots >= per_host {
+                            continue;
+                        }
+                        let Some(job) = waiting.get_mut(host).and_then(VecDeque::pop_front) else {
+                            continue;
+                        };
+                        *slots += 1;
+                        buffered -= 1;
+                        started = true;
+                        let fetcher = self.fetcher.clone();
+                        let max_deliveries = self.max_deliveries;
+                        let host = host.clone();
+                        fetches.spawn(async move {
+                            let done = crawl_one(&fetcher, job, max_deliveries).await;
+                            (host, done)
+                        });
+                    }
+                    if !started {
+                        break;
+                    }
                 }
-                let Some(job) = q.pop_front() else {
-                    waiting.remove(&host);
-                    continue;
-                };
-                buffered -= 1;
-                if q.is_empty() {
-                    waiting.remove(&host);
-                } else {
-                    host_order.push_back(host.clone());
-                }
-                scanned = 0;
-                *active.entry(host.clone()).or_default() += 1;
-                let fetcher = self.fetcher.clone();
-                let max_deliveries = self.max_deliveries;
-                fetches.spawn(async move {
-                    let done = crawl_one(&fetcher, job, max_deliveries).await;
-                    (host, done)
-                });
+                waiting.retain(|_, q| !q.is_empty());
             }
 
             // 3. Send results when a batch is full or has waited long enough.
@@ -487,12 +493,9 @@ impl Worker {
                                             // keeps a few of its jobs; the rest go back so they
                                             // do not crowd other hosts out of this crawler.
                                             paused.insert(host.clone(), tokio::time::Instant::now() + host_pause(after));
-                                            if q.is_empty() {
-                                                host_order.push_back(host.clone());
-                                            }
                                             q.push_front(job);
                                             buffered += 1;
-                                            let keep = 2 * per_host;
+                                            let keep = 8 * per_host;
                                             while q.len() > keep {
                                                 back.extend(q.pop_back());
                                             }
@@ -552,7 +555,6 @@ impl Worker {
                             }
                         }
                     }
-                    host_order.clear();
                     buffered = 0;
                 }
                 _ = tokio::time::sleep(wait) => {}
