@@ -1,38 +1,22 @@
 //! [`HostLedger`] on SQLite: one write transaction per request (`BEGIN IMMEDIATE` takes the
 //! database's write lock, so every api cell of the machine sees one ledger): load the rows of the
 //! hosts the request names, [`politeness::walk`] them, write back what changed. The ledger's
-//! database is a file of its own beside the store's (`store::Ledger`).
+//! database is a file of its own beside the store's (`store::Ledger`). A request costs a fixed
+//! number of statements whatever its size (each list travels as one JSON array): a statement is
+//! a trip to the connection's thread and back, and a permit waits for the whole request.
 
 use std::collections::HashMap;
 
 use async_trait::async_trait;
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::Row;
 
 use super::now_ms;
 use super::store::SqliteStore;
 use crate::politeness::{self, HostLedger, HostSlot, PermitReply, PermitRequest};
 use crate::Result;
 
-async fn load(tx: &mut Transaction<'static, Sqlite>, host: &str, now: i64) -> Result<HostSlot> {
-    sqlx::query("DELETE FROM host_permits WHERE host = ? AND expires_ms <= ?")
-        .bind(host)
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
-    let row = sqlx::query("SELECT last_start_ms, blocked_until_ms FROM host_ledger WHERE host = ?")
-        .bind(host)
-        .fetch_optional(&mut **tx)
-        .await?;
-    let in_flight: Vec<i64> =
-        sqlx::query_scalar("SELECT expires_ms FROM host_permits WHERE host = ?")
-            .bind(host)
-            .fetch_all(&mut **tx)
-            .await?;
-    Ok(HostSlot {
-        last_start_ms: row.as_ref().map_or(0, |r| r.get(0)),
-        blocked_until_ms: row.as_ref().map_or(0, |r| r.get(1)),
-        in_flight,
-    })
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("strings and integers serialize")
 }
 
 #[async_trait]
@@ -40,47 +24,115 @@ impl HostLedger for SqliteStore {
     async fn permits(&self, request: &PermitRequest) -> Result<PermitReply> {
         let mut tx = super::WriteTx::begin(&self.ledger.pool, &self.ledger.gate).await?;
         let now = now_ms();
-        for id in &request.releases {
-            sqlx::query("DELETE FROM host_permits WHERE id = ?")
-                .bind(id)
+        if !request.releases.is_empty() {
+            sqlx::query("DELETE FROM host_permits WHERE id IN (SELECT value FROM json_each(?))")
+                .bind(json(&request.releases))
                 .execute(&mut **tx)
                 .await?;
         }
-        let mut slots: HashMap<String, HostSlot> = HashMap::new();
-        for host in politeness::hosts(request) {
-            slots.insert(host.to_string(), load(&mut tx, host, now).await?);
+        let hosts = json(&politeness::hosts(request));
+        sqlx::query(
+            "DELETE FROM host_permits \
+             WHERE host IN (SELECT value FROM json_each(?)) AND expires_ms <= ?",
+        )
+        .bind(&hosts)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        let mut slots: HashMap<String, HostSlot> = politeness::hosts(request)
+            .into_iter()
+            .map(|h| (h.to_string(), HostSlot::default()))
+            .collect();
+        for row in sqlx::query(
+            "SELECT host, last_start_ms, blocked_until_ms FROM host_ledger \
+             WHERE host IN (SELECT value FROM json_each(?))",
+        )
+        .bind(&hosts)
+        .fetch_all(&mut **tx)
+        .await?
+        {
+            if let Some(slot) = slots.get_mut(row.get::<&str, _>(0)) {
+                slot.last_start_ms = row.get(1);
+                slot.blocked_until_ms = row.get(2);
+            }
+        }
+        for row in sqlx::query(
+            "SELECT host, expires_ms FROM host_permits \
+             WHERE host IN (SELECT value FROM json_each(?))",
+        )
+        .bind(&hosts)
+        .fetch_all(&mut **tx)
+        .await?
+        {
+            if let Some(slot) = slots.get_mut(row.get::<&str, _>(0)) {
+                slot.in_flight.push(row.get(1));
+            }
         }
         let read = slots.clone();
         let decisions = politeness::walk(&mut slots, request, now);
+        // Permit ids continue from the largest ever given (AUTOINCREMENT's own counter), so a
+        // late release of a lapsed permit never frees a newer one.
+        let granted: Vec<(&str, i64)> = request
+            .asks
+            .iter()
+            .zip(&decisions)
+            .filter_map(|(ask, d)| match d {
+                politeness::Decision::Grant { expires_ms, .. } => {
+                    Some((ask.host.as_str(), *expires_ms))
+                }
+                politeness::Decision::NotBefore { .. } => None,
+            })
+            .collect();
+        let mut next_id = 0;
+        if !granted.is_empty() {
+            let last: Option<i64> = sqlx::query_scalar(
+                "SELECT max(coalesce((SELECT seq FROM sqlite_sequence \
+                                      WHERE name = 'host_permits'), 0), \
+                            coalesce((SELECT max(id) FROM host_permits), 0))",
+            )
+            .fetch_one(&mut **tx)
+            .await?;
+            next_id = last.unwrap_or(0) + 1;
+            let rows: Vec<(i64, &str, i64)> = granted
+                .iter()
+                .enumerate()
+                .map(|(i, (host, expires))| (next_id + i as i64, *host, *expires))
+                .collect();
+            sqlx::query(
+                "INSERT INTO host_permits (id, host, expires_ms) \
+                 SELECT value->>0, value->>1, value->>2 FROM json_each(?)",
+            )
+            .bind(json(&rows))
+            .execute(&mut **tx)
+            .await?;
+        }
         let mut answers = Vec::with_capacity(decisions.len());
-        for (ask, decision) in request.asks.iter().zip(decisions) {
+        for decision in decisions {
             let mut permit = 0;
-            if let politeness::Decision::Grant { expires_ms, .. } = decision {
-                permit = sqlx::query_scalar(
-                    "INSERT INTO host_permits (host, expires_ms) VALUES (?, ?) RETURNING id",
-                )
-                .bind(&ask.host)
-                .bind(expires_ms)
-                .fetch_one(&mut **tx)
-                .await?;
+            if let politeness::Decision::Grant { .. } = decision {
+                permit = next_id;
+                next_id += 1;
             }
             answers.push(politeness::answer(decision, permit, now));
         }
-        for (host, slot) in &slots {
-            let unchanged = read.get(host).is_some_and(|r| {
-                (r.last_start_ms, r.blocked_until_ms) == (slot.last_start_ms, slot.blocked_until_ms)
-            });
-            if unchanged {
-                continue;
-            }
+        let changed: Vec<(&str, i64, i64)> = slots
+            .iter()
+            .filter(|(host, slot)| {
+                !read.get(*host).is_some_and(|r| {
+                    (r.last_start_ms, r.blocked_until_ms)
+                        == (slot.last_start_ms, slot.blocked_until_ms)
+                })
+            })
+            .map(|(host, slot)| (host.as_str(), slot.last_start_ms, slot.blocked_until_ms))
+            .collect();
+        if !changed.is_empty() {
             sqlx::query(
-                "INSERT INTO host_ledger (host, last_start_ms, blocked_until_ms) VALUES (?, ?, ?) \
+                "INSERT INTO host_ledger (host, last_start_ms, blocked_until_ms) \
+                 SELECT value->>0, value->>1, value->>2 FROM json_each(?) WHERE true \
                  ON CONFLICT (host) DO UPDATE SET last_start_ms = excluded.last_start_ms, \
                  blocked_until_ms = excluded.blocked_until_ms",
             )
-            .bind(host)
-            .bind(slot.last_start_ms)
-            .bind(slot.blocked_until_ms)
+            .bind(json(&changed))
             .execute(&mut **tx)
             .await?;
         }
