@@ -89,7 +89,7 @@ pub(crate) fn sibling_file(url_or_path: &str, name: &str) -> Result<Option<std::
 
 /// Connection options for a SQLite database shared by several processes (its directory made
 /// if missing).
-fn connect_options(url_or_path: &str) -> Result<SqliteConnectOptions> {
+pub(crate) fn connect_options(url_or_path: &str) -> Result<SqliteConnectOptions> {
     let options = if url_or_path.starts_with("sqlite:") {
         SqliteConnectOptions::from_str(url_or_path)
             .map_err(|e| EngineError::Config(format!("bad sqlite URL {url_or_path:?}: {e}")))?
@@ -117,7 +117,14 @@ fn connect_options(url_or_path: &str) -> Result<SqliteConnectOptions> {
 
 /// Open (creating if needed) a SQLite database for concurrent use by several processes.
 pub(crate) async fn open_pool(url_or_path: &str, max_connections: u32) -> Result<SqlitePool> {
-    let options = connect_options(url_or_path)?;
+    open_pool_with(connect_options(url_or_path)?, max_connections).await
+}
+
+/// [`open_pool`] with options of the caller's.
+pub(crate) async fn open_pool_with(
+    options: SqliteConnectOptions,
+    max_connections: u32,
+) -> Result<SqlitePool> {
     let pool = SqlitePoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(30))

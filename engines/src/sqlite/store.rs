@@ -54,7 +54,11 @@ impl SqliteStore {
         let ledger = match super::sibling_file(url_or_path, "ledger")? {
             Some(path) => {
                 let path = path.to_string_lossy();
-                let pool = open_pool(&path, 2).await?;
+                // Soft state (a permit lapses, a ledger row only spaces requests): a crash of the
+                // machine may lose the last writes, so nothing waits for the disk.
+                let options = super::connect_options(&path)?
+                    .synchronous(sqlx::sqlite::SqliteSynchronous::Off);
+                let pool = super::open_pool_with(options, 2).await?;
                 crate::migrate_with_retries("ledger", || LEDGER_MIGRATOR.run(&pool)).await?;
                 Ledger {
                     pool,
