@@ -629,9 +629,14 @@ impl Store for PgStore {
         urls.sort_unstable();
         let urls = &urls;
         retry_conflicts("mark published", || async move {
+            // Rows locked in URL order, as an ingest locks them: an UPDATE locks in the order
+            // its plan finds the rows, and two orders meeting were a deadlock (a 1 s stall, the
+            // server's deadlock_timeout, then a retry).
             sqlx::query(
                 "UPDATE frontier SET state = 'queued', updated_ms = $2 \
-                 WHERE url = ANY($1) AND state = 'pending'",
+                 WHERE state = 'pending' AND url IN (\
+                     SELECT url FROM frontier WHERE url = ANY($1) AND state = 'pending' \
+                     ORDER BY url FOR UPDATE)",
             )
             .bind(urls)
             .bind(now_ms())
