@@ -201,6 +201,39 @@ pub fn answer(decision: Decision, permit: i64, now_ms: i64) -> PermitAnswer {
     }
 }
 
+/// The grants among a walk's decisions, as (host, expiry) in the asks' order: the permits an
+/// engine records.
+pub fn grants<'a>(request: &'a PermitRequest, decisions: &[Decision]) -> Vec<(&'a str, i64)> {
+    request
+        .asks
+        .iter()
+        .zip(decisions)
+        .filter_map(|(ask, d)| match d {
+            Decision::Grant { expires_ms, .. } => Some((ask.host.as_str(), *expires_ms)),
+            Decision::NotBefore { .. } => None,
+        })
+        .collect()
+}
+
+/// Every decision's answer at `now_ms`, the grants given the recorded permits' `ids` in order.
+pub fn answers(
+    decisions: Vec<Decision>,
+    ids: impl IntoIterator<Item = i64>,
+    now_ms: i64,
+) -> Vec<PermitAnswer> {
+    let mut ids = ids.into_iter();
+    decisions
+        .into_iter()
+        .map(|decision| {
+            let permit = match decision {
+                Decision::Grant { .. } => ids.next().unwrap_or(0),
+                Decision::NotBefore { .. } => 0,
+            };
+            answer(decision, permit, now_ms)
+        })
+        .collect()
+}
+
 /// Where the organism's politeness lives: one ledger of hosts, shared by every crawler.
 #[async_trait]
 pub trait HostLedger: Send + Sync + 'static {

@@ -65,17 +65,7 @@ async fn permits_once(conn: &mut PgConnection, request: &PermitRequest) -> Resul
         }
     }
     let decisions = politeness::walk(&mut slots, request, now);
-    let granted: Vec<(&str, i64)> = request
-        .asks
-        .iter()
-        .zip(&decisions)
-        .filter_map(|(ask, d)| match d {
-            politeness::Decision::Grant { expires_ms, .. } => {
-                Some((ask.host.as_str(), *expires_ms))
-            }
-            politeness::Decision::NotBefore { .. } => None,
-        })
-        .collect();
+    let granted = politeness::grants(request, &decisions);
     let (grant_hosts, grant_expiries): (Vec<&str>, Vec<i64>) = granted.iter().copied().unzip();
     // Ids are drawn first so that each grant knows its own (RETURNING promises no order).
     let ids: Vec<i64> = if granted.is_empty() {
@@ -121,17 +111,7 @@ async fn permits_once(conn: &mut PgConnection, request: &PermitRequest) -> Resul
         .execute(&mut *conn)
         .await?;
     }
-    let mut grants = ids.iter().copied();
-    let answers = decisions
-        .into_iter()
-        .map(|decision| {
-            let permit = match decision {
-                politeness::Decision::Grant { .. } => grants.next().unwrap_or(0),
-                politeness::Decision::NotBefore { .. } => 0,
-            };
-            politeness::answer(decision, permit, now)
-        })
-        .collect();
+    let answers = politeness::answers(decisions, ids, now);
     Ok(PermitReply { answers })
 }
 

@@ -112,6 +112,8 @@ pub(crate) fn connect_options(url_or_path: &str) -> Result<SqliteConnectOptions>
         .busy_timeout(Duration::from_secs(30))
         .foreign_keys(false)
         .pragma("temp_store", "memory")
+        // 16 MiB of pages per connection: at a million URLs 4 MiB made the crawl 40% slower (the
+        // frontier's index no longer fits), though it kept an api's memory lower.
         .pragma("cache_size", "-16000"))
 }
 

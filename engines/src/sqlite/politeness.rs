@@ -72,17 +72,7 @@ impl HostLedger for SqliteStore {
         let decisions = politeness::walk(&mut slots, request, now);
         // Permit ids continue from the largest ever given (AUTOINCREMENT's own counter), so a
         // late release of a lapsed permit never frees a newer one.
-        let granted: Vec<(&str, i64)> = request
-            .asks
-            .iter()
-            .zip(&decisions)
-            .filter_map(|(ask, d)| match d {
-                politeness::Decision::Grant { expires_ms, .. } => {
-                    Some((ask.host.as_str(), *expires_ms))
-                }
-                politeness::Decision::NotBefore { .. } => None,
-            })
-            .collect();
+        let granted = politeness::grants(request, &decisions);
         let mut next_id = 0;
         if !granted.is_empty() {
             let last: Option<i64> = sqlx::query_scalar(
@@ -106,15 +96,7 @@ impl HostLedger for SqliteStore {
             .execute(&mut **tx)
             .await?;
         }
-        let mut answers = Vec::with_capacity(decisions.len());
-        for decision in decisions {
-            let mut permit = 0;
-            if let politeness::Decision::Grant { .. } = decision {
-                permit = next_id;
-                next_id += 1;
-            }
-            answers.push(politeness::answer(decision, permit, now));
-        }
+        let answers = politeness::answers(decisions, next_id.., now);
         let changed: Vec<(&str, i64, i64)> = slots
             .iter()
             .filter(|(host, slot)| {
