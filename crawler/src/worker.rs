@@ -256,6 +256,27 @@ fn host_pause(after: Duration) -> Duration {
     }
 }
 
+/// The hosts a crawler may start a fetch for, the one with the most jobs waiting first (ties by
+/// name): not paused, with a job waiting and a slot free.
+fn start_order<J, P>(
+    waiting: &HashMap<String, VecDeque<J>>,
+    active: &HashMap<String, usize>,
+    paused: &HashMap<String, P>,
+    per_host: usize,
+) -> Vec<String> {
+    let mut ready: Vec<(usize, &String)> = waiting
+        .iter()
+        .filter(|(host, q)| {
+            !q.is_empty()
+                && active.get(*host).copied().unwrap_or(0) < per_host
+                && !paused.contains_key(*host)
+        })
+        .map(|(host, q)| (q.len(), host))
+        .collect();
+    ready.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+    ready.into_iter().map(|(_, host)| host.clone()).collect()
+}
+
 struct Pending {
     tag: DeliveryTag,
     reply_to: String,
@@ -361,19 +382,10 @@ impl Worker {
             let now = tokio::time::Instant::now();
             paused.retain(|_, until| *until > now);
             if fetches.len() < self.cfg.concurrency {
-                let mut ready: Vec<(usize, String)> = waiting
-                    .iter()
-                    .filter(|(host, q)| {
-                        !q.is_empty()
-                            && active.get(*host).copied().unwrap_or(0) < per_host
-                            && !paused.contains_key(*host)
-                    })
-                    .map(|(host, q)| (q.len(), host.clone()))
-                    .collect();
-                ready.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+                let ready = start_order(&waiting, &active, &paused, per_host);
                 'fill: while fetches.len() < self.cfg.concurrency && !ready.is_empty() {
                     let mut started = false;
-                    for (_, host) in &ready {
+                    for host in &ready {
                         if fetches.len() >= self.cfg.concurrency {
                             break 'fill;
                         }
@@ -789,6 +801,46 @@ mod tests {
         g.unsent.store(cfg.max_pending_results, Relaxed);
         // The buffer is full: busy enough not to retire, not a reason to divide.
         assert_eq!(g.signals(&cfg, HELD).0, HELD);
+    }
+
+    /// The largest host goes first; a host at its slots, paused or with nothing waiting does
+    /// not go at all.
+    #[test]
+    fn the_host_with_the_most_jobs_waiting_starts_first() {
+        let waiting: HashMap<String, VecDeque<u8>> = [
+            ("small.test", 1),
+            ("big.test", 9),
+            ("mid.test", 4),
+            ("full.test", 20),
+            ("paused.test", 30),
+            ("empty.test", 0),
+            ("also-mid.test", 4),
+        ]
+        .into_iter()
+        .map(|(h, n)| (h.to_string(), vec![0u8; n].into()))
+        .collect();
+        let active: HashMap<String, usize> =
+            [("full.test".to_string(), 2), ("mid.test".to_string(), 1)].into();
+        let paused: HashMap<String, ()> = [("paused.test".to_string(), ())].into();
+        assert_eq!(
+            start_order(&waiting, &active, &paused, 2),
+            vec!["big.test", "also-mid.test", "mid.test", "small.test"]
+        );
+    }
+
+    /// A busy host (the ledger's short "not before") is asked again within 20 ms; a longer wait
+    /// (a Crawl-delay's next start, no api answering) is waited whole.
+    #[test]
+    fn a_busy_host_pauses_briefly_and_a_late_one_for_its_wait() {
+        assert_eq!(host_pause(Duration::from_millis(100)), BUSY_HOST_PAUSE);
+        assert_eq!(
+            host_pause(Duration::from_millis(5)),
+            Duration::from_millis(5)
+        );
+        assert_eq!(
+            host_pause(Duration::from_millis(700)),
+            Duration::from_millis(700)
+        );
     }
 
     #[test]
