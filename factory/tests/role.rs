@@ -359,6 +359,10 @@ async fn an_upgrade_start_under_way_counts_against_a_siblings_maximum() {
         parent: Some("crawler-old".into()),
     };
     assert!(upgrading.claim_upgrade_start(&upgrade, "crawler-new").await);
+    // Claims are ordered by the millisecond they were made in, then by key: the grow must come
+    // a millisecond later than the upgrade's claim to be the later of the two (in the same
+    // millisecond "grow:..." sorts first and was let through).
+    tokio::time::sleep(Duration::from_millis(2)).await;
     let refused = ask("grow:crawler:2").await;
     assert!(!refused.reply.started, "{refused:?}");
     let why = refused.refused.expect("refused");
