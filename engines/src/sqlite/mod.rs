@@ -192,6 +192,12 @@ impl DataVersion {
     }
 }
 
+/// A list as one JSON array, for a statement that reads it with `json_each` (a batch in one
+/// statement, whatever its size).
+pub(crate) fn json_keys<T: serde::Serialize>(keys: &[T]) -> String {
+    serde_json::to_string(keys).expect("strings and integers serialize")
+}
+
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()

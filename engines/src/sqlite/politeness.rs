@@ -10,14 +10,10 @@ use std::collections::HashMap;
 use async_trait::async_trait;
 use sqlx::Row;
 
-use super::now_ms;
 use super::store::SqliteStore;
+use super::{json_keys, now_ms};
 use crate::politeness::{self, HostLedger, HostSlot, PermitReply, PermitRequest};
 use crate::Result;
-
-fn json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).expect("strings and integers serialize")
-}
 
 #[async_trait]
 impl HostLedger for SqliteStore {
@@ -26,11 +22,11 @@ impl HostLedger for SqliteStore {
         let now = now_ms();
         if !request.releases.is_empty() {
             sqlx::query("DELETE FROM host_permits WHERE id IN (SELECT value FROM json_each(?))")
-                .bind(json(&request.releases))
+                .bind(json_keys(&request.releases))
                 .execute(&mut **tx)
                 .await?;
         }
-        let hosts = json(&politeness::hosts(request));
+        let hosts = json_keys(&politeness::hosts(request));
         sqlx::query(
             "DELETE FROM host_permits \
              WHERE host IN (SELECT value FROM json_each(?)) AND expires_ms <= ?",
@@ -92,7 +88,7 @@ impl HostLedger for SqliteStore {
                 "INSERT INTO host_permits (id, host, expires_ms) \
                  SELECT value->>0, value->>1, value->>2 FROM json_each(?)",
             )
-            .bind(json(&rows))
+            .bind(json_keys(&rows))
             .execute(&mut **tx)
             .await?;
         }
@@ -114,7 +110,7 @@ impl HostLedger for SqliteStore {
                  ON CONFLICT (host) DO UPDATE SET last_start_ms = excluded.last_start_ms, \
                  blocked_until_ms = excluded.blocked_until_ms",
             )
-            .bind(json(&changed))
+            .bind(json_keys(&changed))
             .execute(&mut **tx)
             .await?;
         }

@@ -12,7 +12,7 @@ use protocol::CrawlJob;
 use sqlx::sqlite::SqlitePool;
 use sqlx::Row;
 
-use super::{now_ms, open_pool, WriteTx};
+use super::{json_keys, now_ms, open_pool, WriteTx};
 use crate::{Delivery, DeliveryTag, JobQueue, QueueDepth, Result};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite_queue");
@@ -49,8 +49,7 @@ fn delivery(id: i64, body: &[u8], deliveries: i64) -> Delivery {
 
 /// Delivery tags as one JSON array of ids.
 fn tag_array(tags: &[DeliveryTag]) -> String {
-    serde_json::to_string(&tags.iter().map(|t| t.0 as i64).collect::<Vec<_>>())
-        .expect("integers serialize")
+    json_keys(&tags.iter().map(|t| t.0 as i64).collect::<Vec<_>>())
 }
 
 #[async_trait]
@@ -66,18 +65,14 @@ impl JobQueue for SqliteQueue {
             .iter()
             .map(|job| String::from_utf8(job.encode()).expect("JSON is UTF-8"))
             .collect();
-        let tx = {
-            let mut tx = WriteTx::begin(&self.pool, &self.gate).await?;
-            sqlx::query(
-                "INSERT INTO jobs (body, visible_ms) \
-                 SELECT CAST(value AS BLOB), ? FROM json_each(?)",
-            )
-            .bind(now)
-            .bind(serde_json::to_string(&bodies).expect("strings serialize"))
-            .execute(&mut **tx)
-            .await?;
-            tx
-        };
+        let mut tx = WriteTx::begin(&self.pool, &self.gate).await?;
+        sqlx::query(
+            "INSERT INTO jobs (body, visible_ms) SELECT CAST(value AS BLOB), ? FROM json_each(?)",
+        )
+        .bind(now)
+        .bind(json_keys(&bodies))
+        .execute(&mut **tx)
+        .await?;
         tx.commit().await?;
         Ok(())
     }

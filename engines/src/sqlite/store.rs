@@ -8,7 +8,7 @@ use protocol::{SearchHit, Stats};
 use sqlx::sqlite::SqlitePool;
 use sqlx::{Row, Sqlite, Transaction};
 
-use super::{now_ms, open_pool};
+use super::{json_keys, now_ms, open_pool};
 use crate::counts::KeptCounts;
 use crate::frontier::{self, DeferredBatch, Entry, Links, NewEntry, State, View};
 use crate::snippet::{render_snippet, MARK_CLOSE, MARK_OPEN};
@@ -152,10 +152,6 @@ async fn read_hosts(
         .into_iter()
         .map(|r| (r.get(0), r.get::<i64, _>(1).max(0) as u64))
         .collect())
-}
-
-fn json_keys<T: serde::Serialize>(keys: &[T]) -> String {
-    serde_json::to_string(keys).expect("strings and integers serialize")
 }
 
 /// Create the plan's new frontier rows, in one statement. The write lock is held since the
