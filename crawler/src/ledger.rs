@@ -10,6 +10,14 @@
 //! requests in flight, whatever finishes while they travel goes together in the next. A permit is released when its request is done (its
 //! [`HostPermit`] is dropped); a crawler that dies holds nothing for long, its permits lapse.
 //!
+//! Leases: for a fast host (a gap under [`WINDOW_FROM`]) the gate asks for a lane of the host's
+//! lattice for [`LEASE`] rather than for one start (see `engines::politeness`), and starts its
+//! requests to the host on the lane's ticks without asking again: a request then costs no trip
+//! to the ledger, where a one-shot permit was held for two trips and the request, and the host's
+//! concurrency limit divided by that hold capped its rate. A lane no request has used for
+//! [`LEASE_IDLE`] is released, so another crawler may take it; a lane whose ticks are spent is
+//! released at once.
+//!
 //! Arrival jitter: the ledger spaces the starts it grants, but a crawler's request reaches the
 //! host a little later than its start (the answer's trip, a late timer). So that two arrivals
 //! are never closer than the gap, a permit is used only inside a window after its start, and
@@ -43,6 +51,10 @@ const RELEASE_FLUSH: Duration = Duration::from_millis(100);
 const MAX_MISSES: u32 = 3;
 /// When no api answers, asks are refused for this long.
 const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
+/// How long a lease asks to hold a lane.
+pub const LEASE: Duration = Duration::from_millis(500);
+/// A leased lane no request has used for this long is released.
+pub const LEASE_IDLE: Duration = Duration::from_millis(50);
 
 /// What the gate needs to know of the fetch stack's limits.
 #[derive(Debug, Clone)]
@@ -67,6 +79,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Ask {
     host: String,
     gap_ms: i64,
+    lease_ms: i64,
     reply: oneshot::Sender<Result<(PermitAnswer, Instant), NotNow>>,
 }
 
@@ -77,7 +90,124 @@ struct Shared {
     blocks: Mutex<Vec<HostBlock>>,
     /// Back-offs this cell learnt itself, so it does not even ask while they last.
     backoffs: Mutex<HashMap<String, Instant>>,
+    /// The lanes this cell leases, per host.
+    leases: Mutex<HashMap<String, Vec<Lane>>>,
     wake: tokio::sync::Notify,
+}
+
+/// A leased lane: one request at a time, each on a tick `first + k * every` up to `last`.
+struct Lane {
+    id: i64,
+    /// The next tick not yet used.
+    next: Instant,
+    every: Duration,
+    last: Instant,
+    busy: bool,
+    idle_since: Instant,
+}
+
+impl Lane {
+    /// The lane's first tick at or after `now`, if it has one left.
+    fn tick_from(&self, now: Instant) -> Option<Instant> {
+        let tick = if self.next >= now || self.every.is_zero() {
+            self.next.max(now)
+        } else {
+            let behind = (now - self.next).as_nanos();
+            let every = self.every.as_nanos();
+            let periods = u32::try_from(behind.div_ceil(every)).unwrap_or(u32::MAX);
+            self.next + self.every.saturating_mul(periods)
+        };
+        (tick <= self.last).then_some(tick)
+    }
+}
+
+impl Shared {
+    /// Take a free lane of `host` for a request: its tick, or `None` when no lane is free.
+    /// Lanes found spent are released.
+    fn take_lane(&self, host: &str) -> Option<(i64, Instant)> {
+        let now = Instant::now();
+        let mut leases = lock(&self.leases);
+        let lanes = leases.get_mut(host)?;
+        let mut taken = None;
+        let mut spent = Vec::new();
+        for lane in lanes.iter_mut().filter(|l| !l.busy) {
+            match lane.tick_from(now) {
+                Some(tick) if taken.is_none() => {
+                    lane.busy = true;
+                    lane.next = tick + lane.every;
+                    taken = Some((lane.id, tick));
+                }
+                Some(_) => {}
+                None => spent.push(lane.id),
+            }
+        }
+        if !spent.is_empty() {
+            lanes.retain(|l| !spent.contains(&l.id));
+            if lanes.is_empty() {
+                leases.remove(host);
+            }
+            lock(&self.releases).extend(spent);
+            self.wake.notify_one();
+        }
+        taken
+    }
+
+    /// A request on a lane ended: the lane is free again, or released if its ticks are spent or
+    /// the host asked to be left alone.
+    fn free_lane(&self, host: &str, id: i64) {
+        let now = Instant::now();
+        let backing_off = lock(&self.backoffs).get(host).is_some_and(|t| *t > now);
+        let mut leases = lock(&self.leases);
+        let Some(lanes) = leases.get_mut(host) else {
+            return;
+        };
+        let Some(at) = lanes.iter().position(|l| l.id == id) else {
+            return;
+        };
+        let lane = &mut lanes[at];
+        lane.busy = false;
+        lane.idle_since = now;
+        if backing_off || lane.next > lane.last {
+            lanes.swap_remove(at);
+            if lanes.is_empty() {
+                leases.remove(host);
+            }
+            lock(&self.releases).push(id);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Release every lane idle for [`LEASE_IDLE`] (or spent): they go with the next request.
+    fn sweep_lanes(&self) {
+        let now = Instant::now();
+        let mut freed = Vec::new();
+        lock(&self.leases).retain(|_, lanes| {
+            lanes.retain(|l| {
+                let keep = l.busy || (now < l.idle_since + LEASE_IDLE && l.next <= l.last);
+                if !keep {
+                    freed.push(l.id);
+                }
+                keep
+            });
+            !lanes.is_empty()
+        });
+        if !freed.is_empty() {
+            lock(&self.releases).extend(freed);
+        }
+    }
+}
+
+/// A request on a leased lane; frees the lane when dropped.
+struct LaneUse {
+    host: String,
+    id: i64,
+    shared: Arc<Shared>,
+}
+
+impl Drop for LaneUse {
+    fn drop(&mut self) {
+        self.shared.free_lane(&self.host, self.id);
+    }
 }
 
 /// The [`HostGate`] of a crawler in an organism.
@@ -122,6 +252,7 @@ impl LedgerGate {
             releases: Mutex::new(Vec::new()),
             blocks: Mutex::new(Vec::new()),
             backoffs: Mutex::new(HashMap::new()),
+            leases: Mutex::new(HashMap::new()),
             wake: tokio::sync::Notify::new(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
@@ -140,12 +271,18 @@ impl LedgerGate {
         }
     }
 
-    async fn ask_once(&self, host: &str, gap_ms: i64) -> Result<(PermitAnswer, Instant), NotNow> {
+    async fn ask_once(
+        &self,
+        host: &str,
+        gap_ms: i64,
+        lease_ms: i64,
+    ) -> Result<(PermitAnswer, Instant), NotNow> {
         let (reply, answer) = oneshot::channel();
         self.asks
             .send(Ask {
                 host: host.to_string(),
                 gap_ms,
+                lease_ms,
                 reply,
             })
             .map_err(|_| NotNow::Unavailable(UNAVAILABLE_RETRY))?;
@@ -162,22 +299,66 @@ impl HostGate for LedgerGate {
             return Err(NotNow::BackingOff(left));
         }
         let window = window_for(gap);
+        // A fast host's requests go on leased lanes: one free already is used at its next tick.
+        let lease_ms = if window.is_none() { ms(LEASE) } else { 0 };
+        if lease_ms > 0 {
+            if let Some((id, tick)) = self.shared.take_lane(host) {
+                tokio::time::sleep_until(tick).await;
+                metrics::counter!("crawler_permits_total", "answer" => "lane").increment(1);
+                return Ok(HostPermit::new(LaneUse {
+                    host: host.to_string(),
+                    id,
+                    shared: self.shared.clone(),
+                }));
+            }
+        }
         let asked_gap = gap + window.unwrap_or(Duration::ZERO);
         let gap_ms = i64::try_from(asked_gap.as_millis()).unwrap_or(i64::MAX);
         for _ in 0..MAX_MISSES {
             let sent = Instant::now();
-            let (answer, received) = self.ask_once(host, gap_ms).await?;
-            let (id, wait) = match answer {
+            let (answer, received) = self.ask_once(host, gap_ms, lease_ms).await?;
+            let (id, wait, every, span) = match answer {
                 PermitAnswer::NotBefore { wait_ms } => {
                     let wait = Duration::from_millis(wait_ms.max(1).unsigned_abs());
                     metrics::counter!("crawler_permits_total", "answer" => "not_before")
                         .increment(1);
                     return Err(NotNow::Busy(wait));
                 }
-                PermitAnswer::Granted { permit, wait_ms } => {
-                    (permit, Duration::from_millis(wait_ms.max(0).unsigned_abs()))
-                }
+                PermitAnswer::Granted {
+                    permit,
+                    wait_ms,
+                    every_ms,
+                    for_ms,
+                } => (
+                    permit,
+                    duration(wait_ms),
+                    duration(every_ms),
+                    duration(for_ms),
+                ),
             };
+            if lease_ms > 0 && !span.is_zero() {
+                // A lane: its first tick is this request's start, the rest are kept here.
+                let first = received + wait;
+                lock(&self.shared.leases)
+                    .entry(host.to_string())
+                    .or_default()
+                    .push(Lane {
+                        id,
+                        next: first + every,
+                        every,
+                        last: first + span,
+                        busy: true,
+                        idle_since: first,
+                    });
+                let lane = LaneUse {
+                    host: host.to_string(),
+                    id,
+                    shared: self.shared.clone(),
+                };
+                tokio::time::sleep_until(first).await;
+                metrics::counter!("crawler_permits_total", "answer" => "leased").increment(1);
+                return Ok(HostPermit::new(lane));
+            }
             let permit = LedgerPermit {
                 id,
                 shared: self.shared.clone(),
@@ -206,6 +387,12 @@ impl HostGate for LedgerGate {
             backoffs.retain(|_, t| *t > now);
             let entry = backoffs.entry(host.to_string()).or_insert(until);
             *entry = (*entry).max(until);
+        }
+        // The host's free lanes go back now; a busy one when its request ends.
+        if let Some(lanes) = lock(&self.shared.leases).get_mut(host) {
+            let free: Vec<i64> = lanes.iter().filter(|l| !l.busy).map(|l| l.id).collect();
+            lanes.retain(|l| l.busy);
+            lock(&self.shared.releases).extend(free);
         }
         lock(&self.shared.blocks).push(HostBlock {
             host: host.to_string(),
@@ -252,6 +439,7 @@ async fn batch(
         while let Ok(a) = asks.try_recv() {
             batch.push(a);
         }
+        shared.sweep_lanes();
         let releases = std::mem::take(&mut *lock(&shared.releases));
         let blocks = std::mem::take(&mut *lock(&shared.blocks));
         if batch.is_empty() && releases.is_empty() && blocks.is_empty() {
@@ -269,6 +457,7 @@ async fn batch(
                     concurrency: limits.concurrency,
                     horizon_ms: ms(limits.horizon),
                     hold_ms: ms(limits.hold),
+                    lease_ms: a.lease_ms,
                 })
                 .collect(),
         };
@@ -312,6 +501,11 @@ async fn batch(
 
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A duration from the ledger's milliseconds (a negative one is none).
+fn duration(ms: i64) -> Duration {
+    Duration::from_millis(ms.max(0).unsigned_abs())
 }
 
 /// Send one permit request, signed, to the apis in turn until one answers.

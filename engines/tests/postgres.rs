@@ -399,6 +399,7 @@ async fn ingest_throughput() {
 
 conformance_test!(ledger_spacing_concurrency_and_blocks, politeness);
 conformance_test!(ledger_permits_lapse, politeness);
+conformance_test!(ledger_leases_take_lanes, politeness);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ledger_concurrent_askers() {

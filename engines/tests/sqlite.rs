@@ -137,6 +137,12 @@ async fn ledger_spacing_concurrency_and_blocks() {
 }
 
 #[tokio::test]
+async fn ledger_leases_take_lanes() {
+    let (_d, s) = store().await;
+    conformance::politeness::ledger_leases_take_lanes(&s).await;
+}
+
+#[tokio::test]
 async fn ledger_permits_lapse() {
     let (_d, s) = store().await;
     conformance::politeness::ledger_permits_lapse(&s).await;

@@ -261,6 +261,20 @@ async fn ledger_api(key: &control::ClusterKey) -> (tempfile::TempDir, String) {
     (dir, format!("http://{addr}"))
 }
 
+/// How many permits the ledger of [`ledger_api`]'s `dir` has granted (its permit id counter).
+async fn permits_granted(dir: &std::path::Path) -> i64 {
+    let url = format!("sqlite://{}?mode=ro", dir.join("store-ledger.db").display());
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("open the ledger");
+    sqlx::query_scalar(
+        "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'host_permits'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("read the permit counter")
+}
+
 fn ledger_fetcher(
     cfg: FetchConfig,
     api: &str,
@@ -334,6 +348,91 @@ async fn two_crawlers_share_a_hosts_crawl_delay_through_the_ledger() {
             "two page requests {gap:?} apart from two crawlers; Crawl-delay 0.3 s"
         );
     }
+}
+
+/// Two crawlers on a fast host (a 10 ms gap) through the ledger: each leases lanes of the host
+/// and starts its requests on their ticks without asking again, so the ledger grants far fewer
+/// permits than there are requests; the host's rate and concurrency still hold for the two.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leased_lanes_carry_many_requests_and_keep_the_hosts_limits() {
+    const PAGES: usize = 60;
+    const CONCURRENCY: usize = 4;
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let most = Arc::new(AtomicUsize::new(0));
+    let (now, peak) = (in_flight.clone(), most.clone());
+    let server = serve(Router::new().route(
+        "/p/{n}",
+        get(move || {
+            let (now, peak) = (now.clone(), peak.clone());
+            async move {
+                let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(n, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(15)).await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                Html("<p>page</p>")
+            }
+        }),
+    ))
+    .await;
+    let key = control::ClusterKey::generate();
+    let (dir, api) = ledger_api(&key).await;
+    let cfg = FetchConfig {
+        per_host_rate: 100.0,
+        per_host_concurrency: CONCURRENCY as u32,
+        ..config(&server)
+    };
+    let a = ledger_fetcher(cfg.clone(), &api, &key, "crawler-a");
+    let b = ledger_fetcher(cfg, &api, &key, "crawler-b");
+    // Each crawler runs at most the host's concurrency of requests at once, as its worker does.
+    let slots = [
+        Arc::new(Semaphore::new(CONCURRENCY)),
+        Arc::new(Semaphore::new(CONCURRENCY)),
+    ];
+    let mut tasks = JoinSet::new();
+    for i in 0..PAGES {
+        let f = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let slots = slots[i % 2].clone();
+        tasks.spawn(async move {
+            let _slot = slots.acquire_owned().await.expect("open");
+            loop {
+                match f.crawl(&format!("http://a.test/p/{i}")).await {
+                    crawler::CrawlAttempt::Defer { after, .. } => {
+                        tokio::time::sleep(after.min(Duration::from_millis(20))).await
+                    }
+                    other => return other,
+                }
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        page(done.expect("crawl task"));
+    }
+    let mut starts: Vec<Instant> = server
+        .log
+        .hits()
+        .iter()
+        .filter(|h| h.path.starts_with("/p/"))
+        .map(|h| h.at)
+        .collect();
+    starts.sort();
+    assert_eq!(starts.len(), PAGES, "each page fetched once");
+    assert!(
+        most.load(Ordering::SeqCst) <= CONCURRENCY,
+        "{} requests in flight at once, limit {CONCURRENCY}",
+        most.load(Ordering::SeqCst)
+    );
+    // 100 requests a second: 59 gaps of 10 ms at the least (a little less for late timers).
+    let span = *starts.last().expect("pages") - starts[0];
+    assert!(
+        span >= Duration::from_millis(500),
+        "{PAGES} requests in {span:?}"
+    );
+    // One permit a request would be 61 (robots.txt too); a lane carries about a dozen.
+    let granted = permits_granted(dir.path()).await;
+    assert!(
+        granted * 3 <= PAGES as i64,
+        "{granted} permits for {PAGES} pages: the lanes were not reused"
+    );
 }
 
 /// The permits endpoint refuses unsigned and forged requests.

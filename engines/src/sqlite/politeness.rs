@@ -12,7 +12,9 @@ use sqlx::Row;
 
 use super::store::SqliteStore;
 use super::{json_keys, now_ms};
-use crate::politeness::{self, HostLedger, HostSlot, PermitReply, PermitRequest};
+use crate::politeness::{
+    self, HostLedger, HostSlot, InFlight, Lattice, PermitReply, PermitRequest,
+};
 use crate::Result;
 
 #[async_trait]
@@ -40,7 +42,8 @@ impl HostLedger for SqliteStore {
             .map(|h| (h.to_string(), HostSlot::default()))
             .collect();
         for row in sqlx::query(
-            "SELECT host, last_start_ms, blocked_until_ms FROM host_ledger \
+            "SELECT host, last_start_ms, blocked_until_ms, lattice_base_ms, lattice_gap_ms, \
+                    lattice_lanes, lattice_until_ms FROM host_ledger \
              WHERE host IN (SELECT value FROM json_each(?))",
         )
         .bind(&hosts)
@@ -50,10 +53,16 @@ impl HostLedger for SqliteStore {
             if let Some(slot) = slots.get_mut(row.get::<&str, _>(0)) {
                 slot.last_start_ms = row.get(1);
                 slot.blocked_until_ms = row.get(2);
+                slot.lattice = Lattice {
+                    base_ms: row.get(3),
+                    gap_ms: row.get(4),
+                    lanes: u32::try_from(row.get::<i64, _>(5)).unwrap_or(0),
+                    until_ms: row.get(6),
+                };
             }
         }
         for row in sqlx::query(
-            "SELECT host, expires_ms FROM host_permits \
+            "SELECT host, expires_ms, lane FROM host_permits \
              WHERE host IN (SELECT value FROM json_each(?))",
         )
         .bind(&hosts)
@@ -61,7 +70,12 @@ impl HostLedger for SqliteStore {
         .await?
         {
             if let Some(slot) = slots.get_mut(row.get::<&str, _>(0)) {
-                slot.in_flight.push(row.get(1));
+                slot.in_flight.push(InFlight {
+                    expires_ms: row.get(1),
+                    lane: row
+                        .get::<Option<i64>, _>(2)
+                        .and_then(|l| u32::try_from(l).ok()),
+                });
             }
         }
         let read = slots.clone();
@@ -79,36 +93,54 @@ impl HostLedger for SqliteStore {
             .fetch_one(&mut **tx)
             .await?;
             next_id = last.unwrap_or(0) + 1;
-            let rows: Vec<(i64, &str, i64)> = granted
+            let rows: Vec<(i64, &str, i64, Option<u32>)> = granted
                 .iter()
                 .enumerate()
-                .map(|(i, (host, expires))| (next_id + i as i64, *host, *expires))
+                .map(|(i, (host, expires, lane))| (next_id + i as i64, *host, *expires, *lane))
                 .collect();
             sqlx::query(
-                "INSERT INTO host_permits (id, host, expires_ms) \
-                 SELECT value->>0, value->>1, value->>2 FROM json_each(?)",
+                "INSERT INTO host_permits (id, host, expires_ms, lane) \
+                 SELECT value->>0, value->>1, value->>2, value->>3 FROM json_each(?)",
             )
             .bind(json_keys(&rows))
             .execute(&mut **tx)
             .await?;
         }
         let answers = politeness::answers(decisions, next_id.., now);
-        let changed: Vec<(&str, i64, i64)> = slots
+        let changed: Vec<(&str, i64, i64, i64, i64, u32, i64)> = slots
             .iter()
             .filter(|(host, slot)| {
                 !read.get(*host).is_some_and(|r| {
-                    (r.last_start_ms, r.blocked_until_ms)
-                        == (slot.last_start_ms, slot.blocked_until_ms)
+                    (r.last_start_ms, r.blocked_until_ms, r.lattice)
+                        == (slot.last_start_ms, slot.blocked_until_ms, slot.lattice)
                 })
             })
-            .map(|(host, slot)| (host.as_str(), slot.last_start_ms, slot.blocked_until_ms))
+            .map(|(host, slot)| {
+                let l = slot.lattice;
+                let (start, blocked) = (slot.last_start_ms, slot.blocked_until_ms);
+                (
+                    host.as_str(),
+                    start,
+                    blocked,
+                    l.base_ms,
+                    l.gap_ms,
+                    l.lanes,
+                    l.until_ms,
+                )
+            })
             .collect();
         if !changed.is_empty() {
             sqlx::query(
-                "INSERT INTO host_ledger (host, last_start_ms, blocked_until_ms) \
-                 SELECT value->>0, value->>1, value->>2 FROM json_each(?) WHERE true \
+                "INSERT INTO host_ledger (host, last_start_ms, blocked_until_ms, lattice_base_ms, \
+                                          lattice_gap_ms, lattice_lanes, lattice_until_ms) \
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, \
+                        value->>6 FROM json_each(?) WHERE true \
                  ON CONFLICT (host) DO UPDATE SET last_start_ms = excluded.last_start_ms, \
-                 blocked_until_ms = excluded.blocked_until_ms",
+                 blocked_until_ms = excluded.blocked_until_ms, \
+                 lattice_base_ms = excluded.lattice_base_ms, \
+                 lattice_gap_ms = excluded.lattice_gap_ms, \
+                 lattice_lanes = excluded.lattice_lanes, \
+                 lattice_until_ms = excluded.lattice_until_ms",
             )
             .bind(json_keys(&changed))
             .execute(&mut **tx)

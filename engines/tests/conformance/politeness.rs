@@ -17,6 +17,7 @@ fn ask(host: &str, gap_ms: i64, concurrency: u32, horizon_ms: i64, hold_ms: i64)
         concurrency,
         horizon_ms,
         hold_ms,
+        lease_ms: 0,
     }
 }
 
@@ -29,7 +30,9 @@ fn asks(list: Vec<PermitAsk>) -> PermitRequest {
 
 fn granted(a: &PermitAnswer) -> Option<(i64, i64)> {
     match a {
-        PermitAnswer::Granted { permit, wait_ms } => Some((*permit, *wait_ms)),
+        PermitAnswer::Granted {
+            permit, wait_ms, ..
+        } => Some((*permit, *wait_ms)),
         PermitAnswer::NotBefore { .. } => None,
     }
 }
@@ -111,6 +114,81 @@ pub async fn ledger_permits_lapse(ledger: &dyn HostLedger) {
         granted(&third.answers[0]).is_some(),
         "the held permit lapsed"
     );
+}
+
+/// Leases take the lanes of a host's lattice: starts a gap apart, a lane each, no more lanes than
+/// the concurrency; a released lane is leased again on its own ticks; a one-shot ask waits for
+/// the last tick leased; what was leased survives into the next request (it is kept, not
+/// recomputed).
+pub async fn ledger_leases_take_lanes(ledger: &dyn HostLedger) {
+    let lease = |host: &str| PermitAsk {
+        lease_ms: 2_000,
+        ..ask(host, 100, 3, 10_000, 60_000)
+    };
+    let reply = ledger
+        .permits(&asks(vec![
+            lease("lease.test"),
+            lease("lease.test"),
+            lease("lease.test"),
+            lease("lease.test"),
+        ]))
+        .await
+        .expect("permits");
+    let mut got = Vec::new();
+    for a in &reply.answers[..3] {
+        match *a {
+            PermitAnswer::Granted {
+                permit,
+                wait_ms,
+                every_ms,
+                for_ms,
+            } => got.push((permit, wait_ms, every_ms, for_ms)),
+            other => panic!("{other:?}"),
+        }
+    }
+    let shape: Vec<(i64, i64, i64)> = got.iter().map(|g| (g.1, g.2, g.3)).collect();
+    assert_eq!(
+        shape,
+        vec![(0, 300, 1_800), (100, 300, 1_800), (200, 300, 1_800)]
+    );
+    assert!(
+        matches!(reply.answers[3], PermitAnswer::NotBefore { .. }),
+        "three lanes: {reply:?}"
+    );
+    // The middle lane released: the next lease is on it, at its next tick.
+    let reply = ledger
+        .permits(&PermitRequest {
+            releases: vec![got[1].0],
+            asks: vec![lease("lease.test")],
+            ..PermitRequest::default()
+        })
+        .await
+        .expect("permits");
+    match reply.answers[0] {
+        PermitAnswer::Granted {
+            wait_ms, every_ms, ..
+        } => {
+            assert_eq!(every_ms, 300);
+            // Lane 1's ticks are 100, 400, 700 ... ms after the first lease's start.
+            assert!((0..=400).contains(&wait_ms), "{wait_ms}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A one-shot ask waits for the last tick leased (about 2 s away), beyond a 1 s horizon.
+    let reply = ledger
+        .permits(&PermitRequest {
+            releases: vec![got[0].0],
+            asks: vec![ask("lease.test", 100, 3, 1_000, 60_000)],
+            ..PermitRequest::default()
+        })
+        .await
+        .expect("permits");
+    match reply.answers[0] {
+        PermitAnswer::NotBefore { wait_ms } => {
+            assert!((1_000..=2_300).contains(&wait_ms), "{wait_ms}")
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 /// Many askers at once (as many crawler cells through several apis): never more permits than
