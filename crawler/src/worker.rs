@@ -414,13 +414,19 @@ impl Worker {
                 waiting.retain(|_, q| !q.is_empty());
             }
 
-            // 3. Send results when a batch is full or has waited long enough.
+            // 3. Send results when a batch is full or has waited long enough, or at once when
+            //    no batch is on its way (group commit: a result does not wait for company while
+            //    the api is idle, and batches grow while it is busy; each page's links reach
+            //    the frontier one flush sooner, on every level of the crawl).
             let flush_due = first_result_at
                 .is_some_and(|t| t.elapsed() >= Duration::from_millis(self.cfg.ingest_flush_ms));
             let can_send = tokio::time::Instant::now() >= send_blocked_until && sends.len() < 4;
             if can_send
                 && !results.is_empty()
-                && (results.len() >= self.cfg.ingest_batch || flush_due || draining)
+                && (results.len() >= self.cfg.ingest_batch
+                    || flush_due
+                    || sends.is_empty()
+                    || draining)
             {
                 let take = results.len().min(self.cfg.ingest_batch);
                 let batch: Vec<Pending> = results.drain(..take).collect();
