@@ -55,6 +55,8 @@ const UNAVAILABLE_RETRY: Duration = Duration::from_secs(1);
 pub const LEASE: Duration = Duration::from_millis(500);
 /// A leased lane no request has used for this long is released.
 pub const LEASE_IDLE: Duration = Duration::from_millis(50);
+/// Longest a request waits for one of this cell's busy lanes before asking for another.
+const LANE_WAIT: Duration = Duration::from_millis(30);
 
 /// What the gate needs to know of the fetch stack's limits.
 #[derive(Debug, Clone)]
@@ -91,7 +93,7 @@ struct Shared {
     /// Back-offs this cell learnt itself, so it does not even ask while they last.
     backoffs: Mutex<HashMap<String, Instant>>,
     /// The lanes this cell leases, per host.
-    leases: Mutex<HashMap<String, Vec<Lane>>>,
+    leases: Mutex<HashMap<String, HostLanes>>,
     wake: tokio::sync::Notify,
 }
 
@@ -121,79 +123,100 @@ impl Lane {
     }
 }
 
+/// A host's leased lanes, and the signal a request waiting for one of them hears.
+#[derive(Default)]
+struct HostLanes {
+    lanes: Vec<Lane>,
+    freed: Arc<tokio::sync::Notify>,
+}
+
+impl HostLanes {
+    /// Drop the lanes `gone`, to be released; `true` when none is left (the entry goes, and
+    /// whoever waits for a lane of it asks the ledger instead).
+    fn drop_lanes(&mut self, gone: &[i64], releases: &Mutex<Vec<i64>>) -> bool {
+        self.lanes.retain(|l| !gone.contains(&l.id));
+        lock(releases).extend_from_slice(gone);
+        let empty = self.lanes.is_empty();
+        if empty {
+            self.freed.notify_waiters();
+        }
+        empty
+    }
+}
+
 impl Shared {
-    /// Take a free lane of `host` for a request: its tick, or `None` when no lane is free.
-    /// Lanes found spent are released.
+    /// Take the free lane of `host` whose next tick comes first: its id and tick, or `None`
+    /// when no lane is free. Lanes found spent are released.
     fn take_lane(&self, host: &str) -> Option<(i64, Instant)> {
         let now = Instant::now();
         let mut leases = lock(&self.leases);
-        let lanes = leases.get_mut(host)?;
-        let mut taken = None;
+        let entry = leases.get_mut(host)?;
+        let mut best: Option<(Instant, usize)> = None;
         let mut spent = Vec::new();
-        for lane in lanes.iter_mut().filter(|l| !l.busy) {
+        for (i, lane) in entry.lanes.iter().enumerate().filter(|(_, l)| !l.busy) {
             match lane.tick_from(now) {
-                Some(tick) if taken.is_none() => {
-                    lane.busy = true;
-                    lane.next = tick + lane.every;
-                    taken = Some((lane.id, tick));
-                }
+                Some(tick) if best.is_none_or(|(t, _)| tick < t) => best = Some((tick, i)),
                 Some(_) => {}
                 None => spent.push(lane.id),
             }
         }
+        let taken = best.map(|(tick, i)| {
+            let lane = &mut entry.lanes[i];
+            lane.busy = true;
+            lane.next = tick + lane.every;
+            (lane.id, tick)
+        });
         if !spent.is_empty() {
-            lanes.retain(|l| !spent.contains(&l.id));
-            if lanes.is_empty() {
+            if entry.drop_lanes(&spent, &self.releases) {
                 leases.remove(host);
             }
-            lock(&self.releases).extend(spent);
             self.wake.notify_one();
         }
         taken
     }
 
-    /// A request on a lane ended: the lane is free again, or released if its ticks are spent or
-    /// the host asked to be left alone.
+    /// What a request for `host` may wait on for one of this cell's lanes to come free, if the
+    /// cell holds any.
+    fn lane_freed(&self, host: &str) -> Option<Arc<tokio::sync::Notify>> {
+        lock(&self.leases).get(host).map(|e| e.freed.clone())
+    }
+
+    /// A request on a lane ended: the lane is free again (a request waiting for one hears it),
+    /// or released if its ticks are spent or the host asked to be left alone.
     fn free_lane(&self, host: &str, id: i64) {
         let now = Instant::now();
         let backing_off = lock(&self.backoffs).get(host).is_some_and(|t| *t > now);
         let mut leases = lock(&self.leases);
-        let Some(lanes) = leases.get_mut(host) else {
+        let Some(entry) = leases.get_mut(host) else {
             return;
         };
-        let Some(at) = lanes.iter().position(|l| l.id == id) else {
+        let Some(lane) = entry.lanes.iter_mut().find(|l| l.id == id) else {
             return;
         };
-        let lane = &mut lanes[at];
         lane.busy = false;
         lane.idle_since = now;
         if backing_off || lane.next > lane.last {
-            lanes.swap_remove(at);
-            if lanes.is_empty() {
+            if entry.drop_lanes(&[id], &self.releases) {
                 leases.remove(host);
             }
-            lock(&self.releases).push(id);
             self.wake.notify_one();
+        } else {
+            entry.freed.notify_one();
         }
     }
 
     /// Release every lane idle for [`LEASE_IDLE`] (or spent): they go with the next request.
     fn sweep_lanes(&self) {
         let now = Instant::now();
-        let mut freed = Vec::new();
-        lock(&self.leases).retain(|_, lanes| {
-            lanes.retain(|l| {
-                let keep = l.busy || (now < l.idle_since + LEASE_IDLE && l.next <= l.last);
-                if !keep {
-                    freed.push(l.id);
-                }
-                keep
-            });
-            !lanes.is_empty()
+        lock(&self.leases).retain(|_, entry| {
+            let gone: Vec<i64> = entry
+                .lanes
+                .iter()
+                .filter(|l| !l.busy && (now >= l.idle_since + LEASE_IDLE || l.next > l.last))
+                .map(|l| l.id)
+                .collect();
+            gone.is_empty() || !entry.drop_lanes(&gone, &self.releases)
         });
-        if !freed.is_empty() {
-            lock(&self.releases).extend(freed);
-        }
     }
 }
 
@@ -302,14 +325,37 @@ impl HostGate for LedgerGate {
         // A fast host's requests go on leased lanes: one free already is used at its next tick.
         let lease_ms = if window.is_none() { ms(LEASE) } else { 0 };
         if lease_ms > 0 {
-            if let Some((id, tick)) = self.shared.take_lane(host) {
-                tokio::time::sleep_until(tick).await;
-                metrics::counter!("crawler_permits_total", "answer" => "lane").increment(1);
-                return Ok(HostPermit::new(LaneUse {
-                    host: host.to_string(),
-                    id,
-                    shared: self.shared.clone(),
-                }));
+            // While this cell holds lanes of the host and all are busy, wait a little for one
+            // to come free (a request ends within about a lane's period) before asking the
+            // ledger for another: the worker runs more requests per host than it has lanes, so
+            // that a lane's next request is ready when its tick comes.
+            let deadline = Instant::now() + LANE_WAIT;
+            loop {
+                let freed = self.shared.lane_freed(host);
+                let notified = freed.as_ref().map(|n| n.notified());
+                tokio::pin!(notified);
+                if let Some(n) = notified.as_mut().as_pin_mut() {
+                    n.enable();
+                }
+                if let Some((id, tick)) = self.shared.take_lane(host) {
+                    tokio::time::sleep_until(tick).await;
+                    metrics::counter!("crawler_permits_total", "answer" => "lane").increment(1);
+                    return Ok(HostPermit::new(LaneUse {
+                        host: host.to_string(),
+                        id,
+                        shared: self.shared.clone(),
+                    }));
+                }
+                let Some(n) = notified.as_mut().as_pin_mut() else {
+                    break;
+                };
+                if Instant::now() >= deadline {
+                    break;
+                }
+                tokio::select! {
+                    _ = n => {}
+                    _ = tokio::time::sleep_until(deadline) => {}
+                }
             }
         }
         let asked_gap = gap + window.unwrap_or(Duration::ZERO);
@@ -342,6 +388,7 @@ impl HostGate for LedgerGate {
                 lock(&self.shared.leases)
                     .entry(host.to_string())
                     .or_default()
+                    .lanes
                     .push(Lane {
                         id,
                         next: first + every,
@@ -389,10 +436,19 @@ impl HostGate for LedgerGate {
             *entry = (*entry).max(until);
         }
         // The host's free lanes go back now; a busy one when its request ends.
-        if let Some(lanes) = lock(&self.shared.leases).get_mut(host) {
-            let free: Vec<i64> = lanes.iter().filter(|l| !l.busy).map(|l| l.id).collect();
-            lanes.retain(|l| l.busy);
-            lock(&self.shared.releases).extend(free);
+        {
+            let mut leases = lock(&self.shared.leases);
+            if let Some(entry) = leases.get_mut(host) {
+                let free: Vec<i64> = entry
+                    .lanes
+                    .iter()
+                    .filter(|l| !l.busy)
+                    .map(|l| l.id)
+                    .collect();
+                if entry.drop_lanes(&free, &self.shared.releases) {
+                    leases.remove(host);
+                }
+            }
         }
         lock(&self.shared.blocks).push(HostBlock {
             host: host.to_string(),

@@ -85,7 +85,10 @@ pub async fn run(
         fetcher,
         queue,
         apis,
-        per_host_concurrency: per_host,
+        // Twice the host's requests in flight: a request's page is parsed after its turn at the
+        // host ends, and the next request waits for a lane meanwhile, ready when its tick comes.
+        // The gate still caps the requests in flight.
+        per_host_concurrency: 2 * per_host,
         max_deliveries: state.max_deliveries,
         lease: state.lease,
         gauges: gauges.clone(),

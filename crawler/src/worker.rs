@@ -201,7 +201,7 @@ pub struct Worker {
     /// API base URLs to fall back on when a job's `reply_to` does not answer (kept current from
     /// the registry when the organism has health checkers).
     pub apis: tokio::sync::watch::Receiver<Vec<String>>,
-    /// Slots one host may hold at once.
+    /// Slots one host may hold at once (fetches started, waiting for the host or parsing).
     pub per_host_concurrency: usize,
     /// The queue's delivery limit: the last delivery of a transient failure records it as failed.
     pub max_deliveries: u32,
