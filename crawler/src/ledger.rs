@@ -57,6 +57,8 @@ pub const LEASE: Duration = Duration::from_millis(500);
 pub const LEASE_IDLE: Duration = Duration::from_millis(50);
 /// Longest a request waits for one of this cell's busy lanes before asking for another.
 const LANE_WAIT: Duration = Duration::from_millis(30);
+/// Longest the gate's last request (what it holds, given back as it stops) may take.
+const FINAL_RELEASE_WAIT: Duration = Duration::from_secs(1);
 
 /// What the gate needs to know of the fetch stack's limits.
 #[derive(Debug, Clone)]
@@ -476,20 +478,42 @@ async fn batch(
 ) {
     let sends = Arc::new(tokio::sync::Semaphore::new(MAX_SENDS));
     let next_api = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // When the gate goes (its crawler stops), every lane and permit it still holds goes back in
+    // one last request, so that the host's other crawlers need not wait for them to lapse.
+    let last_word = async {
+        let mut releases = std::mem::take(&mut *lock(&shared.releases));
+        for (_, entry) in lock(&shared.leases).drain() {
+            releases.extend(entry.lanes.iter().map(|l| l.id));
+        }
+        if releases.is_empty() {
+            return;
+        }
+        let request = PermitRequest {
+            releases,
+            ..PermitRequest::default()
+        };
+        let targets = apis.borrow().clone();
+        let _ = tokio::time::timeout(
+            FINAL_RELEASE_WAIT,
+            send(&client, &http, &targets, &next_api, &request),
+        )
+        .await;
+    };
+    tokio::pin!(last_word);
     loop {
         let mut batch: Vec<Ask> = Vec::new();
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return last_word.await,
             first = asks.recv() => match first {
                 Some(a) => batch.push(a),
-                None => return,
+                None => return last_word.await,
             },
             _ = shared.wake.notified() => {}
             _ = tokio::time::sleep(RELEASE_FLUSH) => {}
         }
         // Wait for a free send slot first: asks that arrive meanwhile travel together.
         let slot = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return last_word.await,
             s = sends.clone().acquire_owned() => s.expect("the semaphore is never closed"),
         };
         while let Ok(a) = asks.try_recv() {

@@ -261,18 +261,25 @@ async fn ledger_api(key: &control::ClusterKey) -> (tempfile::TempDir, String) {
     (dir, format!("http://{addr}"))
 }
 
-/// How many permits the ledger of [`ledger_api`]'s `dir` has granted (its permit id counter).
-async fn permits_granted(dir: &std::path::Path) -> i64 {
+/// One number from the ledger of [`ledger_api`]'s `dir`.
+async fn ledger_count(dir: &std::path::Path, sql: &str) -> i64 {
     let url = format!("sqlite://{}?mode=ro", dir.join("store-ledger.db").display());
     let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url)
         .await
         .expect("open the ledger");
-    sqlx::query_scalar(
+    sqlx::query_scalar(sql)
+        .fetch_one(&mut conn)
+        .await
+        .expect("read the ledger")
+}
+
+/// How many permits the ledger has granted (its permit id counter).
+async fn permits_granted(dir: &std::path::Path) -> i64 {
+    ledger_count(
+        dir,
         "SELECT coalesce(max(seq), 0) FROM sqlite_sequence WHERE name = 'host_permits'",
     )
-    .fetch_one(&mut conn)
     .await
-    .expect("read the permit counter")
 }
 
 fn ledger_fetcher(
@@ -433,6 +440,35 @@ async fn leased_lanes_carry_many_requests_and_keep_the_hosts_limits() {
         granted * 3 <= PAGES as i64,
         "{granted} permits for {PAGES} pages: the lanes were not reused"
     );
+}
+
+/// A crawler that stops gives back the lanes it holds, in one last request: the host's other
+/// crawlers need not wait for them to lapse (10 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_crawler_gives_its_lanes_back() {
+    let server = serve(Router::new().route("/p/{n}", get(|| async { Html("<p>page</p>") }))).await;
+    let key = control::ClusterKey::generate();
+    let (dir, api) = ledger_api(&key).await;
+    let cfg = FetchConfig {
+        per_host_rate: 100.0,
+        per_host_concurrency: 4,
+        ..config(&server)
+    };
+    let a = ledger_fetcher(cfg, &api, &key, "crawler-a");
+    for i in 0..4 {
+        page(a.crawl(&format!("http://a.test/p/{i}")).await);
+    }
+    // Dropped at once, before its lanes have been idle long enough to be released anyway.
+    drop(a);
+    let held = "SELECT count(*) FROM host_permits";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ledger_count(dir.path(), held).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the stopped crawler's lanes are still held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The permits endpoint refuses unsigned and forged requests.
