@@ -92,8 +92,7 @@ pub struct AmqpOptions {
     /// delivered again (counted). `None`: it stays leased until acknowledged or until the
     /// consumer closes.
     pub lease: Option<Duration>,
-    /// How long `lease` waits for the first delivery when none is ready and the caller holds
-    /// no job (one that does is not kept waiting: it asks again between its jobs).
+    /// How long `lease` waits for the first delivery when none is ready.
     pub lease_wait: Duration,
     /// How long `publish` waits for a connection, and for the broker's confirms.
     pub publish_timeout: Duration,
@@ -650,23 +649,8 @@ impl JobQueue for AmqpQueue {
                 s.report_broken(&session);
             }
             let mut broken: Option<EngineError> = None;
-            // Wait for a first delivery only when the caller holds none: one that still works on
-            // its jobs asks between them, and a wait here would stall that work (a crawler's
-            // loop waited 50 ms on every turn the queue was empty, between the levels of a crawl).
-            let wait = if s.held().is_empty() {
-                s.options.lease_wait
-            } else {
-                Duration::ZERO
-            };
-            let first = if wait.is_zero() {
-                consuming.consumer.next().now_or_never().ok_or(())
-            } else {
-                tokio::time::timeout(wait, consuming.consumer.next())
-                    .await
-                    .map_err(|_| ())
-            };
-            match first {
-                Err(()) => {}
+            match tokio::time::timeout(s.options.lease_wait, consuming.consumer.next()).await {
+                Err(_) => {}
                 Ok(Some(Ok(d))) => raw.push(d),
                 Ok(Some(Err(e))) => broken = Some(e.into()),
                 Ok(None) => {

@@ -418,13 +418,8 @@ pub async fn queue_basics(queue: &dyn JobQueue) {
     queue.publish(&jobs).await.expect("publish");
     let mut seen = HashSet::new();
     let mut tags = Vec::new();
-    for _ in 0..250 {
-        let leased = queue.lease(4).await.expect("lease");
-        if leased.is_empty() {
-            // A queue may answer at once while its caller holds jobs.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        for d in leased {
+    for _ in 0..50 {
+        for d in queue.lease(4).await.expect("lease") {
             assert_eq!(d.deliveries, 1);
             seen.insert(d.job.expect("decodes").url);
             tags.push(d.tag);
