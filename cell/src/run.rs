@@ -130,6 +130,30 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.supervised {
         exit_with_supervisor(shutdown.clone());
     }
+    // Whatever the role is doing when the cell is told to stop (assembling its state included:
+    // a broker that accepts connections and never answers would hold it there), the cell is
+    // gone within its grace period and a margin: a cell never outlives its organism.
+    let backstop = Duration::from_secs(args.grace_secs) + STOP_MARGIN;
+    let role = live_role(args, cfg, shutdown.clone());
+    tokio::pin!(role);
+    tokio::select! {
+        lived = &mut role => lived,
+        _ = shutdown.cancelled() => match tokio::time::timeout(backstop, role).await {
+            Ok(lived) => lived,
+            Err(_) => anyhow::bail!("the cell did not stop within {backstop:?} of being told to"),
+        },
+    }
+}
+
+/// What a cell's drain may take beyond its grace period before the cell exits regardless.
+const STOP_MARGIN: Duration = Duration::from_secs(5);
+
+/// Assemble the role's state and live it until `shutdown` (and its drain) ends it.
+async fn live_role(
+    args: RunArgs,
+    cfg: infra::Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     // Every role signs or checks control messages with the organism's key.
     let key = control::ClusterKey::from_env()?;
     let role = args.role.as_str();

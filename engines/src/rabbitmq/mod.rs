@@ -80,6 +80,9 @@ pub fn wait_bucket(after: Duration) -> u64 {
         .unwrap_or(WAIT_BUCKETS_MS[WAIT_BUCKETS_MS.len() - 1])
 }
 
+/// Longest one node's connection (TCP and the AMQP handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Settings of an [`AmqpQueue`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AmqpOptions {
@@ -313,8 +316,18 @@ impl Shared {
         let mut errors = Vec::new();
         for step in 0..count {
             let index = (start + step) % count;
-            match lapin::Connection::connect_uri(self.uris[index].clone(), properties.clone()).await
-            {
+            // A broker may accept the TCP connection and never answer the AMQP handshake (seen:
+            // a wedged node); without a bound the caller would wait for it forever.
+            let connect =
+                lapin::Connection::connect_uri(self.uris[index].clone(), properties.clone());
+            let connected = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                Ok(connected) => connected.map_err(EngineError::from),
+                Err(_) => Err(EngineError::Unavailable(format!(
+                    "RabbitMQ at {} did not complete the AMQP handshake within {CONNECT_TIMEOUT:?}",
+                    self.node_name(index)
+                ))),
+            };
+            match connected {
                 Ok(conn) => {
                     if count > 1 {
                         tracing::info!(queue = %self.queue, node = %self.node_name(index), "connected to RabbitMQ");
@@ -324,7 +337,7 @@ impl Shared {
                 }
                 Err(e) => {
                     if count == 1 {
-                        return Err(e.into());
+                        return Err(e);
                     }
                     errors.push(format!("{}: {e}", self.node_name(index)));
                 }
