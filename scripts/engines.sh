@@ -89,6 +89,36 @@ pg_answers() {
 }
 mq_answers() { answers "$MQ_HOST" "$MQ_PORT"; }
 
+# Does the RabbitMQ at MQ_HOST:MQ_PORT answer the AMQP handshake (Connection.Start, a method
+# frame, after the protocol header)? A node out of file handles accepts TCP and never answers.
+mq_handshakes() {
+    local first
+    first="$(timeout 5 bash -c "exec 3<>/dev/tcp/$MQ_HOST/$MQ_PORT
+        printf 'AMQP\\x00\\x00\\x09\\x01' >&3
+        head -c 1 <&3 | od -An -tx1" 2>/dev/null)" || return 1
+    [[ "${first// /}" == 01 ]]
+}
+
+# Queue names the tests and `loadtest bench` give their organisms (an extended regex).
+TEST_QUEUES='^homeostat(_test_|_failover_|[.](e2e|polite|cap|stable|upgrade|bench)[.])'
+
+# Delete the queues earlier test and benchmark runs left on the local broker (their names, no
+# consumer): every quorum queue holds file handles on the broker, and a broker out of them stops
+# accepting connections. The tests delete their own queues; these are from runs that failed or
+# were killed. Needs rabbitmqctl (root); does nothing otherwise.
+tidy_rabbitmq() {
+    is_loopback "$MQ_HOST" || return 0
+    [[ "$(id -u)" == 0 ]] && command -v rabbitmqctl >/dev/null 2>&1 || return 0
+    local node=() names
+    [[ -n "$(state_get rabbitmq_node)" ]] && node=(-n "$(state_get rabbitmq_node)")
+    names="$(timeout 60 rabbitmqctl "${node[@]}" -q list_queues name consumers 2>/dev/null |
+        awk -v pat="$TEST_QUEUES" '$2 == "0" && $1 ~ pat { print $1 }')" || return 0
+    [[ -n "$names" ]] || return 0
+    say "deleting $(wc -l <<<"$names") queues left on RabbitMQ by earlier test runs"
+    xargs -P 4 -I{} timeout 30 rabbitmqctl "${node[@]}" -q delete_queue {} \
+        <<<"$names" >/dev/null 2>&1 || true
+}
+
 # Wait (bounded) until a check passes.
 wait_for() {
     local what="$1" check="$2" deadline=$((SECONDS + WAIT_SECS))
@@ -210,6 +240,15 @@ start_owned_rabbitmq() {
 
 start_rabbitmq() {
     if mq_answers; then
+        tidy_rabbitmq
+        if ! mq_handshakes; then
+            is_loopback "$MQ_HOST" && [[ "$(id -u)" == 0 ]] || die "RabbitMQ at \
+$MQ_HOST:$MQ_PORT accepts connections but does not answer the AMQP handshake (out of file \
+handles? \`rabbitmq-diagnostics status\` shows them); restart it"
+            say "RabbitMQ at $MQ_HOST:$MQ_PORT accepts connections but does not answer the \
+AMQP handshake; restarting it"
+            restart_rabbitmq
+        fi
         say "RabbitMQ answers at $MQ_HOST:$MQ_PORT; using it"
         return
     fi
@@ -304,6 +343,7 @@ restart_rabbitmq() {
         rabbitmq-server -detached
         wait_for "RabbitMQ" mq_answers
     fi
+    wait_for "RabbitMQ's AMQP handshake" mq_handshakes
     say "RabbitMQ is back at $MQ_HOST:$MQ_PORT"
 }
 

@@ -7,8 +7,8 @@ mod support;
 use std::time::Duration;
 
 use support::{
-    amqp_url, assert_exact, drop_database, fresh_database, infra_toml, serve_web, with_queue_name,
-    Organism,
+    amqp_url, assert_exact, delete_queues, drop_database, fresh_database, infra_toml, serve_web,
+    with_queue_name, Organism,
 };
 use synthweb::WebSpec;
 
@@ -85,6 +85,7 @@ queue = "{amqp}"
     assert_eq!(before, after, "every cell recovered by itself");
     org.stop().await;
     drop_database(&db_name).await;
+    delete_queues(&amqp_url(), &queue_name).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

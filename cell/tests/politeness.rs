@@ -17,8 +17,8 @@ use axum::response::{Html, IntoResponse};
 use axum::routing::get;
 use axum::Router;
 use support::{
-    amqp_url, assert_exact, drop_database, fresh_database, infra_toml, serve_web, sigkill,
-    with_queue_name, Organism,
+    amqp_url, assert_exact, delete_queues, drop_database, fresh_database, infra_toml, serve_web,
+    sigkill, with_queue_name, Organism,
 };
 use synthweb::WebSpec;
 use tokio::time::Instant;
@@ -392,4 +392,5 @@ async fn three_apis_duplicate_nothing_on_postgres_and_rabbitmq() {
     );
     org.stop().await;
     drop_database(&db_name).await;
+    delete_queues(&amqp_url(), &queue_name).await;
 }

@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use engines::pool::{PoolLedger, ServerState};
 use support::{
-    amqp_url, drop_database, fresh_database, infra_toml, serve_web, with_queue_name, Organism,
+    amqp_url, delete_queues, drop_database, fresh_database, infra_toml, serve_web, with_queue_name,
+    Organism,
 };
 use synthweb::WebSpec;
 
@@ -236,4 +237,5 @@ boot_timeout_secs = 120
     );
     assert_eq!(peak_replayed, CAP_MACHINES, "the cap was reached");
     drop_database(&db_name).await;
+    delete_queues(&amqp_url(), &queue_name).await;
 }

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use support::{
-    amqp_url, assert_exact, drop_database, fresh_database, infra_toml, serve_web, with_queue_name,
-    Organism,
+    amqp_url, assert_exact, delete_queues, drop_database, fresh_database, infra_toml, serve_web,
+    with_queue_name, Organism,
 };
 use synthweb::WebSpec;
 
@@ -294,6 +294,7 @@ async fn crawl(seed: u64, database: Option<(&Cluster, String)>, amqp: &str, chao
     if let Some(name) = single_db {
         drop_database(&name).await;
     }
+    delete_queues(amqp, &queue_name).await;
     run
 }
 

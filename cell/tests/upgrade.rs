@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use protocol::control::{CellRecord, CellsResponse};
 use support::{
-    amqp_url, assert_exact, cell_command, drop_database, fresh_database, infra_toml, serve_web,
-    with_queue_name, Organism, Web, THREE_LOCAL_MACHINES,
+    amqp_url, assert_exact, cell_command, delete_queues, drop_database, fresh_database, infra_toml,
+    serve_web, with_queue_name, Organism, Web, THREE_LOCAL_MACHINES,
 };
 use synthweb::WebSpec;
 
@@ -309,18 +309,20 @@ async fn upgrade_under_load(seed: u64, cluster: bool) {
     } else {
         None
     };
-    let org = match &database {
-        None => Organism::on(&web, 4.0, EXTRA).await,
-        Some((name, url)) => {
+    let queue = database
+        .as_ref()
+        .map(|(name, _)| format!("homeostat.upgrade.{}.{name}", std::process::id()));
+    let org = match (&database, &queue) {
+        (Some((_, url)), Some(queue)) => {
             let engines = format!(
                 "{EXTRA}\n[engines]\ndatabase = \"{url}\"\nqueue = \"{amqp}\"\n",
                 amqp = amqp_url()
             );
             let dir = tempfile::tempdir().expect("tempdir");
-            let queue = format!("homeostat.upgrade.{}.{name}", std::process::id());
-            let toml = with_queue_name(&infra_toml(dir.path(), &web, 4.0, &engines), &queue);
+            let toml = with_queue_name(&infra_toml(dir.path(), &web, 4.0, &engines), queue);
             Organism::up(&toml, dir).await
         }
+        _ => Organism::on(&web, 4.0, EXTRA).await,
     };
     let old = control::build::of_file(Path::new(env!("CARGO_BIN_EXE_cell"))).expect("old build");
     let new_exe = second_build(&org.data_dir(), "2");
@@ -355,6 +357,9 @@ async fn upgrade_under_load(seed: u64, cluster: bool) {
     org.stop().await;
     if let Some((name, _)) = database {
         drop_database(&name).await;
+    }
+    if let Some(queue) = queue {
+        delete_queues(&amqp_url(), &queue).await;
     }
 }
 

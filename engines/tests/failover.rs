@@ -249,19 +249,9 @@ async fn rabbitmq_queue_skips_dead_nodes_and_moves_to_the_next() {
     let seen: Vec<String> = seen.into_iter().collect();
     assert_eq!(seen, ["http://failover.test/1", "http://failover.test/2"]);
     queue.close().await;
-    // Delete the test's queues on a side connection.
-    let props = lapin::ConnectionProperties::default()
-        .with_executor(tokio_executor_trait::Tokio::current())
-        .with_reactor(tokio_reactor_trait::Tokio::current());
-    let conn = lapin::Connection::connect(&amqp_url(), props)
+    engines::rabbitmq::delete_queues(&amqp_url(), &name)
         .await
-        .expect("side connection");
-    let channel = conn.create_channel().await.expect("channel");
-    for q in [name.clone(), format!("{name}.dead")] {
-        let _ = channel
-            .queue_delete(&q, lapin::options::QueueDeleteOptions::default())
-            .await;
-    }
+        .expect("deleting the test's queues");
     drop(second);
 }
 

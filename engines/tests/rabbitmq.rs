@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use engines::rabbitmq::{AmqpOptions, AmqpQueue};
 use engines::{EngineError, JobQueue};
-use lapin::options::{BasicPublishOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{BasicPublishOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use protocol::CrawlJob;
@@ -67,18 +67,9 @@ async fn side_connection() -> Connection {
 }
 
 async fn delete_queues(name: &str) {
-    let conn = side_connection().await;
-    let waits = engines::rabbitmq::WAIT_BUCKETS_MS.map(|ms| format!("{name}.delay.{ms}"));
-    for q in [name.to_string(), format!("{name}.dead")]
-        .into_iter()
-        .chain(waits)
-    {
-        let channel = conn.create_channel().await.expect("channel");
-        let _ = channel
-            .queue_delete(&q, QueueDeleteOptions::default())
-            .await;
-    }
-    let _ = conn.close(200, "done").await;
+    engines::rabbitmq::delete_queues(&amqp_url(), name)
+        .await
+        .expect("deleting the test's queues");
 }
 
 macro_rules! conformance_test {

@@ -424,12 +424,6 @@ impl Run<'_> {
         let queue_name = match &queue {
             Engine::Amqp(url) => {
                 let name = format!("homeostat.bench.{}", self.tag);
-                notes.push(format!(
-                    "{}: each run uses a queue of its own on {} (homeostat.bench.*); they stay \
-                     on the broker afterwards (rabbitmqctl delete_queue NAME)",
-                    self.config.label,
-                    infra::redact(url)
-                ));
                 env.push(("AMQP_URL".into(), Some(url.clone())));
                 Some(name)
             }
@@ -446,7 +440,7 @@ impl Run<'_> {
             per_host_concurrency: self.args.per_host_concurrency,
             worker_concurrency: self.args.worker_concurrency,
             crawlers: self.args.crawlers,
-            queue_name,
+            queue_name: queue_name.clone(),
             sqlite_database: database == Engine::Sqlite,
             sqlite_queue: queue == Engine::Sqlite,
         };
@@ -517,6 +511,16 @@ impl Run<'_> {
             Err(e) => Err(e),
         };
         drop(web);
+        // The run's queues are never used again, and a quorum queue holds file handles on the
+        // broker until it is deleted.
+        if let (Engine::Amqp(url), Some(name)) = (&queue, &queue_name) {
+            if let Err(e) = engines::rabbitmq::delete_queues(url, name).await {
+                notes.push(format!(
+                    "could not delete the run's queue {name} on {}: {e}",
+                    infra::redact(url)
+                ));
+            }
+        }
         if let Some(db) = fresh_db {
             let name = db.name.clone();
             if let Err(e) = db.drop_database().await {

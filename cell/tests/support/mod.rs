@@ -480,6 +480,18 @@ pub async fn drop_database(name: &str) {
     }
 }
 
+/// Delete queue `name` on the broker at `url` with its dead-letter and delay queues: a test
+/// organism's queues are never used again, and every quorum queue left behind holds file handles
+/// on the broker (a broker out of them stops accepting connections).
+pub async fn delete_queues(url: &str, name: &str) {
+    if let Err(e) = engines::rabbitmq::delete_queues(url, name).await {
+        panic!(
+            "deleting the test's queues {name} on {}: {e}",
+            infra::redact(url)
+        );
+    }
+}
+
 /// `toml` with its queue named `name` (a queue of its own on a shared broker).
 pub fn with_queue_name(toml: &str, name: &str) -> String {
     toml.replacen(

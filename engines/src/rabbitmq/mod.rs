@@ -48,7 +48,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 use lapin::acker::Acker;
-use lapin::options::{BasicAckOptions, BasicGetOptions, BasicRejectOptions};
+use lapin::options::{BasicAckOptions, BasicGetOptions, BasicRejectOptions, QueueDeleteOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::uri::AMQPUri;
 use protocol::CrawlJob;
@@ -300,8 +300,7 @@ impl Shared {
 
     /// `host:port` of node `index`, for messages.
     fn node_name(&self, index: usize) -> String {
-        let uri = &self.uris[index % self.uris.len()];
-        format!("{}:{}", uri.authority.host, uri.authority.port)
+        node_name(&self.uris, index)
     }
 
     /// Connect to the node connected to last, else to the others in turn. After a lost
@@ -311,42 +310,13 @@ impl Shared {
         &self,
         properties: lapin::ConnectionProperties,
     ) -> Result<lapin::Connection> {
-        let start = self.node.load(Ordering::SeqCst);
-        let count = self.uris.len();
-        let mut errors = Vec::new();
-        for step in 0..count {
-            let index = (start + step) % count;
-            // A broker may accept the TCP connection and never answer the AMQP handshake (seen:
-            // a wedged node); without a bound the caller would wait for it forever.
-            let connect =
-                lapin::Connection::connect_uri(self.uris[index].clone(), properties.clone());
-            let connected = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-                Ok(connected) => connected.map_err(EngineError::from),
-                Err(_) => Err(EngineError::Unavailable(format!(
-                    "RabbitMQ at {} did not complete the AMQP handshake within {CONNECT_TIMEOUT:?}",
-                    self.node_name(index)
-                ))),
-            };
-            match connected {
-                Ok(conn) => {
-                    if count > 1 {
-                        tracing::info!(queue = %self.queue, node = %self.node_name(index), "connected to RabbitMQ");
-                    }
-                    self.node.store(index, Ordering::SeqCst);
-                    return Ok(conn);
-                }
-                Err(e) => {
-                    if count == 1 {
-                        return Err(e);
-                    }
-                    errors.push(format!("{}: {e}", self.node_name(index)));
-                }
-            }
+        let (index, conn) =
+            connect_first(&self.uris, self.node.load(Ordering::SeqCst), properties).await?;
+        if self.uris.len() > 1 {
+            tracing::info!(queue = %self.queue, node = %node_name(&self.uris, index), "connected to RabbitMQ");
         }
-        Err(EngineError::Unavailable(format!(
-            "no RabbitMQ node answered ({})",
-            errors.join("; ")
-        )))
+        self.node.store(index, Ordering::SeqCst);
+        Ok(conn)
     }
 
     /// Connect to the next node first from now on (the current one was lost).
@@ -881,4 +851,82 @@ async fn settle(shared: &Shared, tags: &[DeliveryTag]) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// `host:port` of node `index` of `uris`, for messages.
+fn node_name(uris: &[AMQPUri], index: usize) -> String {
+    let uri = &uris[index % uris.len()];
+    format!("{}:{}", uri.authority.host, uri.authority.port)
+}
+
+/// Connect to node `start` of `uris`, else to the others in turn: the index of the node that
+/// answered and its connection.
+async fn connect_first(
+    uris: &[AMQPUri],
+    start: usize,
+    properties: lapin::ConnectionProperties,
+) -> Result<(usize, lapin::Connection)> {
+    let count = uris.len();
+    let mut errors = Vec::new();
+    for step in 0..count {
+        let index = (start + step) % count;
+        // A broker may accept the TCP connection and never answer the AMQP handshake (seen: a
+        // node out of file handles); without a bound the caller would wait for it forever.
+        let connect = lapin::Connection::connect_uri(uris[index].clone(), properties.clone());
+        let connected = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(connected) => connected.map_err(EngineError::from),
+            Err(_) => Err(EngineError::Unavailable(format!(
+                "RabbitMQ at {} did not complete the AMQP handshake within {CONNECT_TIMEOUT:?}",
+                node_name(uris, index)
+            ))),
+        };
+        match connected {
+            Ok(conn) => return Ok((index, conn)),
+            Err(e) if count == 1 => return Err(e),
+            Err(e) => errors.push(format!("{}: {e}", node_name(uris, index))),
+        }
+    }
+    Err(EngineError::Unavailable(format!(
+        "no RabbitMQ node answered ({})",
+        errors.join("; ")
+    )))
+}
+
+/// The names of every queue an [`AmqpQueue`] named `queue_name` declares: the queue, its
+/// dead-letter queue and its delay queues.
+pub fn queue_names(queue_name: &str) -> Vec<String> {
+    [queue_name.to_string(), format!("{queue_name}.dead")]
+        .into_iter()
+        .chain(
+            WAIT_BUCKETS_MS
+                .iter()
+                .map(|&ms| delay::delay_queue_name(queue_name, ms)),
+        )
+        .collect()
+}
+
+/// Delete the queue `queue_name` on the broker at `url` with its dead-letter and delay queues,
+/// and every job in them; a queue that does not exist is skipped. For an organism that is gone
+/// for good (a test's, a benchmark run's): a quorum queue holds file handles on the broker until
+/// it is deleted, and a broker out of them stops accepting connections. Returns the jobs deleted.
+pub async fn delete_queues(url: &str, queue_name: &str) -> Result<u64> {
+    let uris = session::parse_uris(url)?;
+    let properties = lapin::ConnectionProperties::default()
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio::current())
+        .with_connection_name(format!("homeostat delete {queue_name}").into());
+    let (_, conn) = connect_first(&uris, 0, properties).await?;
+    let mut jobs = 0;
+    for name in queue_names(queue_name) {
+        // A failed delete closes its channel: one channel each.
+        let channel = conn.create_channel().await?;
+        jobs += u64::from(
+            channel
+                .queue_delete(&name, QueueDeleteOptions::default())
+                .await?,
+        );
+        let _ = channel.close(200, "deleted").await;
+    }
+    let _ = conn.close(200, "queues deleted").await;
+    Ok(jobs)
 }
