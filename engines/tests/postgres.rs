@@ -189,6 +189,85 @@ async fn concurrent_cells_keep_counts_exact() {
     finish(db, a).await;
 }
 
+/// Two API cells ingesting at once, links to the same few hosts: every host's budget holds
+/// exactly (each api plans against budgets read unlocked and charges them last), and the budget
+/// rows agree with the frontier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_cells_keep_host_budgets_exact() {
+    const BUDGET: u64 = 12;
+    let _server = SERVER.read().await;
+    let db = PgDb::create().await;
+    let a = Arc::new(store(&db).await);
+    let b = Arc::new(store(&db).await);
+    let crawl = a
+        .create_crawl(CrawlSpec {
+            max_depth: None,
+            max_pages: None,
+        })
+        .await
+        .expect("crawl");
+    let seeds: Vec<_> = (0..24)
+        .map(|i| conformance::cand(&format!("http://s{i}.test/")))
+        .collect();
+    a.admit_seeds(crawl, &seeds, BUDGET).await.expect("admit");
+    // 24 results with 10 links each to four hosts: 60 new URLs a host, 12 of which fit.
+    let items: Vec<IngestItem> = seeds
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let links: Vec<String> = (0..10)
+                .map(|j| format!("http://b{}.test/{i}/{j}", j % 4))
+                .collect();
+            let links: Vec<&str> = links.iter().map(String::as_str).collect();
+            conformance::page(&s.url, "t", "words", &links)
+        })
+        .collect();
+    let mut tasks = Vec::new();
+    for (k, store) in [a.clone(), b.clone(), a.clone(), b.clone()]
+        .into_iter()
+        .enumerate()
+    {
+        let mine: Vec<IngestItem> = items.iter().skip(k).step_by(4).cloned().collect();
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = 0;
+            for chunk in mine.chunks(2) {
+                let r = store
+                    .ingest(chunk, BUDGET, Links::Admit)
+                    .await
+                    .expect("ingest");
+                admitted += r.links_admitted;
+            }
+            admitted
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        admitted += t.await.expect("task");
+    }
+    assert_eq!(
+        admitted,
+        4 * BUDGET as usize,
+        "each link host filled to its budget"
+    );
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT f.host, count(*), max(b.admitted) FROM frontier f \
+         JOIN host_budget b ON b.host = f.host WHERE f.host LIKE 'b%' GROUP BY f.host ORDER BY 1",
+    )
+    .fetch_all(a.pool())
+    .await
+    .expect("counts");
+    let expected: Vec<(String, i64, i64)> = (0..4)
+        .map(|h| (format!("b{h}.test"), BUDGET as i64, BUDGET as i64))
+        .collect();
+    assert_eq!(
+        rows, expected,
+        "(host, frontier rows, budget row) per link host"
+    );
+    drop(b);
+    let a = Arc::try_unwrap(a).unwrap_or_else(|_| panic!("tasks finished"));
+    finish(db, a).await;
+}
+
 /// Web text PostgreSQL cannot store as is (NUL characters) or index whole (over a megabyte)
 /// neither fails the batch nor loses the page.
 #[tokio::test]

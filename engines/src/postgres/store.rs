@@ -74,17 +74,17 @@ impl PgStore {
     ) -> Result<Vec<Admission>> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        // Lock order: crawls, then frontier rows, then host budgets.
+        // Lock order: crawls, then frontier rows, then (last, in add_counts) host budgets.
         let mut view = View {
             crawls: lock_crawls(&mut tx, &[crawl_id]).await?,
             ..View::default()
         };
         let urls: Vec<&str> = seeds.iter().map(|s| s.url.as_str()).collect();
         view.entries = read_entries(&mut tx, &urls, false).await?;
-        view.hosts = lock_hosts(&mut tx, &view.hosts_to_admit(seeds)).await?;
+        view.hosts = read_hosts(&mut tx, &view.hosts_to_admit(seeds)).await?;
         let plan = frontier::plan_seeds(&view, crawl_id, seeds, host_budget);
         insert_entries(&mut tx, &plan.inserts, now).await?;
-        add_counts(&mut tx, &plan.counts).await?;
+        add_counts(&mut tx, &plan.counts, host_budget).await?;
         tx.commit().await?;
         Ok(plan.admissions)
     }
@@ -98,9 +98,9 @@ impl PgStore {
         let now = now_ms();
         let item_urls = frontier::item_urls(items);
         let mut tx = self.pool.begin().await?;
-        // Lock order: crawls, then the results' own frontier rows, then host budgets. The other
-        // rows the batch names (redirect targets, links) are read unlocked; a change to one of
-        // them is checked when it is written.
+        // Lock order: crawls, then the results' own frontier rows, then (last, in add_counts)
+        // host budgets. The other rows the batch names (redirect targets, links) and the budgets
+        // are read unlocked; a change to one of them is checked when it is written.
         let crawl_ids: Vec<i64> = sqlx::query_scalar(
             "SELECT DISTINCT crawl_id FROM frontier WHERE url = ANY($1) ORDER BY crawl_id",
         )
@@ -119,10 +119,10 @@ impl PgStore {
         view.entries
             .extend(read_entries(&mut tx, &others, false).await?);
         let admit = view.hosts_to_admit(frontier::ingest_links(items, links));
-        view.hosts = lock_hosts(&mut tx, &admit).await?;
+        view.hosts = read_hosts(&mut tx, &admit).await?;
         let plan = frontier::plan_ingest(&view, items, host_budget, links);
 
-        let pages_indexed = apply(&mut tx, &plan, now).await?;
+        let pages_indexed = apply(&mut tx, &plan, host_budget, now).await?;
         tx.commit().await?;
         Ok(plan.report(pages_indexed))
     }
@@ -131,8 +131,8 @@ impl PgStore {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
         // Rows another api is offering right now are skipped, not waited for. Lock order after
-        // them as in ingest: crawls, then host budgets; the links' frontier rows are read
-        // unlocked and checked when written.
+        // them as in ingest: crawls, then (last) host budgets; the links' frontier rows and the
+        // budgets are read unlocked and checked when written.
         let rows = sqlx::query(
             "SELECT id, crawl_id, depth::int8, links FROM deferred_links ORDER BY id LIMIT $1 \
              FOR UPDATE SKIP LOCKED",
@@ -153,9 +153,9 @@ impl PgStore {
         };
         view.entries = read_entries(&mut tx, &frontier::deferred_urls(&batches), false).await?;
         let admit = view.hosts_to_admit(batches.iter().flat_map(|b| &b.links));
-        view.hosts = lock_hosts(&mut tx, &admit).await?;
+        view.hosts = read_hosts(&mut tx, &admit).await?;
         let plan = frontier::plan_deferred(&view, &batches, host_budget);
-        apply(&mut tx, &plan, now).await?;
+        apply(&mut tx, &plan, host_budget, now).await?;
         let ids: Vec<i64> = batches.iter().map(|b| b.id).collect();
         sqlx::query("DELETE FROM deferred_links WHERE id = ANY($1)")
             .bind(&ids)
@@ -171,7 +171,12 @@ impl PgStore {
 
 /// Execute a plan's writes in its transaction; returns how many pages were added or changed.
 /// A row found otherwise than the plan expects is a lost race ([`EngineError::Conflict`]).
-async fn apply(tx: &mut PgConnection, plan: &frontier::IngestPlan<'_>, now: i64) -> Result<usize> {
+async fn apply(
+    tx: &mut PgConnection,
+    plan: &frontier::IngestPlan<'_>,
+    host_budget: u64,
+    now: i64,
+) -> Result<usize> {
     insert_entries(tx, &plan.inserts, now).await?;
     if !plan.changes.is_empty() {
         let changes = &plan.changes;
@@ -260,7 +265,7 @@ async fn apply(tx: &mut PgConnection, plan: &frontier::IngestPlan<'_>, now: i64)
         .execute(&mut *tx)
         .await?;
     }
-    add_counts(tx, &plan.counts).await?;
+    add_counts(tx, &plan.counts, host_budget).await?;
     Ok(pages_indexed)
 }
 
@@ -336,24 +341,17 @@ async fn lock_crawls(tx: &mut PgConnection, ids: &[i64]) -> Result<HashMap<i64, 
     Ok(crawls)
 }
 
-/// Create (at zero) and lock the budget rows of these hosts (sorted, distinct), and read them.
-async fn lock_hosts(tx: &mut PgConnection, hosts: &[&str]) -> Result<HashMap<String, u64>> {
+/// Read the budget rows of these hosts (absent: nothing admitted yet), unlocked: the plan's
+/// admissions are charged to them last, in [`add_counts`], which refuses a plan that another
+/// api's admissions since this read have made exceed the budget.
+async fn read_hosts(tx: &mut PgConnection, hosts: &[&str]) -> Result<HashMap<String, u64>> {
     if hosts.is_empty() {
         return Ok(HashMap::new());
     }
-    sqlx::query(
-        "INSERT INTO host_budget (host, admitted) \
-         SELECT h, 0 FROM unnest($1::text[]) AS h ORDER BY h ON CONFLICT (host) DO NOTHING",
-    )
-    .bind(hosts)
-    .execute(&mut *tx)
-    .await?;
-    let rows = sqlx::query(
-        "SELECT host, admitted FROM host_budget WHERE host = ANY($1) ORDER BY host FOR UPDATE",
-    )
-    .bind(hosts)
-    .fetch_all(&mut *tx)
-    .await?;
+    let rows = sqlx::query("SELECT host, admitted FROM host_budget WHERE host = ANY($1)")
+        .bind(hosts)
+        .fetch_all(&mut *tx)
+        .await?;
     Ok(rows
         .into_iter()
         .map(|r| (r.get(0), r.get::<i64, _>(1).max(0) as u64))
@@ -393,8 +391,16 @@ async fn insert_entries(tx: &mut PgConnection, entries: &[NewEntry<'_>], now: i6
     Ok(())
 }
 
-/// Add the plan's counts to the (locked) crawl and host budget rows.
-async fn add_counts(tx: &mut PgConnection, counts: &frontier::Counts<'_>) -> Result<()> {
+/// Add the plan's counts to the (locked) crawl rows and to the host budget rows. The host rows
+/// are written last in the transaction, in host order, so an ingest holds them only for its
+/// commit and two ingests never wait on each other in a cycle through them. A host the plan
+/// charged past `host_budget` (its read was older than another api's admissions) makes the plan
+/// stale: [`EngineError::Conflict`], and the transaction is run again on fresh counts.
+async fn add_counts(
+    tx: &mut PgConnection,
+    counts: &frontier::Counts<'_>,
+    host_budget: u64,
+) -> Result<()> {
     if !counts.crawls.is_empty() {
         let (ids, deltas): (Vec<i64>, Vec<i64>) =
             counts.crawls.iter().map(|&(id, n)| (id, n as i64)).unzip();
@@ -407,21 +413,37 @@ async fn add_counts(tx: &mut PgConnection, counts: &frontier::Counts<'_>) -> Res
         .execute(&mut *tx)
         .await?;
     }
-    if !counts.hosts.is_empty() {
-        let (hosts, deltas): (Vec<&str>, Vec<i64>) =
-            counts.hosts.iter().map(|&(h, n)| (h, n as i64)).unzip();
-        // The rows exist and are locked (lock_hosts), so an increment is exact.
-        sqlx::query(
-            "INSERT INTO host_budget (host, admitted) \
-             SELECT h, d FROM unnest($1::text[], $2::int8[]) AS v(h, d) \
-             ON CONFLICT (host) DO UPDATE SET admitted = host_budget.admitted + excluded.admitted",
-        )
-        .bind(&hosts)
-        .bind(&deltas)
-        .execute(&mut *tx)
-        .await?;
+    let mut hosts: Vec<(&str, i64)> = counts
+        .hosts
+        .iter()
+        .filter(|&&(_, n)| n > 0)
+        .map(|&(h, n)| (h, i64::try_from(n).unwrap_or(i64::MAX)))
+        .collect();
+    if hosts.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    hosts.sort_unstable();
+    let (names, deltas): (Vec<&str>, Vec<i64>) = hosts.into_iter().unzip();
+    let over: Option<String> = sqlx::query_scalar(
+        "WITH charged AS ( \
+             INSERT INTO host_budget (host, admitted) \
+             SELECT h, d FROM unnest($1::text[], $2::int8[]) WITH ORDINALITY AS v(h, d, i) \
+             ORDER BY i \
+             ON CONFLICT (host) DO UPDATE SET admitted = host_budget.admitted + excluded.admitted \
+             RETURNING host, admitted) \
+         SELECT min(host) FROM charged WHERE admitted > $3",
+    )
+    .bind(&names)
+    .bind(&deltas)
+    .bind(i64::try_from(host_budget).unwrap_or(i64::MAX))
+    .fetch_one(&mut *tx)
+    .await?;
+    match over {
+        Some(host) => Err(EngineError::Conflict(format!(
+            "host {host}'s budget was spent by another api since it was read"
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Depths are `integer` columns.
