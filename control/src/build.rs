@@ -105,14 +105,17 @@ pub fn start() {
             let _ = CURRENT.set(build);
             return;
         }
+        // `get_or_init`: a caller of [`current_blocking`] meanwhile waits for this digest
+        // instead of computing a second one.
         let spawned = std::thread::Builder::new()
             .name("build-digest".into())
             .spawn(|| {
-                let build = of_file(Path::new("/proc/self/exe")).unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "cannot read this executable to name its build");
-                    format!("{}+unknown", env!("CARGO_PKG_VERSION"))
+                CURRENT.get_or_init(|| {
+                    of_file(Path::new("/proc/self/exe")).unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "cannot read this executable to name its build");
+                        format!("{}+unknown", env!("CARGO_PKG_VERSION"))
+                    })
                 });
-                let _ = CURRENT.set(build);
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start the build digest thread");
@@ -125,15 +128,15 @@ pub fn current() -> Option<&'static str> {
     CURRENT.get().map(String::as_str)
 }
 
-/// This process's build, computed now if it is not known yet (for a command that needs it at
-/// once, such as `cell upgrade`).
+/// This process's build, computed now if it is not known yet, or waited for if [`start`]'s
+/// thread is computing it (for a command that needs it at once, such as `cell upgrade`).
 pub fn current_blocking() -> String {
-    if let Some(b) = current() {
-        return b.to_string();
-    }
-    let build = of_file(Path::new("/proc/self/exe"))
-        .unwrap_or_else(|_| format!("{}+unknown", env!("CARGO_PKG_VERSION")));
-    CURRENT.get_or_init(|| build).clone()
+    CURRENT
+        .get_or_init(|| {
+            of_file(Path::new("/proc/self/exe"))
+                .unwrap_or_else(|_| format!("{}+unknown", env!("CARGO_PKG_VERSION")))
+        })
+        .clone()
 }
 
 #[cfg(test)]
