@@ -53,16 +53,30 @@ pub enum EngineError {
 
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
-/// Run a schema migration, again (up to five times, backing off) when it fails: several cells may
-/// open one database at once, and the one that loses a migration race tries again.
-pub(crate) async fn migrate_with_retries<F, Fut>(what: &str, mut run: F) -> Result<()>
+/// `migrator` accepting a database a newer build has migrated further (the migrations it does
+/// not know are ignored): a build rolled back after an upgrade keeps working on the schema its
+/// successor left, since a migration only ever adds (tables, columns with defaults). A migration
+/// it knows that was applied with other text is still an error.
+pub(crate) fn accepting_newer(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+    migrator.set_ignore_missing(true);
+    migrator
+}
+
+/// Bring a database's schema up to date with `migrator`, again (up to five times, backing off)
+/// when it fails: several cells may open one database at once, and the one that loses a migration
+/// race tries again.
+pub(crate) async fn migrate_with_retries<'c, A>(
+    what: &str,
+    migrator: &sqlx::migrate::Migrator,
+    conn: A,
+) -> Result<()>
 where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::result::Result<(), sqlx::migrate::MigrateError>>,
+    A: sqlx::Acquire<'c> + Copy,
+    <A::Connection as std::ops::Deref>::Target: sqlx::migrate::Migrate,
 {
     let mut attempt = 0;
     loop {
-        match run().await {
+        match migrator.run(conn).await {
             Ok(()) => return Ok(()),
             Err(e) if attempt < 5 => {
                 attempt += 1;

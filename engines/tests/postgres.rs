@@ -533,3 +533,26 @@ async fn search_generation_moves_with_another_cells_commit() {
     b.pool().close().await;
     finish(db, a).await;
 }
+
+/// A database a newer build has migrated further opens and works (see the SQLite test of the
+/// same name).
+#[tokio::test]
+async fn a_store_a_newer_build_migrated_opens() {
+    let _server = SERVER.read().await;
+    let db = PgDb::create().await;
+    store(&db).await.pool().close().await;
+    let (_m, newer) = support::newer_migrator(
+        "postgres_store",
+        "ALTER TABLE pages ADD COLUMN language TEXT NOT NULL DEFAULT '';\n\
+         CREATE TABLE newer_things (id BIGINT PRIMARY KEY);\n",
+    )
+    .await;
+    let pool = sqlx::PgPool::connect(&db.url).await.expect("pool");
+    newer.run(&pool).await.expect("the newer build migrates");
+    pool.close().await;
+    let s = PgStore::connect(&db.url)
+        .await
+        .expect("this build opens the newer build's database");
+    conformance::frontier_invariant(&s).await;
+    finish(db, s).await;
+}

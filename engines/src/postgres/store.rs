@@ -20,7 +20,9 @@ use crate::{
     IngestReport, Result, SearchQuery, SearchResults, Store, Unpublished,
 };
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres_store");
+static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> = std::sync::LazyLock::new(|| {
+    crate::accepting_newer(sqlx::migrate!("./migrations/postgres_store"))
+});
 
 /// The text search configuration of the `pages.search` column (see the migration).
 const TS_CONFIG: &str = "simple";
@@ -51,7 +53,7 @@ impl PgStore {
     /// at once: sqlx's migrator holds a PostgreSQL advisory lock while it migrates.
     pub async fn connect_with(url: &str, options: PgOptions) -> Result<Self> {
         let (pool, follower) = super::multihost::connect_pool(url, options).await?;
-        crate::migrate_with_retries("store", || MIGRATOR.run(&pool)).await?;
+        crate::migrate_with_retries("store", &MIGRATOR, &pool).await?;
         Ok(Self { pool, follower })
     }
 

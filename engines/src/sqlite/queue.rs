@@ -15,7 +15,9 @@ use sqlx::Row;
 use super::{json_keys, now_ms, open_pool, WriteTx};
 use crate::{Delivery, DeliveryTag, JobQueue, QueueDepth, Result};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite_queue");
+static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> = std::sync::LazyLock::new(|| {
+    crate::accepting_newer(sqlx::migrate!("./migrations/sqlite_queue"))
+});
 
 pub struct SqliteQueue {
     pool: SqlitePool,
@@ -29,7 +31,7 @@ impl SqliteQueue {
     /// stays invisible before it is delivered again; `max_deliveries` when it is dead-lettered.
     pub async fn open(url_or_path: &str, lease: Duration, max_deliveries: u32) -> Result<Self> {
         let pool = open_pool(url_or_path, 4).await?;
-        crate::migrate_with_retries("queue", || MIGRATOR.run(&pool)).await?;
+        crate::migrate_with_retries("queue", &MIGRATOR, &pool).await?;
         Ok(Self {
             pool,
             gate: super::write_gate(url_or_path)?,

@@ -20,8 +20,13 @@ use crate::{
 /// Most matches ranked for one query (see `search`).
 const RANK_CAP: i64 = 1_000;
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite_store");
-static LEDGER_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite_ledger");
+static MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> = std::sync::LazyLock::new(|| {
+    crate::accepting_newer(sqlx::migrate!("./migrations/sqlite_store"))
+});
+static LEDGER_MIGRATOR: std::sync::LazyLock<sqlx::migrate::Migrator> =
+    std::sync::LazyLock::new(|| {
+        crate::accepting_newer(sqlx::migrate!("./migrations/sqlite_ledger"))
+    });
 
 /// Where the host ledger lives: a database file of its own beside the store's
 /// (`<store>-ledger.db`), so that permit requests never queue behind ingest batches for one
@@ -43,7 +48,7 @@ pub struct SqliteStore {
 /// Bring the store's schema up to date. Several cells (apis, factories) may open the same file
 /// at once; a lost migration race is retried.
 pub(super) async fn migrate(pool: &SqlitePool) -> Result<()> {
-    crate::migrate_with_retries("store", || MIGRATOR.run(pool)).await
+    crate::migrate_with_retries("store", &MIGRATOR, pool).await
 }
 
 impl SqliteStore {
@@ -59,7 +64,7 @@ impl SqliteStore {
                 let options = super::connect_options(&path)?
                     .synchronous(sqlx::sqlite::SqliteSynchronous::Off);
                 let pool = super::open_pool_with(options, 2).await?;
-                crate::migrate_with_retries("ledger", || LEDGER_MIGRATOR.run(&pool)).await?;
+                crate::migrate_with_retries("ledger", &LEDGER_MIGRATOR, &pool).await?;
                 Ledger {
                     pool,
                     gate: super::write_gate(&path)?,

@@ -24,6 +24,27 @@ pub async fn sqlite_store() -> (tempfile::TempDir, String, SqliteStore) {
     (dir, path, store)
 }
 
+/// The migrations of a newer build: this build's `migrations/<set>` and one more, `extra` (in a
+/// temporary directory that lives as long as the returned one).
+pub async fn newer_migrator(
+    set: &str,
+    extra: &str,
+) -> (tempfile::TempDir, sqlx::migrate::Migrator) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ours = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(set);
+    for entry in std::fs::read_dir(&ours).expect("this build's migrations") {
+        let entry = entry.expect("migration file");
+        std::fs::copy(entry.path(), dir.path().join(entry.file_name())).expect("copy migration");
+    }
+    std::fs::write(dir.path().join("9000_from_a_newer_build.sql"), extra).expect("write migration");
+    let migrator = sqlx::migrate::Migrator::new(dir.path())
+        .await
+        .expect("the newer build's migrations");
+    (dir, migrator)
+}
+
 /// A SQLite queue on a temporary file: 3 deliveries, a 200 ms lease (the conformance suite's).
 pub async fn sqlite_queue() -> (tempfile::TempDir, SqliteQueue) {
     let (dir, path) = temp_file("queue.db");
