@@ -208,3 +208,65 @@ async fn every_hostile_page_ends_as_the_oracle_expects() {
     );
     org.stop().await;
 }
+
+/// A cell told to stop while it is still assembling (its queue's broker accepts the connection
+/// and never answers the AMQP handshake) exits within its grace period and the stop margin,
+/// before its connection attempt would have given up, and says why.
+#[tokio::test]
+async fn a_cell_stuck_assembling_exits_when_told_to_stop() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = silent.local_addr().expect("addr").port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let infra = dir.path().join("organism.toml");
+    std::fs::write(
+        &infra,
+        format!(
+            "[organism]\ndata_dir = \"{}\"\n\n[engines]\nqueue = \"amqp://guest:guest@127.0.0.1:{port}/%2f\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .expect("write infra");
+    let mut child = support::cell_command()
+        .args([
+            "run",
+            "crawler",
+            "--grace-secs",
+            "0",
+            "--listen",
+            "127.0.0.1:0",
+            "--infra",
+        ])
+        .arg(&infra)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start cell run crawler");
+    // The crawler is assembling once the broker has its connection; the broker never answers.
+    let (held, _) = tokio::time::timeout(Duration::from_secs(60), silent.accept())
+        .await
+        .expect("the crawler connects to its broker within 60 s")
+        .expect("accept");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().expect("pid") as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let mut said = String::new();
+    let (status, _) = tokio::time::timeout(Duration::from_secs(60), async {
+        tokio::join!(child.wait(), async {
+            use tokio::io::AsyncReadExt as _;
+            stderr.read_to_string(&mut said).await
+        })
+    })
+    .await
+    .expect("the cell exits");
+    drop(held);
+    let status = status.expect("wait");
+    assert!(!status.success(), "{status}: {said}");
+    assert!(
+        said.contains("did not stop within 5s of being told to"),
+        "the cell stopped for another reason: {said}"
+    );
+}
