@@ -119,6 +119,22 @@ async fn concurrent_migrations() {
     finish(db, stores.pop().expect("one store")).await;
 }
 
+/// A page for each seed, each with 10 links to new pages of the hosts `{prefix}0.test` to
+/// `{prefix}3.test`.
+fn pages_linking_to(seeds: &[engines::Candidate], prefix: &str) -> Vec<IngestItem> {
+    seeds
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let links: Vec<String> = (0..10)
+                .map(|j| format!("http://{prefix}{}.test/{i}/{j}", j % 4))
+                .collect();
+            let links: Vec<&str> = links.iter().map(String::as_str).collect();
+            conformance::page(&s.url, "t", "shared words", &links)
+        })
+        .collect()
+}
+
 /// Two API cells (two pools) ingesting overlapping results at once: each result counts once,
 /// and a crawl's page limit holds exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -141,17 +157,7 @@ async fn concurrent_cells_keep_counts_exact() {
         .await
         .expect("admit");
     // Every result is delivered twice, once to each cell; each links to 10 new pages.
-    let items: Vec<IngestItem> = seeds
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let links: Vec<String> = (0..10)
-                .map(|j| format!("http://y{}.test/{i}/{j}", j % 4))
-                .collect();
-            let links: Vec<&str> = links.iter().map(String::as_str).collect();
-            conformance::page(&s.url, "t", "shared words", &links)
-        })
-        .collect();
+    let items = pages_linking_to(&seeds, "y");
     let mut tasks = Vec::new();
     for store in [a.clone(), b.clone()] {
         for part in 0..2 {
@@ -211,17 +217,7 @@ async fn concurrent_cells_keep_host_budgets_exact() {
         .collect();
     a.admit_seeds(crawl, &seeds, BUDGET).await.expect("admit");
     // 24 results with 10 links each to four hosts: 60 new URLs a host, 12 of which fit.
-    let items: Vec<IngestItem> = seeds
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let links: Vec<String> = (0..10)
-                .map(|j| format!("http://b{}.test/{i}/{j}", j % 4))
-                .collect();
-            let links: Vec<&str> = links.iter().map(String::as_str).collect();
-            conformance::page(&s.url, "t", "words", &links)
-        })
-        .collect();
+    let items = pages_linking_to(&seeds, "b");
     let mut tasks = Vec::new();
     for (k, store) in [a.clone(), b.clone(), a.clone(), b.clone()]
         .into_iter()
