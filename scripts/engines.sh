@@ -109,14 +109,14 @@ TEST_QUEUES='^homeostat(_test_|_failover_|[.](e2e|polite|cap|stable|upgrade|benc
 tidy_rabbitmq() {
     is_loopback "$MQ_HOST" || return 0
     [[ "$(id -u)" == 0 ]] && command -v rabbitmqctl >/dev/null 2>&1 || return 0
-    local node=() names
-    [[ -n "$(state_get rabbitmq_node)" ]] && node=(-n "$(state_get rabbitmq_node)")
-    names="$(timeout 60 rabbitmqctl "${node[@]}" -q list_queues name consumers 2>/dev/null |
+    # A throwaway broker this script started is deleted whole by `stop`.
+    [[ -z "$(state_get rabbitmq_node)" ]] || return 0
+    local names
+    names="$(timeout 60 rabbitmqctl -q list_queues name consumers 2>/dev/null |
         awk -v pat="$TEST_QUEUES" '$2 == "0" && $1 ~ pat { print $1 }')" || return 0
     [[ -n "$names" ]] || return 0
     say "deleting $(wc -l <<<"$names") queues left on RabbitMQ by earlier test runs"
-    xargs -P 4 -I{} timeout 30 rabbitmqctl "${node[@]}" -q delete_queue {} \
-        <<<"$names" >/dev/null 2>&1 || true
+    xargs -P 4 -I{} timeout 30 rabbitmqctl -q delete_queue {} <<<"$names" >/dev/null 2>&1 || true
 }
 
 # Wait (bounded) until a check passes.
