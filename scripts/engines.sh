@@ -100,7 +100,7 @@ mq_handshakes() {
 }
 
 # Queue names the tests and `loadtest bench` give their organisms (an extended regex).
-TEST_QUEUES='^homeostat(_test_|_failover_|[.](e2e|polite|cap|stable|upgrade|bench)[.])'
+TEST_QUEUES='^homeostat(_test_|_failover_|[.](e2e|polite|cap|stable|upgrade|bench|api-test)[.])'
 
 # Delete the queues earlier test and benchmark runs left on the local broker (their names, no
 # consumer): every quorum queue holds file handles on the broker, and a broker out of them stops

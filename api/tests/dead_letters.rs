@@ -114,4 +114,7 @@ async fn on_rabbitmq() {
         .await
         .expect("RabbitMQ answers (run scripts/engines.sh start)");
     poison_job_is_dead_lettered_and_failed(Arc::new(queue)).await;
+    engines::rabbitmq::delete_queues(&url, &name)
+        .await
+        .expect("deleting the test's queues");
 }
