@@ -39,11 +39,13 @@ pub const TRANSIENT_RETRY_AFTER: Duration = Duration::from_secs(60);
 pub const DEFAULT_BACKOFF: Duration = Duration::from_secs(60);
 /// How long an idle connection to a host is kept, and how many per host at most. Every
 /// connection kept holds its buffers: on a thousand hosts a crawler kept 530 connections and
-/// 68 MB of heap with 5 s, 240 and 40 MB with 1 s, at the same speed (BENCHMARKS.md). At the default politeness a host's requests are 500 ms apart, so a host
-/// being crawled keeps its connections.
+/// 68 MB of heap with 5 s, 240 and 40 MB with 1 s, at the same speed (BENCHMARKS.md). At the
+/// default politeness a host's requests are 500 ms apart, so a host being crawled keeps its
+/// connections.
 const POOL_IDLE: Duration = Duration::from_secs(1);
 const POOL_IDLE_PER_HOST: usize = 4;
 
+/// The first bytes looked at when a page has no content type.
 const SNIFF_BYTES: usize = 1024;
 
 /// The result of one crawl attempt.

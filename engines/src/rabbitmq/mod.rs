@@ -157,7 +157,7 @@ impl AmqpQueue {
             uris,
             node: AtomicUsize::new(0),
             queue: queue_name.to_string(),
-            dead_queue: format!("{queue_name}.dead"),
+            dead_queue: dead_queue_name(queue_name),
             options,
             session: session_tx,
             wake: Arc::new(Notify::new()),
@@ -892,10 +892,15 @@ async fn connect_first(
     )))
 }
 
+/// The dead-letter queue of `queue_name`.
+fn dead_queue_name(queue_name: &str) -> String {
+    format!("{queue_name}.dead")
+}
+
 /// The names of every queue an [`AmqpQueue`] named `queue_name` declares: the queue, its
 /// dead-letter queue and its delay queues.
-pub fn queue_names(queue_name: &str) -> Vec<String> {
-    [queue_name.to_string(), format!("{queue_name}.dead")]
+fn queue_names(queue_name: &str) -> Vec<String> {
+    [queue_name.to_string(), dead_queue_name(queue_name)]
         .into_iter()
         .chain(
             WAIT_BUCKETS_MS
@@ -908,25 +913,22 @@ pub fn queue_names(queue_name: &str) -> Vec<String> {
 /// Delete the queue `queue_name` on the broker at `url` with its dead-letter and delay queues,
 /// and every job in them; a queue that does not exist is skipped. For an organism that is gone
 /// for good (a test's, a benchmark run's): a quorum queue holds file handles on the broker until
-/// it is deleted, and a broker out of them stops accepting connections. Returns the jobs deleted.
-pub async fn delete_queues(url: &str, queue_name: &str) -> Result<u64> {
+/// it is deleted, and a broker out of them stops accepting connections.
+pub async fn delete_queues(url: &str, queue_name: &str) -> Result<()> {
     let uris = session::parse_uris(url)?;
     let properties = lapin::ConnectionProperties::default()
         .with_executor(tokio_executor_trait::Tokio::current())
         .with_reactor(tokio_reactor_trait::Tokio::current())
         .with_connection_name(format!("homeostat delete {queue_name}").into());
     let (_, conn) = connect_first(&uris, 0, properties).await?;
-    let mut jobs = 0;
     for name in queue_names(queue_name) {
         // A failed delete closes its channel: one channel each.
         let channel = conn.create_channel().await?;
-        jobs += u64::from(
-            channel
-                .queue_delete(&name, QueueDeleteOptions::default())
-                .await?,
-        );
+        channel
+            .queue_delete(&name, QueueDeleteOptions::default())
+            .await?;
         let _ = channel.close(200, "deleted").await;
     }
     let _ = conn.close(200, "queues deleted").await;
-    Ok(jobs)
+    Ok(())
 }
