@@ -100,7 +100,7 @@ def stop_group(proc):
 
 
 def run(b):
-    env = dict(os.environ, CARGO_MANIFEST_DIR=b["manifest_dir"], CARGO_PKG_NAME=b["package"])
+    env = dict(os.environ, CARGO_MANIFEST_DIR=b["manifest_dir"])
     with tempfile.TemporaryFile() as out:
         started = time.monotonic()
         proc = subprocess.Popen(

@@ -17,7 +17,8 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 scripts/engines.sh start
-trap 'scripts/engines.sh stop || true' EXIT
+artifacts=$(mktemp)
+trap 'rm -f "$artifacts"; scripts/engines.sh stop || true' EXIT
 # The pool providers' peers: ipmi_sim + ipmitool, wakeonlan, dnsmasq (Debian), moto (PyPI, in a
 # virtual environment). Installed when missing; the tests fail, never skip, without them.
 scripts/pool-tools.sh
@@ -27,8 +28,6 @@ scripts/browser.sh >/dev/null
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-artifacts=$(mktemp)
-trap 'rm -f "$artifacts"; scripts/engines.sh stop || true' EXIT
 cargo test --workspace --no-run --message-format=json-render-diagnostics >"$artifacts"
 python3 scripts/test-lanes.py <"$artifacts"
 cargo test --workspace --doc
