@@ -8,8 +8,20 @@
 //! already in use`). So a fixed port is chosen below that range, where the kernel never hands
 //! ports out by itself; only another explicit bind of the same number can collide, and the
 //! choice is checked by binding it.
+//!
+//! Two organisms started at once on one machine (or two test binaries) choose from the same
+//! window, and both checks pass before either cell binds: both are told the same port, and one
+//! organism's front door answers as the other's health checker. So a chosen port is also
+//! reserved across processes: an exclusive lock on a file named for it in a shared directory,
+//! held by the choosing process until it exits (the kernel drops the lock with the process, so a
+//! crash leaves nothing reserved). A port another process holds is skipped, and so is one this
+//! process already chose (the lock is per open file, so a second choice of the same number in one
+//! process conflicts too). Where the directory cannot be used, the bind check alone stands.
 
+use std::fs::File;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Mutex;
 
 use rand::Rng as _;
 
@@ -22,6 +34,82 @@ const WIDTH: u16 = 5000;
 const FLOOR: u16 = 20000;
 /// How many candidates are tried before giving up on the window.
 const TRIES: usize = 64;
+/// The directory, under the system's temporary directory, where chosen ports are locked.
+const RESERVATIONS: &str = "homeostat-ports";
+
+/// The locks this process holds on the ports it chose, kept until it exits.
+static HELD: Mutex<Vec<File>> = Mutex::new(Vec::new());
+
+/// The transport a port is chosen for (a TCP and a UDP port of one number do not collide).
+#[derive(Clone, Copy, Debug)]
+enum Transport {
+    Tcp,
+    Udp,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        }
+    }
+}
+
+/// What reserving a port found.
+enum Reservation {
+    /// This process now holds the port's lock.
+    Held(File),
+    /// Another process (or an earlier choice of this one) holds it.
+    Taken,
+    /// The shared directory cannot be used: nothing to coordinate with.
+    Unavailable,
+}
+
+fn reservation_dir() -> PathBuf {
+    std::env::temp_dir().join(RESERVATIONS)
+}
+
+/// Lock the file for `port`. The lock names the port alone, not the address: a port bound on
+/// every interface collides with the same port on loopback.
+fn reserve(dir: &std::path::Path, transport: Transport, port: u16) -> Reservation {
+    if std::fs::create_dir_all(dir).is_err() {
+        return Reservation::Unavailable;
+    }
+    // Shared by every user of the machine, like /tmp itself (sticky: each removes only its own).
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        if let Ok(meta) = std::fs::metadata(dir) {
+            if meta.permissions().mode() & 0o7777 != 0o1777 {
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777));
+            }
+        }
+    }
+    let path = dir.join(format!("{}-{port}.lock", transport.name()));
+    let file = match std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+    {
+        Ok(file) => file,
+        Err(_) => match File::open(&path) {
+            // Another user's lock file: a shared lock cannot be taken on it while they hold
+            // theirs, and taking the exclusive one needs only read access.
+            Ok(file) => file,
+            Err(_) => return Reservation::Unavailable,
+        },
+    };
+    match file.try_lock() {
+        Ok(()) => Reservation::Held(file),
+        Err(std::fs::TryLockError::WouldBlock) => Reservation::Taken,
+        Err(std::fs::TryLockError::Error(_)) => Reservation::Unavailable,
+    }
+}
+
+fn hold(file: File) {
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).push(file);
+}
 
 /// The kernel's ephemeral port range (first, last), where it can be read.
 pub fn ephemeral_range() -> Option<(u16, u16)> {
@@ -43,29 +131,57 @@ fn window(ephemeral: Option<(u16, u16)>) -> Option<std::ops::Range<u16>> {
 
 /// A TCP port on `ip` that no socket holds now, outside the kernel's ephemeral range when the
 /// machine leaves room below it (else one the kernel hands out, as a last resort).
+///
+/// The port stays reserved for this process (no other process choosing through this module is
+/// handed it, nor this one again) until the process exits.
 pub fn fixed_tcp(ip: IpAddr) -> std::io::Result<SocketAddr> {
-    choose(ip, |addr| std::net::TcpListener::bind(addr)?.local_addr())
+    choose(&reservation_dir(), ip, Transport::Tcp, |addr| {
+        std::net::TcpListener::bind(addr)?.local_addr()
+    })
 }
 
 /// The same for a UDP port.
 pub fn fixed_udp(ip: IpAddr) -> std::io::Result<SocketAddr> {
-    choose(ip, |addr| std::net::UdpSocket::bind(addr)?.local_addr())
+    choose(&reservation_dir(), ip, Transport::Udp, |addr| {
+        std::net::UdpSocket::bind(addr)?.local_addr()
+    })
 }
 
 fn choose(
+    dir: &std::path::Path,
     ip: IpAddr,
+    transport: Transport,
     bind: impl Fn(SocketAddr) -> std::io::Result<SocketAddr>,
 ) -> std::io::Result<SocketAddr> {
     if let Some(window) = window(ephemeral_range()) {
         let mut rng = rand::rng();
         for _ in 0..TRIES {
             let addr = SocketAddr::new(ip, rng.random_range(window.clone()));
+            let lock = match reserve(dir, transport, addr.port()) {
+                Reservation::Taken => continue,
+                Reservation::Held(file) => Some(file),
+                Reservation::Unavailable => None,
+            };
             if let Ok(bound) = bind(addr) {
+                if let Some(file) = lock {
+                    hold(file);
+                }
                 return Ok(bound);
             }
+            // Bound by something that does not choose through here: the lock drops with `lock`.
         }
     }
-    // No room below the ephemeral range (or every try was taken): what the kernel hands out.
+    // No room below the ephemeral range (or every try was taken): what the kernel hands out,
+    // reserved like the rest so that no other organism is told it.
+    for _ in 0..TRIES {
+        let bound = bind(SocketAddr::new(ip, 0))?;
+        match reserve(dir, transport, bound.port()) {
+            Reservation::Taken => continue,
+            Reservation::Held(file) => hold(file),
+            Reservation::Unavailable => {}
+        }
+        return Ok(bound);
+    }
     bind(SocketAddr::new(ip, 0))
 }
 
@@ -97,5 +213,49 @@ mod tests {
         std::net::TcpListener::bind(addr).expect("the chosen port binds");
         let udp = fixed_udp(loopback).expect("a UDP port");
         std::net::UdpSocket::bind(udp).expect("the chosen UDP port binds");
+    }
+
+    #[test]
+    fn a_reserved_port_is_not_chosen_again() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let loopback = IpAddr::from([127, 0, 0, 1]);
+        // Taken once, a port's lock is refused to every later reservation (in another process
+        // as in this one: the lock belongs to the open file).
+        let Reservation::Held(_held) = reserve(dir.path(), Transport::Tcp, 40000) else {
+            panic!("a fresh port reserves");
+        };
+        assert!(matches!(
+            reserve(dir.path(), Transport::Tcp, 40000),
+            Reservation::Taken
+        ));
+        // The other transport's port of the same number is another port.
+        assert!(matches!(
+            reserve(dir.path(), Transport::Udp, 40000),
+            Reservation::Held(_)
+        ));
+        // Every port choice skips the ports already chosen: many choices, all different, even
+        // though the bind check alone would pass them all (nothing binds them here).
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let addr = choose(dir.path(), loopback, Transport::Tcp, |addr| {
+                let bound = std::net::TcpListener::bind(addr)?.local_addr()?;
+                Ok(bound)
+            })
+            .expect("a port");
+            assert!(seen.insert(addr.port()), "{addr} was chosen twice");
+        }
+    }
+
+    #[test]
+    fn a_lock_dropped_frees_the_port() {
+        let dir = tempfile::tempdir().expect("a directory");
+        let held = reserve(dir.path(), Transport::Tcp, 40001);
+        assert!(matches!(held, Reservation::Held(_)));
+        drop(held);
+        // The kernel releases a lock with its file (and with its process, when that exits).
+        assert!(matches!(
+            reserve(dir.path(), Transport::Tcp, 40001),
+            Reservation::Held(_)
+        ));
     }
 }
