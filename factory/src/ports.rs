@@ -23,6 +23,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
+
 use rand::Rng as _;
 
 /// Where the kernel's ephemeral range is read on Linux.
@@ -38,7 +41,7 @@ const TRIES: usize = 64;
 const RESERVATIONS: &str = "homeostat-ports";
 
 /// The locks this process holds on the ports it chose, kept until it exits.
-static HELD: Mutex<Vec<File>> = Mutex::new(Vec::new());
+static HELD: Mutex<Vec<Flock<File>>> = Mutex::new(Vec::new());
 
 /// The transport a port is chosen for (a TCP and a UDP port of one number do not collide).
 #[derive(Clone, Copy, Debug)]
@@ -59,7 +62,7 @@ impl Transport {
 /// What reserving a port found.
 enum Reservation {
     /// This process now holds the port's lock.
-    Held(File),
+    Held(Flock<File>),
     /// Another process (or an earlier choice of this one) holds it.
     Taken,
     /// The shared directory cannot be used: nothing to coordinate with.
@@ -100,14 +103,14 @@ fn reserve(dir: &std::path::Path, transport: Transport, port: u16) -> Reservatio
             Err(_) => return Reservation::Unavailable,
         },
     };
-    match file.try_lock() {
-        Ok(()) => Reservation::Held(file),
-        Err(std::fs::TryLockError::WouldBlock) => Reservation::Taken,
-        Err(std::fs::TryLockError::Error(_)) => Reservation::Unavailable,
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(locked) => Reservation::Held(locked),
+        Err((_, Errno::EWOULDBLOCK)) => Reservation::Taken,
+        Err(_) => Reservation::Unavailable,
     }
 }
 
-fn hold(file: File) {
+fn hold(file: Flock<File>) {
     HELD.lock().unwrap_or_else(|e| e.into_inner()).push(file);
 }
 
