@@ -81,6 +81,18 @@ impl JobQueue for SqliteQueue {
 
     async fn lease(&self, max: usize) -> Result<Vec<Delivery>> {
         let now = now_ms();
+        // A read first (no writer's turn, no write lock): an idle crawler polls an empty queue
+        // several times a second, and each poll taking the writer's turn made the publisher's
+        // and the acknowledgements' writes wait behind it. Every job the write below could
+        // touch (due, poison or not) is due.
+        let due: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM jobs WHERE visible_ms <= ?)")
+                .bind(now)
+                .fetch_one(&self.pool)
+                .await?;
+        if !due {
+            return Ok(Vec::new());
+        }
         let mut tx = WriteTx::begin(&self.pool, &self.gate).await?;
         // Jobs whose last allowed delivery expired unacknowledged are poison: dead-letter them.
         let limit = i64::from(self.max_deliveries);
