@@ -21,8 +21,11 @@
 //! Arrival jitter: the ledger spaces the starts it grants, but a crawler's request reaches the
 //! host a little later than its start (the answer's trip, a late timer). So that two arrivals
 //! are never closer than the gap, a permit is used only inside a window after its start, and
-//! the ledger is asked for the gap plus that window. A crawler that misses its window releases
-//! the permit unused and asks again. Gaps under [`WINDOW_FROM`] (rates above 20 per second)
+//! the ledger is asked for the gap plus that window. The last quarter of the window is left to
+//! the request's own trip after the check (the fetch stack, a new connection, the host's
+//! accept): the host sees arrivals, not checks, and two requests' trips differ (a CI run saw
+//! two arrivals 199.5 ms apart under a 200 ms Crawl-delay when a permit was used at the very end
+//! of its window). A crawler that misses its window releases the permit unused and asks again. Gaps under [`WINDOW_FROM`] (rates above 20 per second)
 //! get no window: there the jitter is of the order of the gap itself.
 
 use std::collections::HashMap;
@@ -74,6 +77,12 @@ pub struct LedgerLimits {
 /// The width of the arrival window for a gap (see the module docs).
 pub fn window_for(gap: Duration) -> Option<Duration> {
     (gap >= WINDOW_FROM).then(|| (gap / 5).min(MAX_WINDOW))
+}
+
+/// The part of an arrival window a permit may be used in: the rest is left to the request's
+/// trip after the check (see the module docs).
+fn usable(window: Duration) -> Duration {
+    window - window / 4
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -416,7 +425,7 @@ impl HostGate for LedgerGate {
             // (as seen from when the ask left: the answer's trip counts against the window).
             tokio::time::sleep_until(received + wait).await;
             if let Some(window) = window {
-                if Instant::now() > sent + wait + window {
+                if Instant::now() > sent + wait + usable(window) {
                     metrics::counter!("crawler_permits_total", "answer" => "missed").increment(1);
                     drop(permit);
                     continue;
