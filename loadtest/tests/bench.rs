@@ -414,6 +414,25 @@ fn crawl_args(argv: &[&str]) -> CrawlArgs {
 }
 
 #[test]
+fn the_drain_timeout_grows_with_the_web() {
+    use std::time::Duration;
+    assert_eq!(
+        crawl_args(&["crawl"]).effective_timeout(),
+        Duration::from_secs(600)
+    );
+    // A million pages get 4 ms each, not the 600 s a slow machine ran out of.
+    assert_eq!(
+        crawl_args(&["crawl", "--pages", "1000000"]).effective_timeout(),
+        Duration::from_secs(4000)
+    );
+    // Said, it is kept.
+    assert_eq!(
+        crawl_args(&["crawl", "--pages", "1000000", "--timeout-secs", "30"]).effective_timeout(),
+        Duration::from_secs(30)
+    );
+}
+
+#[test]
 fn quick_changes_only_the_defaults() {
     let full = crawl_args(&["crawl"]);
     assert_eq!(full.effective_pages(), 5000);
