@@ -25,8 +25,9 @@
 //! the request's own trip after the check (the fetch stack, a new connection, the host's
 //! accept): the host sees arrivals, not checks, and two requests' trips differ (a CI run saw
 //! two arrivals 199.5 ms apart under a 200 ms Crawl-delay when a permit was used at the very end
-//! of its window). A crawler that misses its window releases the permit unused and asks again. Gaps under [`WINDOW_FROM`] (rates above 20 per second)
-//! get no window: there the jitter is of the order of the gap itself.
+//! of its window). A crawler that misses its window releases the permit unused and asks again.
+//! Gaps under [`WINDOW_FROM`] (rates above 20 per second) get no window: there the jitter is of
+//! the order of the gap itself.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -73,21 +73,27 @@ fn reservation_dir() -> PathBuf {
     std::env::temp_dir().join(RESERVATIONS)
 }
 
-/// Lock the file for `port`. The lock names the port alone, not the address: a port bound on
-/// every interface collides with the same port on loopback.
-fn reserve(dir: &std::path::Path, transport: Transport, port: u16) -> Reservation {
+/// Make the shared directory, once per choice: shared by every user of the machine, like /tmp
+/// itself (sticky: each removes only its own). False when it cannot be used.
+fn prepare(dir: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
     if std::fs::create_dir_all(dir).is_err() {
-        return Reservation::Unavailable;
+        return false;
     }
-    // Shared by every user of the machine, like /tmp itself (sticky: each removes only its own).
-    {
-        use std::os::unix::fs::PermissionsExt as _;
-        if let Ok(meta) = std::fs::metadata(dir) {
-            if meta.permissions().mode() & 0o7777 != 0o1777 {
-                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777));
-            }
+    match std::fs::metadata(dir) {
+        Ok(meta) if meta.permissions().mode() & 0o7777 == 0o1777 => true,
+        // Ours to open up, or another user's that lets us in anyway.
+        Ok(_) => {
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777));
+            true
         }
+        Err(_) => false,
     }
+}
+
+/// Lock the file for `port` in the prepared `dir`. The lock names the port alone, not the
+/// address: a port bound on every interface collides with the same port on loopback.
+fn reserve(dir: &std::path::Path, transport: Transport, port: u16) -> Reservation {
     let path = dir.join(format!("{}-{port}.lock", transport.name()));
     let file = match std::fs::OpenOptions::new()
         .create(true)
@@ -97,8 +103,7 @@ fn reserve(dir: &std::path::Path, transport: Transport, port: u16) -> Reservatio
     {
         Ok(file) => file,
         Err(_) => match File::open(&path) {
-            // Another user's lock file: a shared lock cannot be taken on it while they hold
-            // theirs, and taking the exclusive one needs only read access.
+            // Another user's lock file: flock needs only a descriptor, not write access.
             Ok(file) => file,
             Err(_) => return Reservation::Unavailable,
         },
@@ -156,11 +161,19 @@ fn choose(
     transport: Transport,
     bind: impl Fn(SocketAddr) -> std::io::Result<SocketAddr>,
 ) -> std::io::Result<SocketAddr> {
+    let shared = prepare(dir);
+    let try_reserve = |port| {
+        if shared {
+            reserve(dir, transport, port)
+        } else {
+            Reservation::Unavailable
+        }
+    };
     if let Some(window) = window(ephemeral_range()) {
         let mut rng = rand::rng();
         for _ in 0..TRIES {
             let addr = SocketAddr::new(ip, rng.random_range(window.clone()));
-            let lock = match reserve(dir, transport, addr.port()) {
+            let lock = match try_reserve(addr.port()) {
                 Reservation::Taken => continue,
                 Reservation::Held(file) => Some(file),
                 Reservation::Unavailable => None,
@@ -178,7 +191,7 @@ fn choose(
     // reserved like the rest so that no other organism is told it.
     for _ in 0..TRIES {
         let bound = bind(SocketAddr::new(ip, 0))?;
-        match reserve(dir, transport, bound.port()) {
+        match try_reserve(bound.port()) {
             Reservation::Taken => continue,
             Reservation::Held(file) => hold(file),
             Reservation::Unavailable => {}

@@ -63,7 +63,7 @@ pub struct CrawlArgs {
     #[arg(long, value_name = "PATH")]
     pub cell: Option<PathBuf>,
     /// Longest one crawl may take to drain, seconds [default: 600, or 4 ms per page when
-    /// that is longer: a million pages ran 627 s on a slow day].
+    /// that is longer: a million pages ran 947 s on a slow day].
     #[arg(long)]
     pub timeout_secs: Option<u64>,
     /// Print the rows (and ratios) as JSON lines instead of a table.
