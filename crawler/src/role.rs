@@ -171,6 +171,19 @@ fn fetcher(
 ) -> Result<Fetcher, FetcherError> {
     // A job waits for its host at most a quarter of its lease (and a minute).
     let horizon = (lease / 4).min(Duration::from_secs(60));
+    let timeout = Duration::from_millis(fetch.total_timeout_ms);
+    if horizon + timeout >= lease {
+        // Not refused (the job is delivered again, then dead-lettered: nothing is lost), but a
+        // slow page would be reported as undelivered instead of timed out.
+        tracing::warn!(
+            ?lease,
+            host_wait = ?horizon,
+            ?timeout,
+            "a job may wait for its host and then fetch for longer than its lease: a slow page's \
+             job may be delivered again while it is fetched; make [queue].lease_secs longer than \
+             [crawler.fetch].total_timeout_ms by a third"
+        );
+    }
     let Some(client) = ctx.client() else {
         tracing::warn!("no health checkers: per-host politeness is this crawler's alone");
         let gate = Politeness::new(

@@ -7,7 +7,7 @@
 //! | `hostile.test/slowloris` | sends its headers, then a byte every half second, forever | gives up on a timeout |
 //! | `hostile.test/loop/a` | `301` to `/loop/b`, which sends back to `/loop/a` | stops at its redirect limit |
 //! | `hostile.test/to-metadata`, `/to-private` | `301` to a link-local or private address | refuses it (SSRF), sends nothing there |
-//! | `hostile.test/gzip-bomb`, `/brotli-bomb` | 64 MiB of zeros in a few KiB, compressed | stops decoding at its body cap |
+//! | `hostile.test/gzip-bomb`, `/brotli-bomb` | 64 MiB of zeros in 64 KiB (gzip) or 12 KiB (brotli) | stops decoding at its body cap |
 //! | `hostile.test/huge` | 32 MiB of HTML, streamed without a length | stops reading at its body cap |
 //! | `hostile.test/links` | 100,000 links on one page | indexes it, follows at most its link cap |
 //! | `hostile.test/shift-jis` | Shift_JIS, declared only in `<meta charset>` | decodes the title |
@@ -27,12 +27,13 @@
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::io::Write;
-use std::sync::{Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
+use tokio::sync::OnceCell;
 
 /// The hosts of the hostile web (each ends in [`crate::HOST_SUFFIX`]).
 pub const HOSTS: &[&str] = &[
@@ -193,8 +194,8 @@ pub fn is_hostile(host: &str) -> bool {
 pub struct Hostile {
     /// URLs that already answered `429` once.
     busy: Mutex<HashSet<String>>,
-    gzip_bomb: OnceLock<Bytes>,
-    brotli_bomb: OnceLock<Bytes>,
+    gzip_bomb: OnceCell<Bytes>,
+    brotli_bomb: OnceCell<Bytes>,
 }
 
 /// Zeros a bomb decompresses to.
@@ -309,11 +310,11 @@ impl Hostile {
             "/to-metadata" => redirect("http://169.254.169.254/latest/meta-data/"),
             "/to-private" => redirect("http://10.0.0.1/admin"),
             "/gzip-bomb" => {
-                let body = self.gzip_bomb.get_or_init(gzip_bomb).clone();
+                let body = built(&self.gzip_bomb, gzip_bomb).await;
                 encoded(body, "gzip")
             }
             "/brotli-bomb" => {
-                let body = self.brotli_bomb.get_or_init(brotli_bomb).clone();
+                let body = built(&self.brotli_bomb, brotli_bomb).await;
                 encoded(body, "br")
             }
             "/huge" => {
@@ -410,6 +411,19 @@ fn encoded(body: Bytes, encoding: &'static str) -> Response {
     r
 }
 
+/// The bomb in `cell`, built by `build` on the first request, on a blocking thread: compressing
+/// 64 MiB takes a loaded machine a second or more, which a runtime thread of the server (and every
+/// request it serves meanwhile) would otherwise wait out.
+async fn built(cell: &OnceCell<Bytes>, build: fn() -> Bytes) -> Bytes {
+    cell.get_or_init(|| async move {
+        tokio::task::spawn_blocking(build)
+            .await
+            .expect("building a bomb does not panic")
+    })
+    .await
+    .clone()
+}
+
 fn gzip_bomb() -> Bytes {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
     let zeros = vec![0u8; 1 << 20];
@@ -422,7 +436,8 @@ fn gzip_bomb() -> Bytes {
 fn brotli_bomb() -> Bytes {
     let mut out = Vec::new();
     {
-        let mut br = brotli::CompressorWriter::new(&mut out, 1 << 16, 5, 22);
+        // Quality 1: 12 KiB in a tenth of a second; quality 5 made 102 bytes in seven tenths.
+        let mut br = brotli::CompressorWriter::new(&mut out, 1 << 16, 1, 22);
         let zeros = vec![0u8; 1 << 20];
         for _ in 0..BOMB_BYTES >> 20 {
             br.write_all(&zeros).expect("writing to memory");
