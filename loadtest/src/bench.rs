@@ -681,6 +681,10 @@ impl Run<'_> {
                     .peak
                     .get(&c.pid)
                     .map(|b| *b as f64 / (1024.0 * 1024.0)),
+                peak_own_mb: usage
+                    .peak_anon
+                    .get(&c.pid)
+                    .map(|b| *b as f64 / (1024.0 * 1024.0)),
                 cpu_percent: cpu.get(&c.pid).copied(),
             })
             .collect();
@@ -721,6 +725,8 @@ async fn get_stats(client: &reqwest::Client, api: &str) -> anyhow::Result<protoc
 struct Usage {
     /// Highest `VmHWM` read, bytes.
     peak: HashMap<u32, u64>,
+    /// Highest `RssAnon` sampled, bytes.
+    peak_anon: HashMap<u32, u64>,
     /// CPU seconds when first seen, and when last seen.
     cpu: BTreeMap<u32, (f64, f64)>,
 }
@@ -730,6 +736,10 @@ impl Usage {
         for &pid in pids {
             if let Some(bytes) = procfs::peak_rss(pid) {
                 let peak = self.peak.entry(pid).or_default();
+                *peak = (*peak).max(bytes);
+            }
+            if let Some(bytes) = procfs::rss_anon(pid) {
+                let peak = self.peak_anon.entry(pid).or_default();
                 *peak = (*peak).max(bytes);
             }
             if let Some(secs) = procfs::cpu_seconds(pid) {

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use clap::Parser;
 use loadtest::bench::engines_per_run::{effective, Engine, StoreAt};
 use loadtest::bench::overlay::{apply_to_text, get_str, merge, BenchOverlay, WEB_NETWORK};
-use loadtest::bench::procfs::{parse_cpu_ticks, parse_vm_hwm, peak_rss};
+use loadtest::bench::procfs::{parse_cpu_ticks, parse_rss_anon, parse_vm_hwm, peak_rss, rss_anon};
 use loadtest::bench::report::{
     per_second, ratios, render_ratios, render_table, CellUsage, Completeness, Row, EMBEDDED,
 };
@@ -188,7 +188,7 @@ fn a_base_that_is_not_toml_is_named_in_the_error() {
 
 const STATUS: &str = "Name:\tcell\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t4242\n\
 VmPeak:\t  812345 kB\nVmSize:\t  800000 kB\nVmLck:\t       0 kB\nVmHWM:\t   51234 kB\n\
-VmRSS:\t   49000 kB\nThreads:\t4\n";
+VmRSS:\t   49000 kB\nRssAnon:\t   17000 kB\nRssFile:\t   32000 kB\nThreads:\t4\n";
 
 #[test]
 fn vm_hwm_is_read_from_proc_status() {
@@ -197,6 +197,16 @@ fn vm_hwm_is_read_from_proc_status() {
     assert_eq!(parse_vm_hwm("VmHWM:\tlots kB\n"), None);
     // This very process has a peak.
     assert!(peak_rss(std::process::id()).is_some_and(|b| b > 0));
+}
+
+#[test]
+fn own_memory_is_the_anonymous_part_of_the_resident_set() {
+    assert_eq!(parse_rss_anon(STATUS), Some(17000 * 1024));
+    assert_eq!(parse_rss_anon("VmRSS:\t49000 kB\n"), None);
+    assert_eq!(parse_rss_anon("RssAnon:\t17000 MB\n"), None);
+    // This very process has a heap, and it is part of its resident set.
+    let own = rss_anon(std::process::id()).expect("own memory");
+    assert!(own > 0 && own <= peak_rss(std::process::id()).expect("peak"));
 }
 
 #[test]
@@ -246,6 +256,7 @@ fn cell(name: &str, pid: u32, generation: u32, mb: f64, cpu: f64) -> CellUsage {
         generation,
         changed: false,
         peak_rss_mb: Some(mb),
+        peak_own_mb: Some(mb / 2.0),
         cpu_percent: Some(cpu),
     }
 }
@@ -311,6 +322,8 @@ fn the_table_has_one_aligned_line_per_row_and_marks_replaced_cells() {
         "api MB",
         "crawler MB",
         "other MB",
+        "api own MB",
+        "crawler own MB",
         "cpu% other",
     ] {
         assert!(lines[0].contains(word), "{word} missing from {}", lines[0]);
@@ -331,6 +344,9 @@ fn the_table_has_one_aligned_line_per_row_and_marks_replaced_cells() {
     // Slots in order; the replaced one shows its biggest process and a mark, CPU summed; a
     // crawler that joined during the run is marked too; the other roles are summed.
     assert!(lines[2].contains(" 42*/38/20* "), "{table}");
+    // Own memory: each slot's biggest, unmarked.
+    assert!(lines[1].contains(" 20/20 "), "{table}");
+    assert!(lines[2].contains(" 21/19/10 "), "{table}");
     assert!(lines[2].contains(" 15/20/2 "), "{table}");
     assert!(lines[2].contains(" 22 "), "{table}");
     assert!(lines[1].contains(" - "), "no other cells: {table}");

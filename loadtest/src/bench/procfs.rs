@@ -1,4 +1,5 @@
-//! What a process costs, read from Linux's `/proc`: peak resident memory and CPU time.
+//! What a process costs, read from Linux's `/proc`: peak resident memory, its own (anonymous)
+//! part, and CPU time.
 
 /// `/proc/PID/stat` counts CPU time in `USER_HZ` ticks, which Linux fixes at 100 per second
 /// for userspace whatever the kernel's own tick rate.
@@ -7,8 +8,20 @@ pub const TICKS_PER_SECOND: f64 = 100.0;
 /// The peak resident set size (`VmHWM`, "high water mark") in bytes, from the text of
 /// `/proc/PID/status`.
 pub fn parse_vm_hwm(status: &str) -> Option<u64> {
+    kib_field(status, "VmHWM:")
+}
+
+/// The resident anonymous memory (`RssAnon`: the process's own heap and stacks, not the
+/// executable's code or other files it maps, which its `VmHWM` counts and other processes may
+/// share) in bytes, from the text of `/proc/PID/status`.
+pub fn parse_rss_anon(status: &str) -> Option<u64> {
+    kib_field(status, "RssAnon:")
+}
+
+/// The field `name` of `/proc/PID/status`, written in kB (KiB), in bytes.
+fn kib_field(status: &str, name: &str) -> Option<u64> {
     status.lines().find_map(|line| {
-        let rest = line.strip_prefix("VmHWM:")?;
+        let rest = line.strip_prefix(name)?;
         let mut words = rest.split_whitespace();
         let value: u64 = words.next()?.parse().ok()?;
         // The kernel always writes kB (KiB).
@@ -35,6 +48,12 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
 pub fn peak_rss(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     parse_vm_hwm(&status)
+}
+
+/// The resident anonymous memory of `pid` now, in bytes, if it is alive and readable.
+pub fn rss_anon(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_rss_anon(&status)
 }
 
 /// The CPU time `pid` has used so far, in seconds, if it is alive and readable.

@@ -68,6 +68,11 @@ pub struct CellUsage {
     pub changed: bool,
     /// Peak resident memory (`VmHWM`), MiB; `None` if it could not be read.
     pub peak_rss_mb: Option<f64>,
+    /// Peak of its own memory (`RssAnon`: heap and stacks, without the executable's code and
+    /// the files it maps, which every cell of the machine shares), MiB, as sampled every time
+    /// the bench reads `/stats` (a spike between two samples is missed; `VmHWM` is exact).
+    #[serde(default)]
+    pub peak_own_mb: Option<f64>,
     /// CPU used from the seed POST to the drained frontier, in percent of one core.
     pub cpu_percent: Option<f64>,
 }
@@ -162,7 +167,7 @@ pub fn render_ratios(ratios: &[Ratio]) -> String {
     out
 }
 
-const COLUMNS: usize = 16;
+const COLUMNS: usize = 18;
 
 const HEADER: [&str; COLUMNS] = [
     "engine",
@@ -177,6 +182,8 @@ const HEADER: [&str; COLUMNS] = [
     "api MB",
     "crawler MB",
     "other MB",
+    "api own MB",
+    "crawler own MB",
     "cpu% api",
     "cpu% crawlers",
     "cpu% other",
@@ -191,8 +198,8 @@ pub fn render_table(rows: &[Row]) -> String {
     let mut lines: Vec<[String; COLUMNS]> = vec![HEADER.map(str::to_string)];
     let mut replaced = false;
     for row in rows {
-        let (api_mb, api_cpu, api_replaced) = by_slot(&row.cells, "api");
-        let (crawler_mb, crawler_cpu, crawler_replaced) = by_slot(&row.cells, "crawler");
+        let api = by_slot(&row.cells, "api");
+        let crawler = by_slot(&row.cells, "crawler");
         let others: Vec<&CellUsage> = row
             .cells
             .iter()
@@ -200,7 +207,7 @@ pub fn render_table(rows: &[Row]) -> String {
             .collect();
         let other_mb = sum(others.iter().map(|c| c.peak_rss_mb));
         let other_cpu = sum(others.iter().map(|c| c.cpu_percent));
-        replaced |= api_replaced || crawler_replaced;
+        replaced |= api.replaced || crawler.replaced;
         lines.push([
             row.engine.clone(),
             row.latency_ms.to_string(),
@@ -211,11 +218,13 @@ pub fn render_table(rows: &[Row]) -> String {
             format!("{:.2}", row.seconds),
             format!("{:.0}", row.pages_per_sec),
             row.served.to_string(),
-            api_mb,
-            crawler_mb,
+            api.rss,
+            crawler.rss,
             optional(other_mb, 0),
-            api_cpu,
-            crawler_cpu,
+            api.own,
+            crawler.own,
+            api.cpu,
+            crawler.cpu,
             optional(other_cpu, 0),
             optional(row.bench_cpu_percent, 0),
         ]);
@@ -248,9 +257,21 @@ pub fn render_table(rows: &[Row]) -> String {
     out
 }
 
-/// Peak RSS (MiB) and CPU% of each slot of `role`, `/`-separated in slot order, and whether a
-/// slot was replaced.
-fn by_slot(cells: &[CellUsage], role: &str) -> (String, String, bool) {
+/// One role's column texts: each slot's figure, `/`-separated in slot order.
+struct Slots {
+    /// Peak RSS, MiB, marked `*` where the slot was replaced.
+    rss: String,
+    /// Peak own memory, MiB.
+    own: String,
+    /// CPU%, summed over the slot's processes.
+    cpu: String,
+    /// Whether any slot was replaced.
+    replaced: bool,
+}
+
+/// Peak RSS and own memory (MiB) and CPU% of each slot of `role`, `/`-separated in slot order,
+/// and whether a slot was replaced.
+fn by_slot(cells: &[CellUsage], role: &str) -> Slots {
     let mut names: Vec<&str> = cells
         .iter()
         .filter(|c| c.role == role)
@@ -258,29 +279,39 @@ fn by_slot(cells: &[CellUsage], role: &str) -> (String, String, bool) {
         .collect();
     names.sort_by_key(|n| slot_order(n));
     names.dedup();
-    let mut rss = Vec::new();
-    let mut cpu = Vec::new();
+    let most = |values: &mut dyn Iterator<Item = Option<f64>>| {
+        values
+            .flatten()
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+    };
+    let (mut rss, mut own, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
     let mut any_replaced = false;
     for name in names {
         let slot: Vec<&CellUsage> = cells.iter().filter(|c| c.name == name).collect();
         let replaced = slot.iter().any(|c| c.generation > 1 || c.changed) || slot.len() > 1;
         any_replaced |= replaced;
         let mark = if replaced { "*" } else { "" };
-        let peak = slot
-            .iter()
-            .filter_map(|c| c.peak_rss_mb)
-            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
-        let used: Option<f64> = slot
-            .iter()
-            .filter_map(|c| c.cpu_percent)
-            .fold(None, |s, v| Some(s.unwrap_or(0.0) + v));
+        let peak = most(&mut slot.iter().map(|c| c.peak_rss_mb));
+        let own_peak = most(&mut slot.iter().map(|c| c.peak_own_mb));
+        let used = sum(slot.iter().map(|c| c.cpu_percent));
         rss.push(format!("{}{mark}", optional(peak, 0)));
+        own.push(optional(own_peak, 0));
         cpu.push(optional(used, 0));
     }
     if rss.is_empty() {
-        return ("-".into(), "-".into(), false);
+        return Slots {
+            rss: "-".into(),
+            own: "-".into(),
+            cpu: "-".into(),
+            replaced: false,
+        };
     }
-    (rss.join("/"), cpu.join("/"), any_replaced)
+    Slots {
+        rss: rss.join("/"),
+        own: own.join("/"),
+        cpu: cpu.join("/"),
+        replaced: any_replaced,
+    }
 }
 
 /// The sum of the values present; `None` if there are none.
