@@ -734,13 +734,16 @@ struct Usage {
 impl Usage {
     fn sample<'a>(&mut self, pids: impl Iterator<Item = &'a u32>) {
         for &pid in pids {
-            if let Some(bytes) = procfs::peak_rss(pid) {
-                let peak = self.peak.entry(pid).or_default();
-                *peak = (*peak).max(bytes);
-            }
-            if let Some(bytes) = procfs::rss_anon(pid) {
-                let peak = self.peak_anon.entry(pid).or_default();
-                *peak = (*peak).max(bytes);
+            if let Some(status) = procfs::status(pid) {
+                for (peaks, bytes) in [
+                    (&mut self.peak, procfs::parse_vm_hwm(&status)),
+                    (&mut self.peak_anon, procfs::parse_rss_anon(&status)),
+                ] {
+                    if let Some(bytes) = bytes {
+                        let peak = peaks.entry(pid).or_default();
+                        *peak = (*peak).max(bytes);
+                    }
+                }
             }
             if let Some(secs) = procfs::cpu_seconds(pid) {
                 self.cpu

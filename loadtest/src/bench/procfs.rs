@@ -44,16 +44,20 @@ pub fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     utime.checked_add(stime)
 }
 
+/// The text of `/proc/PID/status`, if `pid` is alive and readable: read once, parse both
+/// [`parse_vm_hwm`] and [`parse_rss_anon`] from it.
+pub fn status(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).ok()
+}
+
 /// The peak resident set size of `pid` in bytes, if it is alive and readable.
 pub fn peak_rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    parse_vm_hwm(&status)
+    parse_vm_hwm(&status(pid)?)
 }
 
 /// The resident anonymous memory of `pid` now, in bytes, if it is alive and readable.
 pub fn rss_anon(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    parse_rss_anon(&status)
+    parse_rss_anon(&status(pid)?)
 }
 
 /// The CPU time `pid` has used so far, in seconds, if it is alive and readable.

@@ -279,11 +279,6 @@ fn by_slot(cells: &[CellUsage], role: &str) -> Slots {
         .collect();
     names.sort_by_key(|n| slot_order(n));
     names.dedup();
-    let most = |values: &mut dyn Iterator<Item = Option<f64>>| {
-        values
-            .flatten()
-            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
-    };
     let (mut rss, mut own, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
     let mut any_replaced = false;
     for name in names {
@@ -291,8 +286,8 @@ fn by_slot(cells: &[CellUsage], role: &str) -> Slots {
         let replaced = slot.iter().any(|c| c.generation > 1 || c.changed) || slot.len() > 1;
         any_replaced |= replaced;
         let mark = if replaced { "*" } else { "" };
-        let peak = most(&mut slot.iter().map(|c| c.peak_rss_mb));
-        let own_peak = most(&mut slot.iter().map(|c| c.peak_own_mb));
+        let peak = most(slot.iter().map(|c| c.peak_rss_mb));
+        let own_peak = most(slot.iter().map(|c| c.peak_own_mb));
         let used = sum(slot.iter().map(|c| c.cpu_percent));
         rss.push(format!("{}{mark}", optional(peak, 0)));
         own.push(optional(own_peak, 0));
@@ -312,6 +307,13 @@ fn by_slot(cells: &[CellUsage], role: &str) -> Slots {
         cpu: cpu.join("/"),
         replaced: any_replaced,
     }
+}
+
+/// The largest of the values present; `None` if there are none.
+fn most(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    values
+        .flatten()
+        .fold(None, |m, v| Some(m.map_or(v, |m: f64| m.max(v))))
 }
 
 /// The sum of the values present; `None` if there are none.
